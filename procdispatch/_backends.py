@@ -1,0 +1,221 @@
+"""Worker handles: what the coordinator needs from one worker, for processes and for threads.
+
+A handle starts its worker, hands it a lease, gives the coordinator the objects to wait on (the
+result pipe, and for a process its sentinel), returns the messages that arrived, and can kill the
+worker. The process backend pickles leases and results over one duplex pipe per worker (so a
+death identifies exactly the batch that worker held). The thread backend runs ``send_fn`` in a
+thread of the parent with no pickling at all -- for stepping through ``send_fn`` in a debugger --
+and wakes the coordinator through a socket pair; a thread cannot be killed, so "kill" abandons it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import _protocol as proto
+from ._worker import run_lease, worker_main
+from .buffer import Batch
+
+__all__ = ["ProcessWorker", "ThreadWorker", "WorkerHandle"]
+
+
+class WorkerHandle:
+    """Interface of one worker as the coordinator sees it."""
+
+    pid: int | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
+        """Hand the worker a lease; ``payload`` is the pickled (data, meta) for processes."""
+        raise NotImplementedError
+
+    def waitables(self) -> list[Any]:
+        raise NotImplementedError
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        """Messages that have arrived, and whether the worker is gone (pipe closed / dead)."""
+        raise NotImplementedError
+
+    def exitcode(self, wait: float) -> int | None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask the worker to exit once idle."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the handle's resources (pipes); the worker is already gone or killed."""
+        raise NotImplementedError
+
+    @property
+    def needs_pickle(self) -> bool:
+        return True
+
+
+class ProcessWorker(WorkerHandle):
+    def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
+        self._ctx = ctx
+        self._payload = payload
+        self._wid = wid
+        self._conn: Connection | None = None
+        self._proc: Any = None
+
+    def start(self) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(child_conn, self._payload, os.getpid()),
+            name=f"procdispatch-worker-{self._wid}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        finally:
+            child_conn.close()
+        self._conn = parent_conn
+        self._proc = proc
+        self.pid = proc.pid
+
+    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
+        assert self._conn is not None
+        assert payload is not None
+        self._conn.send_bytes(payload)
+
+    def waitables(self) -> list[Any]:
+        assert self._conn is not None
+        return [self._conn, self._proc.sentinel]
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        conn = self._conn
+        assert conn is not None
+        out: list[proto.WorkerMessage] = []
+        try:
+            while conn.poll():
+                out.append(proto.decode_from_worker(conn.recv_bytes()))
+        except (EOFError, OSError):
+            return out, True
+        return out, self._proc.exitcode is not None
+
+    def exitcode(self, wait: float) -> int | None:
+        self._proc.join(wait)
+        code: int | None = self._proc.exitcode
+        return code
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.exitcode is None:
+            self._proc.kill()
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send_bytes(proto.STOP_FRAME)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(0)
+            if self._proc.exitcode is not None:
+                self._proc.close()
+
+
+class ThreadWorker(WorkerHandle):
+    def __init__(
+        self,
+        send_fn: Callable[[Batch[Any]], object],
+        worker_init: Callable[[], object] | None,
+        wid: int,
+    ) -> None:
+        self._send_fn = send_fn
+        self._init = worker_init
+        self._wid = wid
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._inbox: collections.deque[proto.Lease | None] = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._out: collections.deque[proto.WorkerMessage] = collections.deque()
+        self._abandoned = False
+        self._thread: threading.Thread | None = None
+        self.pid = os.getpid()
+
+    @property
+    def needs_pickle(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._main, name=f"procdispatch-thread-worker-{self._wid}", daemon=True
+        )
+        self._thread.start()
+
+    def _post(self, msg: proto.WorkerMessage) -> None:
+        if self._abandoned:
+            return
+        self._out.append(msg)
+        with contextlib.suppress(OSError):
+            self._w.send(b"\0")
+
+    def _main(self) -> None:
+        try:
+            if self._init is not None:
+                self._init()
+        except BaseException as exc:
+            self._post(proto.InitFailed(exc))
+            return
+        self._post(proto.Ready(self.pid or 0))
+        while True:
+            with self._ready:
+                while not self._inbox:
+                    self._ready.wait()
+                lease = self._inbox.popleft()
+            if lease is None or self._abandoned:
+                return
+            self._post(run_lease(self._send_fn, lease))
+
+    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
+        with self._ready:
+            self._inbox.append(proto.Lease(*lease[:3], list(lease.data), lease.meta))
+            self._ready.notify()
+
+    def waitables(self) -> list[Any]:
+        return [self._r]
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        try:
+            while self._r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        out: list[proto.WorkerMessage] = []
+        while self._out:
+            out.append(self._out.popleft())
+        gone = self._thread is not None and not self._thread.is_alive() and not self._out
+        return out, gone and self._abandoned
+
+    def exitcode(self, wait: float) -> int | None:
+        return None
+
+    def kill(self) -> None:
+        self._abandoned = True
+        self.stop()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._inbox.append(None)
+            self._ready.notify()
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()

@@ -1,0 +1,245 @@
+"""ProcessChannel: the public facade. It validates, then hands everything to the coordinator.
+
+Producers call :meth:`ProcessChannel.put` from any thread; the call measures the item (when
+``item_size`` is set), waits for room under BlockNewItems, and leaves the item in the
+coordinator's inbox. Nothing here touches the buffer or the workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import cloudpickle
+
+from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator, Stats
+from ._options import ChannelOptions
+from .buffer import Batch, Buffer, FullBehavior
+from .errors import OptionsError
+
+__all__ = ["ProcessChannel", "Stats"]
+
+T = TypeVar("T")
+
+_live: weakref.WeakSet[ProcessChannel[Any]] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+class ProcessChannel(Generic[T]):
+    """Batch items from producers and send them through ``send_fn`` in worker processes.
+
+    See API.md for every option. Leaving a ``with`` block closes the channel and waits until
+    every batch was delivered or dropped; a KeyboardInterrupt or SystemExit cancels instead.
+    """
+
+    def __init__(
+        self,
+        send_fn: Callable[[Batch[T]], object],
+        *,
+        workers: int | None = None,
+        max_leases: int | None = None,
+        batch_items_max: int | None = 20,
+        batch_size_max: int | None = None,
+        batch_age_max: float = 10.0,
+        item_size: Callable[[T], int] | None = None,
+        full_behavior: FullBehavior | None = None,
+        retry: Callable[[], Iterator[float]] | None = None,
+        fifo: bool = False,
+        qps_limit: float | Any | Sequence[Any] | None = None,
+        qps_burst: int = 1,
+        min_qps: float | None = None,
+        on_error: Callable[[Batch[T], BaseException], bool] | None = None,
+        on_drop: Callable[[Batch[T] | None, bool], None] | None = None,
+        on_drained: Callable[[], None] | None = None,
+        worker_init: Callable[[], object] | None = None,
+        send_timeout: float | None = None,
+        cancel_grace: float = 5.0,
+        max_batches_per_worker: int | None = None,
+        max_worker_memory: int | None = None,
+        start_method: str | None = None,
+        backend: str = "process",
+    ) -> None:
+        if not callable(send_fn):
+            raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
+        opts = ChannelOptions.build(
+            workers=workers,
+            max_leases=max_leases,
+            batch_items_max=batch_items_max,
+            batch_size_max=batch_size_max,
+            batch_age_max=batch_age_max,
+            item_size=item_size,
+            full_behavior=full_behavior,
+            retry=retry,
+            fifo=fifo,
+            qps_limit=qps_limit,
+            qps_burst=qps_burst,
+            min_qps=min_qps,
+            on_error=on_error,
+            on_drop=on_drop,
+            on_drained=on_drained,
+            worker_init=worker_init,
+            send_timeout=send_timeout,
+            cancel_grace=cancel_grace,
+            max_batches_per_worker=max_batches_per_worker,
+            max_worker_memory=max_worker_memory,
+            start_method=start_method,
+            backend=backend,
+        )
+        payload = b""
+        if opts.backend == "process":
+            payload = _pickle_payload(send_fn, opts.worker_init)
+        limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
+        self._item_size = opts.item_size
+        self._coord = Coordinator(send_fn, opts, payload, limiter)
+        self._sizer: Buffer[Any] = self._coord.buffer  # check_size only reads its options
+        self._coord.start()
+        with _live_lock:
+            _live.add(self)
+
+    # ---- producing ------------------------------------------------------------------------
+
+    def _size_of(self, item: T) -> int:
+        assert self._item_size is not None
+        size = self._item_size(item)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"item_size must return an int (got {size!r} for {item!r})")
+        self._sizer.check_size(size)
+        return size
+
+    def put(self, item: T, *, timeout: float | None = None) -> None:
+        """Add one item; wait while BlockNewItems is full (TimeoutError after ``timeout``)."""
+        sizes = [self._size_of(item)] if self._item_size is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._coord.admit([item], sizes, block=True, deadline=deadline)
+
+    def put_nowait(self, item: T) -> None:
+        """Add one item, or raise BufferFull at once when BlockNewItems is full."""
+        sizes = [self._size_of(item)] if self._item_size is not None else None
+        self._coord.admit([item], sizes, block=False, deadline=None)
+
+    def put_many(self, items: Iterable[T], *, timeout: float | None = None) -> int:
+        """``put`` each item in order, in bulk; return how many were added.
+
+        When it has to stop early (closed, timeout, an item of a forbidden size) it raises what
+        ``put`` would have raised for that item, with the count added so far as ``exc.added``.
+        """
+        batch = list(items)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._item_size is None:
+            return self._coord.admit(batch, None, block=True, deadline=deadline)
+        sizes: list[int] = []
+        try:
+            for item in batch:
+                sizes.append(self._size_of(item))
+        except Exception as exc:
+            good = len(sizes)
+            added = self._coord.admit(batch[:good], sizes, block=True, deadline=deadline)
+            exc.added = added  # type: ignore[attr-defined]
+            raise
+        return self._coord.admit(batch, sizes, block=True, deadline=deadline)
+
+    # ---- ending ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Take no more items; everything buffered is still sent. Idempotent."""
+        self._coord.request_close()
+
+    def cancel(self) -> None:
+        """Stop: drop queued batches; in-flight sends get ``cancel_grace`` seconds, then their
+        workers are killed and their batches dropped. Implies :meth:`close`."""
+        self._coord.request_cancel()
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Block until every batch was delivered or dropped; False on timeout."""
+        return self._coord.drained.wait(timeout)
+
+    def close_and_drain(self, timeout: float | None = None) -> bool:
+        """:meth:`close`, then :meth:`wait_drained`. Raises the error that killed the channel
+        (e.g. WorkerStartFailed) once it has drained."""
+        self.close()
+        ok = self.wait_drained(timeout)
+        fatal = self._coord.fatal
+        if ok and fatal is not None:
+            raise fatal
+        return ok
+
+    @property
+    def drained(self) -> bool:
+        """True once the channel drained and ``on_drained`` returned."""
+        return self._coord.drained.is_set()
+
+    def stats(self) -> Stats:
+        """A consistent snapshot of the channel's counters."""
+        return self._coord.snapshot()
+
+    def __enter__(self) -> ProcessChannel[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.cancel()
+            self.wait_drained()
+            return
+        try:
+            if exc_type is None:
+                self.close_and_drain()
+            else:
+                self.close()
+                self.wait_drained()
+        except BaseException:
+            self.cancel()
+            self.wait_drained()
+            raise
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "drained" if self.drained else ("closed" if self._coord.closed else "open")
+        return (
+            f"<ProcessChannel {state} workers={s.workers_alive} put={s.items_put} "
+            f"delivered={s.items_delivered} dropped={s.items_dropped}>"
+        )
+
+
+def _pickle_payload(send_fn: Any, worker_init: Any) -> bytes:
+    for name, fn in (("send_fn", send_fn), ("worker_init", worker_init)):
+        try:
+            cloudpickle.dumps(fn)
+        except Exception as exc:
+            raise OptionsError(
+                f"{name} must be picklable with cloudpickle to reach the workers "
+                f"(got {fn!r}: {type(exc).__name__}: {exc})"
+            ) from exc
+    payload: bytes = cloudpickle.dumps((send_fn, worker_init), protocol=5)
+    return payload
+
+
+def _make_limiter(qps_limit: object, burst: int) -> Any:
+    if qps_limit is None:
+        return None
+    from ._ratelimit import RateLimiter
+
+    if isinstance(qps_limit, RateLimiter):
+        return qps_limit
+    return RateLimiter(qps_limit, burst=burst)  # type: ignore[arg-type]
+
+
+@atexit.register
+def _cancel_live_channels() -> None:
+    """At interpreter exit, cancel channels nobody closed, so no worker outlives us."""
+    with _live_lock:
+        channels = list(_live)
+    for ch in channels:
+        if not ch.drained:
+            ch.cancel()
+    for ch in channels:
+        ch.wait_drained(ch._coord.opts.cancel_grace + STOP_JOIN_TIMEOUT)

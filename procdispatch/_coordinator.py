@@ -1,0 +1,802 @@
+"""The coordinator: the one thread that owns the buffer, the leases and the workers.
+
+Data flow::
+
+    producer threads                       coordinator thread                  workers
+    ----------------                       ------------------                  -------
+    put / put_many --admit (lock)--> inbox ---> Buffer.add_many
+         ^   (blocks while full)         |        |  lease_one (max_leases, age, retry
+         |                               |        |  delays, qps token first)
+         +------ release on ack/drop ----+        v
+                                         |   Lease frame ----- one pipe per worker ---> send_fn
+    close / cancel --command (lock)------+        ^                                      |
+                                         |        +---- Done / Failed (+ mutation) ------+
+    wake pipe (one byte per idle->busy) -+   on_error / on_drop / on_drained run here
+                                             sentinels: a dead worker fails its one batch
+
+Each iteration takes what producers handed over, leases what it can, computes its next deadline
+(batch age, retry delay, qps token, min_qps, send_timeout, cancel grace) and blocks once in
+``multiprocessing.connection.wait`` over the wake pipe, the worker pipes and the worker
+sentinels. Only this thread touches the buffer, the worker table, the pipes and the processes;
+public methods hand it commands under ``lock`` and wake it.
+
+Admission (BlockNewItems back-pressure) is decided on the producer side from ``admitted`` --
+items put and not yet delivered or dropped, which always equals the buffer's total plus what
+waits in the inbox -- so ``put`` never has to wait for this thread to answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+from . import _protocol as proto
+from ._backends import ProcessWorker, ThreadWorker, WorkerHandle
+from ._callbacks import current_full_behavior, default_on_drop, default_on_error
+from ._options import ChannelOptions
+from .buffer import Batch, BlockNewItems, Buffer
+from .errors import (
+    BufferFull,
+    ChannelClosed,
+    InternalError,
+    ProcDispatchError,
+    SendTimeout,
+    WorkerCrashed,
+    WorkerStartFailed,
+)
+
+log = logging.getLogger("procdispatch")
+monotonic = time.monotonic
+
+#: Worker start failures in a row (plus workers - 1) with no worker ready in between before
+#: the channel gives up instead of respawning for ever.
+START_FAILURES_FATAL = 3
+#: How long shutdown waits for a stopped worker to exit before killing it.
+STOP_JOIN_TIMEOUT = 5.0
+
+
+class WState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+_ALLOWED = {
+    WState.STARTING: {WState.IDLE, WState.STOPPING, WState.DEAD},
+    WState.IDLE: {WState.BUSY, WState.STOPPING, WState.DEAD},
+    WState.BUSY: {WState.IDLE, WState.STOPPING, WState.DEAD},
+    WState.STOPPING: {WState.DEAD},
+    WState.DEAD: set(),
+}
+
+
+class _Slot:
+    """One worker in the worker table."""
+
+    __slots__ = (
+        "batch",
+        "deadline",
+        "done",
+        "handle",
+        "in_flight",
+        "init_error",
+        "kill_reason",
+        "state",
+        "wid",
+    )
+
+    def __init__(self, wid: int, handle: WorkerHandle) -> None:
+        self.wid = wid
+        self.handle = handle
+        self.state = WState.STARTING
+        self.batch: Batch[Any] | None = None
+        self.in_flight = 0  # items of the batch it holds, as booked when it was sent
+        self.deadline = math.inf  # send_timeout deadline of the batch it holds
+        self.done = 0
+        self.init_error: BaseException | None = None
+        self.kill_reason: str | None = None  # "timeout" or "cancel" when we killed it
+
+    def move(self, to: WState) -> None:
+        if to not in _ALLOWED[self.state]:
+            raise InternalError(
+                f"worker {self.wid}: no transition {self.state.value} -> {to.value}"
+            )
+        self.state = to
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A consistent snapshot of a channel's counters (see API.md)."""
+
+    items_put: int
+    items_delivered: int
+    items_dropped: int
+    items_buffered: int
+    items_in_flight: int
+    batches_sent: int
+    batches_failed: int
+    batches_retried: int
+    batches_dropped: int
+    workers_alive: int
+    worker_restarts: int
+
+
+class Coordinator:
+    """Owns one channel's state; see the module docstring. Thread-safe entry points are
+    :meth:`admit`, :meth:`request_close`, :meth:`request_cancel` and :meth:`snapshot`."""
+
+    def __init__(self, send_fn: Any, opts: ChannelOptions, payload: bytes, limiter: Any) -> None:
+        self.opts = opts
+        self._send_fn = send_fn
+        self._payload = payload
+        self._limiter = limiter
+        self.buffer: Buffer[Any] = Buffer(opts.buffer)
+        self._fb = opts.buffer.full_behavior
+        self._on_error = opts.on_error or default_on_error
+        self._on_drop = opts.on_drop or default_on_drop
+        # Shared with producers, guarded by lock.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.inbox: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
+        self.admitted = 0
+        self.admitted_size = 0
+        self.items_put = 0
+        self.closed = False
+        self.cancel_requested = False
+        self.fatal: BaseException | None = None
+        self._wake_pending = False
+        self._waiters = 0
+        self._delivered = 0
+        self._dropped = 0
+        self._in_flight = 0
+        self.drained = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        # Owned by the coordinator thread.
+        self._slots: list[_Slot] = []
+        self._next_wid = 0
+        self._cancelled = False
+        self._cancel_deadline = math.inf
+        self._start_failures = 0
+        self._last_send = 0.0
+        self._qps_wait_until = 0.0
+        self._backlog: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
+        self.batches_sent = 0
+        self.batches_failed = 0
+        self.batches_retried = 0
+        self.batches_dropped = 0
+        self.worker_restarts = 0
+        self._thread = threading.Thread(
+            target=self._run, name="procdispatch-coordinator", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- thread-safe entry points ---------------------------------------------------------
+
+    def _wake_locked(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.write(self._wake_w, b"\0")
+
+    def admit(
+        self, items: list[Any], sizes: list[int] | None, *, block: bool, deadline: float | None
+    ) -> int:
+        """Hand items to the coordinator, waiting for room under BlockNewItems.
+
+        Returns how many were added; raises (with ``added`` set on the exception) when it has to
+        stop early: ChannelClosed, BufferFull (``block=False``), TimeoutError, or a fatal error.
+        """
+        n = len(items)
+        added = 0
+        fb = self._fb
+        blocking = isinstance(fb, BlockNewItems)
+        with self.cond:
+            while added < n:
+                if self.fatal is not None:
+                    raise _with_added(self.fatal, added)
+                if self.closed:
+                    raise _with_added(ChannelClosed("the channel is closed"), added)
+                k = n - added
+                if blocking:
+                    k = self._room_locked(fb, sizes, added, k)
+                if k == 0:
+                    if not block:
+                        raise _with_added(BufferFull("buffer is full"), added)
+                    remaining = None if deadline is None else deadline - monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise _with_added(TimeoutError("put timed out: buffer is full"), added)
+                    self._waiters += 1
+                    try:
+                        self.cond.wait(remaining)
+                    finally:
+                        self._waiters -= 1
+                    continue
+                if added == 0 and k == n:
+                    chunk, schunk = items, sizes
+                else:
+                    chunk = items[added : added + k]
+                    schunk = sizes[added : added + k] if sizes is not None else None
+                self.inbox.append((chunk, schunk))
+                self.items_put += k
+                self.admitted += k
+                if schunk is not None:
+                    self.admitted_size += sum(schunk)
+                added += k
+                self._wake_locked()
+        return added
+
+    def _room_locked(self, fb: Any, sizes: list[int] | None, start: int, want: int) -> int:
+        room = want
+        if fb.max_items is not None:
+            room = max(0, min(room, fb.max_items - self.admitted))
+        if fb.max_size is not None and room:
+            # Soft cap, as in the reference: an item may go in while the total is below it.
+            total = self.admitted_size
+            k = 0
+            while k < room and total < fb.max_size:
+                total += sizes[start + k] if sizes is not None else 0
+                k += 1
+            room = k
+        return int(room)
+
+    def request_close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+            self._wake_locked()
+
+    def request_cancel(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cancel_requested = True
+            self.cond.notify_all()
+            self._wake_locked()
+
+    def snapshot(self) -> Stats:
+        with self.lock:
+            alive = sum(1 for s in self._slots if s.state is not WState.DEAD)
+            return Stats(
+                items_put=self.items_put,
+                items_delivered=self._delivered,
+                items_dropped=self._dropped,
+                items_buffered=self.admitted - self._in_flight,
+                items_in_flight=self._in_flight,
+                batches_sent=self.batches_sent,
+                batches_failed=self.batches_failed,
+                batches_retried=self.batches_retried,
+                batches_dropped=self.batches_dropped,
+                workers_alive=alive,
+                worker_restarts=self.worker_restarts,
+            )
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _book(
+        self, *, in_flight: int = 0, delivered: int = 0, dropped: int = 0, size: int = 0
+    ) -> None:
+        """Move items between states; ``delivered``/``dropped`` items (and ``size``) leave."""
+        with self.cond:
+            self._in_flight += in_flight
+            self._delivered += delivered
+            self._dropped += dropped
+            gone = delivered + dropped
+            if gone or size:
+                self.admitted -= gone
+                self.admitted_size -= size
+                if self._waiters:
+                    self.cond.notify_all()
+
+    def _call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
+        try:
+            return bool(self._on_error(batch, exc))
+        except Exception:
+            log.exception("on_error raised for batch %d; treating it as 'do not retry'", batch.id)
+            return False
+
+    def _drop(self, batch: Batch[Any]) -> None:
+        """Report a batch that is no longer leased nor queued as dropped."""
+        try:
+            self._on_drop(batch, False)
+        except Exception:
+            log.exception("on_drop raised for batch %d; ignored", batch.id)
+        self.batches_dropped += 1
+        if not batch.synthetic:
+            self._book(dropped=batch._count, size=batch._size)
+
+    def _shrink(self, batch: Batch[Any]) -> None:
+        """Items removed from data by send_fn (or on_error) count as delivered (SPEC D2)."""
+        size_before = batch._size
+        removed = batch.shrink()
+        if (removed or size_before != batch._size) and not batch.synthetic:
+            self._book(delivered=removed, size=size_before - batch._size)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        current_full_behavior.set(self._fb)
+        try:
+            self._last_send = monotonic()
+            for _ in range(self.opts.workers):
+                self._spawn()
+            while True:
+                now = monotonic()
+                self._ingest(now)
+                self._dispatch(now)
+                if self._finished():
+                    break
+                timeout = self._timeout(now)
+                ready = self._wait(timeout)
+                now = monotonic()
+                self._handle(ready, now)
+                self._check_deadlines(now)
+        except BaseException as exc:
+            log.critical("procdispatch coordinator failed; the channel is dead", exc_info=True)
+            with self.cond:
+                if self.fatal is None:
+                    self.fatal = InternalError(f"coordinator failed: {exc!r}")
+                    self.fatal.__cause__ = exc
+                self.closed = True
+                self.cond.notify_all()
+        finally:
+            self._shutdown()
+
+    def _ingest(self, now: float) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self.cond:
+            self._wake_pending = False
+            inbox = self.inbox
+            if inbox:
+                self.inbox = collections.deque()
+            closed = self.closed
+            cancel = self.cancel_requested
+        if cancel and not self._cancelled:
+            self._cancelled = True
+            self._cancel_deadline = now + self.opts.cancel_grace
+            self.buffer.flush(now)
+        backlog = self._backlog
+        if inbox:
+            backlog.extend(inbox)
+        while backlog:
+            items, sizes = backlog[0]
+            if self._cancelled:
+                self._drop(Batch(items))
+                backlog.popleft()
+                continue
+            n, dropped = self.buffer.add_many(now, items, sizes)
+            for b in dropped:
+                self._drop(b)
+            if n < len(items):
+                backlog[0] = (items[n:], sizes[n:] if sizes is not None else None)
+                break
+            backlog.popleft()
+        if closed and not backlog:
+            self.buffer.flush(now)
+
+    def _idle_slots(self) -> list[_Slot]:
+        return [s for s in self._slots if s.state is WState.IDLE]
+
+    def _dispatch(self, now: float) -> None:
+        buf = self.buffer
+        if self._cancelled:
+            buf.flush(now)
+            for b in buf.force_lease_all():
+                buf.ack(b)
+                self._drop(b)
+            return
+        idle = self._idle_slots()
+        if not idle or now < self._qps_wait_until:
+            return
+        limiter = self._limiter
+        min_qps = self.opts.min_qps
+        while idle:
+            synth = False
+            if not buf.ready(now):
+                if (
+                    min_qps is None
+                    or self.closed
+                    or now - self._last_send < 1.0 / min_qps
+                    or not buf.stats().empty
+                    or self._backlog
+                ):
+                    return
+                synth = True
+            if limiter is not None:
+                delay = limiter.reserve()
+                if delay > 0:
+                    self._qps_wait_until = now + delay
+                    return
+            if synth:
+                buf.add_synthetic(now)
+            leased = buf.lease_one(now)
+            if leased is None:  # pragma: no cover - ready() said otherwise
+                if limiter is not None:
+                    limiter.refund()
+                raise InternalError("buffer.ready() was true but lease_one() returned None")
+            slot = idle.pop()
+            self._last_send = now
+            self._send(slot, leased, now)
+
+    def _send(self, slot: _Slot, b: Batch[Any], now: float) -> None:
+        payload: bytes | None = None
+        if slot.handle.needs_pickle:
+            payload = self._pickle_lease(b, now)
+            if payload is None:
+                return  # every item failed to pickle; already reported
+        slot.move(WState.BUSY)
+        slot.batch = b
+        st = self.opts.send_timeout
+        slot.deadline = now + st if st is not None else math.inf
+        self.batches_sent += 1
+        slot.in_flight = 0 if b.synthetic else b._count
+        if slot.in_flight:
+            self._book(in_flight=slot.in_flight)
+        try:
+            slot.handle.send_lease(
+                proto.Lease(b.id, b.attempt, b.synthetic, b.data, b.meta), payload
+            )
+        except OSError:
+            self._on_death(slot, monotonic())
+
+    def _pickle_lease(self, b: Batch[Any], now: float) -> bytes | None:
+        """Pickle a lease; items that will not pickle fail alone (on_error, then on_drop)."""
+        try:
+            body = proto.dumps((b.data, b.meta))
+        except Exception:
+            body = None
+        if body is None:
+            bad = self._isolate_unpicklable(b, now)
+            if not bad:
+                return None
+            try:
+                body = proto.dumps((b.data, b.meta))
+            except Exception as exc:  # the meta itself, or something only whole lists hit
+                self._fail(b, exc, now)
+                return None
+        return proto.encode_lease(b.id, b.attempt, b.synthetic, body)
+
+    def _isolate_unpicklable(self, b: Batch[Any], now: float) -> bool:
+        """Split out the items that will not pickle; return whether anything is left to send."""
+        keep: list[Any] = []
+        keep_sizes: list[int] = []
+        sizes = b._sizes
+        for i, item in enumerate(b.data):
+            try:
+                proto.dumps(item)
+            except Exception as exc:
+                one = Batch([item], meta=b.meta)
+                one._size = sizes[i] if sizes is not None else 0
+                self._call_on_error(one, exc)
+                self._drop(one)
+                b._count -= 1
+                b._size -= one._size
+                continue
+            keep.append(item)
+            if sizes is not None:
+                keep_sizes.append(sizes[i])
+        b.data = keep
+        b._sizes = keep_sizes if sizes is not None else None
+        if not keep:
+            self.buffer.ack(b)
+            return False
+        return True
+
+    def _finished(self) -> bool:
+        if not self.closed and not self._cancelled:
+            with self.lock:
+                if not self.closed:
+                    return False
+        return (
+            self.closed
+            and not self._backlog
+            and not self.inbox
+            and self.buffer.stats().empty
+            and not any(s.state is WState.BUSY for s in self._slots)
+        )
+
+    def _timeout(self, now: float) -> float | None:
+        deadline = math.inf
+        buf = self.buffer
+        if not self._cancelled and buf.leased < self.opts.max_leases and self._idle_slots():
+            if now < self._qps_wait_until:
+                deadline = self._qps_wait_until
+            else:
+                t = buf.next_send_time()
+                if t is not None:
+                    deadline = t
+                min_qps = self.opts.min_qps
+                if min_qps is not None and not self.closed and buf.stats().empty:
+                    deadline = min(deadline, self._last_send + 1.0 / min_qps)
+        for s in self._slots:
+            if s.state is WState.BUSY:
+                deadline = min(deadline, s.deadline)
+        if self._cancelled:
+            deadline = min(deadline, self._cancel_deadline)
+        if deadline == math.inf:
+            return None
+        return max(0.0, deadline - now)
+
+    def _wait(self, timeout: float | None) -> set[int]:
+        objs: list[Any] = [self._wake_r]
+        owner: dict[int, int] = {}
+        for i, s in enumerate(self._slots):
+            for o in s.handle.waitables():
+                objs.append(o)
+                owner[id(o)] = i
+        ready = wait(objs, timeout)
+        return {owner[id(o)] for o in ready if id(o) in owner}
+
+    def _handle(self, ready: set[int], now: float) -> None:
+        for i in sorted(ready, reverse=True):
+            slot = self._slots[i]
+            msgs, gone = slot.handle.receive()
+            for m in msgs:
+                if slot.state is WState.DEAD:
+                    break
+                self._on_message(slot, m, now)
+            if gone and slot.state is not WState.DEAD:
+                self._on_death(slot, now)
+        self._slots = [s for s in self._slots if s.state is not WState.DEAD]
+
+    def _on_message(self, slot: _Slot, m: proto.WorkerMessage, now: float) -> None:
+        if isinstance(m, proto.Ready):
+            if slot.state is WState.STARTING:
+                slot.move(WState.IDLE)
+            self._start_failures = 0
+            return
+        if isinstance(m, proto.InitFailed):
+            slot.init_error = m.error
+            log.error(
+                "worker %d (pid %s) failed to start: %s: %s%s",
+                slot.wid,
+                slot.handle.pid,
+                type(m.error).__name__,
+                m.error,
+                m.error.__cause__ or "",
+            )
+            return
+        b = slot.batch
+        if b is None or b.id != m.batch_id or b.attempt != m.attempt:
+            log.error(
+                "worker %d answered for batch %d attempt %d, which it does not hold; ignored",
+                slot.wid,
+                m.batch_id,
+                m.attempt,
+            )
+            return
+        slot.batch = None
+        slot.deadline = math.inf
+        slot.done += 1
+        in_flight, slot.in_flight = slot.in_flight, 0
+        if slot.state is WState.BUSY:
+            slot.move(WState.IDLE)
+        if isinstance(m, proto.Done):
+            self.buffer.ack(b)
+            if not b.synthetic:
+                self._book(in_flight=-in_flight, delivered=b._count, size=b._size)
+        else:
+            if in_flight:
+                self._book(in_flight=-in_flight)
+            self._apply_mutation(b, m)
+            self._fail(b, m.error, now)
+        self._maybe_recycle(slot)
+
+    def _apply_mutation(self, b: Batch[Any], m: proto.Failed) -> None:
+        if m.kept is not None:
+            data = b.data
+            b.data = [data[i] for i in m.kept]
+            if b._sizes is not None:
+                sizes = b._sizes
+                b._sizes = [sizes[i] for i in m.kept]
+        elif m.new_data is not None:
+            b.data = m.new_data
+            b._sizes = None  # unknown: the accounted size stays as it was (it never grows)
+        if m.meta_sent:
+            b.meta = m.meta
+        self._shrink(b)
+
+    def _fail(self, b: Batch[Any], exc: BaseException, now: float, *, fault: bool = False) -> None:
+        """A leased batch failed: ask on_error, then retry (nack) or drop it."""
+        self.batches_failed += 1
+        if fault:
+            b._faults += 1
+        retry = self._call_on_error(b, exc)
+        self._shrink(b)
+        if not b.data:
+            self.buffer.ack(b)  # everything was delivered by removal: nothing left to retry
+            return
+        if self._cancelled or not retry:
+            self.buffer.ack(b)
+            self._drop(b)
+            return
+        exhausted = self.buffer.nack(now, b, exc)
+        if exhausted is not None:
+            self._drop(exhausted)
+        else:
+            self.batches_retried += 1
+
+    def _on_death(self, slot: _Slot, now: float) -> None:
+        handle = slot.handle
+        code = handle.exitcode(1.0)
+        if code is None and slot.kill_reason is None and isinstance(handle, ProcessWorker):
+            handle.kill()
+            code = handle.exitcode(1.0)
+        was = slot.state
+        slot.move(WState.DEAD)
+        handle.close()
+        b = slot.batch
+        slot.batch = None
+        if was is WState.STARTING:
+            self._start_failures += 1
+            cause = slot.init_error or WorkerCrashed(handle.pid, code, worker=slot.wid)
+            log.error("worker %d could not start: %s", slot.wid, cause)
+            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+                err = WorkerStartFailed(
+                    f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                    f"last: {type(cause).__name__}: {cause}"
+                )
+                err.__cause__ = cause
+                with self.cond:
+                    self.fatal = err
+                    self.closed = True
+                    self.cancel_requested = True
+                    self.cond.notify_all()
+        if b is not None:
+            in_flight, slot.in_flight = slot.in_flight, 0
+            if in_flight:
+                self._book(in_flight=-in_flight)
+            if slot.kill_reason == "cancel":
+                self.buffer.ack(b)
+                self._drop(b)
+            else:
+                exc: ProcDispatchError
+                if slot.kill_reason == "timeout":
+                    assert self.opts.send_timeout is not None
+                    exc = SendTimeout(
+                        self.opts.send_timeout,
+                        pid=handle.pid,
+                        worker=slot.wid,
+                        batch_id=b.id,
+                        attempt=b.attempt,
+                    )
+                else:
+                    exc = WorkerCrashed(
+                        handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
+                    )
+                self._fail(b, exc, now, fault=True)
+        if was is not WState.STOPPING and not self._cancelled and self.fatal is None:
+            self._spawn()
+            self.worker_restarts += 1
+
+    def _maybe_recycle(self, slot: _Slot) -> None:
+        o = self.opts
+        reason = None
+        if o.max_batches_per_worker is not None and slot.done >= o.max_batches_per_worker:
+            reason = f"it sent {slot.done} batches"
+        elif (
+            o.max_worker_memory is not None
+            and slot.handle.pid is not None
+            and (o.backend == "process")
+        ):
+            rss = _rss(slot.handle.pid)
+            if rss is not None and rss > o.max_worker_memory:
+                reason = f"its memory ({rss} bytes) is above max_worker_memory"
+        if reason is None or self._cancelled:
+            return
+        log.info("recycling worker %d (pid %s): %s", slot.wid, slot.handle.pid, reason)
+        slot.move(WState.STOPPING)
+        slot.handle.stop()
+        self._spawn()
+        self.worker_restarts += 1
+
+    def _check_deadlines(self, now: float) -> None:
+        for s in self._slots:
+            if s.state is WState.BUSY and s.deadline <= now:
+                s.kill_reason = "timeout"
+                s.handle.kill()
+                self._on_death(s, now)
+        if self._cancelled and now >= self._cancel_deadline:
+            for s in self._slots:
+                if s.state is WState.BUSY:
+                    s.kill_reason = "cancel"
+                    s.handle.kill()
+                    self._on_death(s, now)
+        self._slots = [s for s in self._slots if s.state is not WState.DEAD]
+
+    def _spawn(self) -> None:
+        self._next_wid += 1
+        wid = self._next_wid
+        handle: WorkerHandle
+        if self.opts.backend == "thread":
+            handle = ThreadWorker(self._send_fn, self.opts.worker_init, wid)
+        else:
+            handle = ProcessWorker(_mp_context(self.opts.start_method), self._payload, wid)
+        slot = _Slot(wid, handle)
+        try:
+            handle.start()
+        except Exception as exc:
+            log.exception("could not start worker %d", wid)
+            self._start_failures += 1
+            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+                err = WorkerStartFailed(f"workers cannot start: {exc!r}")
+                err.__cause__ = exc
+                with self.cond:
+                    self.fatal = err
+                    self.closed = True
+                    self.cancel_requested = True
+                    self.cond.notify_all()
+            return
+        with self.lock:
+            self._slots.append(slot)
+
+    def _shutdown(self) -> None:
+        slots = list(self._slots)
+        for s in slots:
+            s.handle.stop()
+        deadline = monotonic() + STOP_JOIN_TIMEOUT
+        for s in slots:
+            if s.handle.exitcode(max(0.0, deadline - monotonic())) is None and isinstance(
+                s.handle, ProcessWorker
+            ):
+                s.handle.kill()
+                s.handle.exitcode(1.0)
+            s.handle.close()
+            if s.state is not WState.DEAD:
+                s.state = WState.DEAD
+        with self.lock:
+            self._slots = []
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        try:
+            self._on_drop(None, True)
+        except Exception:
+            log.exception("on_drop(None, True) raised; ignored")
+        if self.opts.on_drained is not None:
+            try:
+                self.opts.on_drained()
+            except Exception:
+                log.exception("on_drained raised; ignored")
+        with self.cond:
+            self.cond.notify_all()
+        self.drained.set()
+
+
+def _with_added(exc: BaseException, added: int) -> BaseException:
+    exc.added = added  # type: ignore[attr-defined]
+    return exc
+
+
+def _rss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
+
+
+_contexts: dict[str, Any] = {}
+
+
+def _mp_context(method: str) -> Any:
+    import multiprocessing
+
+    ctx = _contexts.get(method)
+    if ctx is None:
+        ctx = _contexts[method] = multiprocessing.get_context(method)
+    return ctx

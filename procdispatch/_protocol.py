@@ -1,0 +1,220 @@
+"""Wire messages between the coordinator (parent) and a worker, and their byte encoding.
+
+Every message is a small immutable tuple class; its docstring says its direction. On the pipe
+each message is one ``send_bytes`` frame whose first byte names its kind. Leases and results
+carry a fixed binary header (batch id, attempt) *outside* the pickle, so that a worker that
+cannot unpickle a lease's items can still say which batch failed, and the common result (Done)
+needs no pickling at all. A batch crosses the pipe as a plain list of items.
+
+Pickling uses the standard pickler (protocol 5) and falls back to cloudpickle for what only
+cloudpickle can serialise (lambdas, local classes). What cannot be sent at all turns into a
+message rather than a dead pipe: an exception that will not pickle travels as text
+(:class:`~procdispatch.errors.RemoteError`), and so does a mutation that will not pickle back.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import traceback
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from .errors import RemoteError, RemoteTraceback
+
+__all__ = [
+    "Done",
+    "Failed",
+    "InitFailed",
+    "Lease",
+    "Ready",
+    "decode_from_worker",
+    "dumps",
+    "encode_done",
+    "encode_failed",
+    "encode_init_failed",
+    "encode_lease",
+    "encode_ready",
+]
+
+PROTOCOL = 5
+K_LEASE = 0x4C  # "L"  parent -> worker
+K_STOP = 0x53  # "S"   parent -> worker
+K_READY = 0x52  # "R"  worker -> parent
+K_INIT_FAILED = 0x49  # "I"
+K_DONE = 0x44  # "D"
+K_FAILED = 0x46  # "F"
+
+HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
+STOP_FRAME = bytes([K_STOP])
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle with the standard pickler, falling back to cloudpickle (lambdas, local classes)."""
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        data: bytes = cloudpickle.dumps(obj, PROTOCOL)
+        return data
+
+
+class Lease(NamedTuple):
+    """parent -> worker: send this batch (its items and meta) for attempt ``attempt``."""
+
+    batch_id: int
+    attempt: int
+    synthetic: bool
+    data: list[Any]
+    meta: object
+
+
+class Ready(NamedTuple):
+    """worker -> parent: ``worker_init`` ran; the worker takes leases from now on."""
+
+    pid: int
+
+
+class InitFailed(NamedTuple):
+    """worker -> parent: the worker could not start (``worker_init`` raised, or bad payload)."""
+
+    error: BaseException
+
+
+class Done(NamedTuple):
+    """worker -> parent: ``send_fn`` returned for this lease."""
+
+    batch_id: int
+    attempt: int
+
+
+class Failed(NamedTuple):
+    """worker -> parent: ``send_fn`` raised (or the lease could not be unpickled).
+
+    The batch's mutation comes back with it (SPEC D2): ``kept`` lists the indices of the
+    original items still in ``data`` when ``send_fn`` only removed items; ``new_data`` is the
+    whole new list when it did anything else; both None when ``data`` is unchanged. ``meta`` is
+    the worker's ``batch.meta`` when ``meta_sent``.
+    """
+
+    batch_id: int
+    attempt: int
+    error: BaseException
+    kept: list[int] | None
+    new_data: list[Any] | None
+    meta_sent: bool
+    meta: object
+
+
+WorkerMessage = Ready | InitFailed | Done | Failed
+
+
+# ---- parent side ---------------------------------------------------------------------------
+
+
+def encode_lease(batch_id: int, attempt: int, synthetic: bool, payload: bytes) -> bytes:
+    """Frame a lease whose ``(data, meta)`` were already pickled into ``payload``."""
+    return HEADER.pack(K_LEASE, batch_id, attempt, synthetic) + payload
+
+
+def _exception_from(blob: bytes | None, type_name: str, message: str, tb: str) -> BaseException:
+    exc: BaseException
+    if blob is not None:
+        try:
+            loaded = pickle.loads(blob)
+        except Exception:
+            loaded = None
+        exc = loaded if isinstance(loaded, BaseException) else RemoteError(type_name, message, tb)
+    else:
+        exc = RemoteError(type_name, message, tb)
+    if not isinstance(exc, RemoteError):
+        exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def decode_from_worker(buf: bytes) -> WorkerMessage:
+    """Decode one frame from a worker. Raises only on a corrupt frame (a protocol bug)."""
+    kind = buf[0]
+    if kind == K_DONE:
+        _, bid, attempt, _ = HEADER.unpack_from(buf)
+        return Done(bid, attempt)
+    if kind == K_FAILED:
+        _, bid, attempt, _ = HEADER.unpack_from(buf)
+        blob, type_name, message, tb, kept, new_data, meta_sent, meta = pickle.loads(
+            buf[HEADER.size :]
+        )
+        exc = _exception_from(blob, type_name, message, tb)
+        return Failed(bid, attempt, exc, kept, new_data, meta_sent, meta)
+    if kind == K_READY:
+        return Ready(pickle.loads(buf[1:]))
+    if kind == K_INIT_FAILED:
+        blob, type_name, message, tb = pickle.loads(buf[1:])
+        return InitFailed(_exception_from(blob, type_name, message, tb))
+    raise ValueError(f"unknown frame kind {kind!r} from worker")
+
+
+# ---- worker side ---------------------------------------------------------------------------
+
+
+def encode_ready(pid: int) -> bytes:
+    return bytes([K_READY]) + pickle.dumps(pid, PROTOCOL)
+
+
+def encode_done(batch_id: int, attempt: int) -> bytes:
+    return HEADER.pack(K_DONE, batch_id, attempt, 0)
+
+
+def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        blob: bytes | None = dumps(exc)
+    except Exception:
+        blob = None
+    return blob, type_name, message, tb
+
+
+def encode_init_failed(exc: BaseException) -> bytes:
+    return bytes([K_INIT_FAILED]) + pickle.dumps(_describe(exc), PROTOCOL)
+
+
+def encode_failed(
+    batch_id: int,
+    attempt: int,
+    exc: BaseException,
+    kept: list[int] | None,
+    new_data: list[Any] | None,
+    meta_sent: bool,
+    meta: object,
+) -> bytes:
+    """Frame a failure; a mutation that will not pickle becomes a RemoteError instead."""
+    head = HEADER.pack(K_FAILED, batch_id, attempt, 0)
+    desc = _describe(exc)
+    try:
+        return head + dumps((*desc, kept, new_data, meta_sent, meta))
+    except Exception as pickling_error:
+        what = "batch.data" if new_data is not None else "batch.meta"
+        err = RemoteError(
+            type(pickling_error).__name__,
+            f"the send failed ({desc[1]}: {desc[2]}) and its change to {what} could not be "
+            f"pickled back to the parent: {pickling_error}",
+            desc[3],
+        )
+        blob = pickle.dumps(err, PROTOCOL)
+        return head + pickle.dumps(
+            (
+                blob,
+                "procdispatch.errors.RemoteError",
+                err.message,
+                desc[3],
+                None,
+                None,
+                False,
+                None,
+            ),
+            PROTOCOL,
+        )

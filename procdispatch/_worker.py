@@ -1,0 +1,141 @@
+"""The worker side: run ``send_fn`` on leased batches and report what happened.
+
+A worker process imports little (stdlib, cloudpickle, the protocol), ignores SIGINT (the parent
+decides what an interrupt means), and runs one loop: receive a lease frame, unpickle its items,
+call ``send_fn``, answer ``Done`` or ``Failed``. Every failure becomes a message, never a dead
+pipe. A watchdog thread ends the worker within about half a second of its parent's death, even
+when the parent was SIGKILLed while ``send_fn`` is busy.
+
+:func:`run_lease` is shared with the thread backend, which calls it without any pickling.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from . import _protocol as proto
+from .buffer import Batch
+
+__all__ = ["diff_data", "run_lease", "worker_main"]
+
+WATCHDOG_PERIOD = 0.5
+
+
+def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[Any] | None]:
+    """Describe how ``send_fn`` changed a batch's data.
+
+    (None, None) when unchanged; (kept indices, None) when it only removed items (the common
+    case: drop what was delivered); (None, new list) for anything else. Identity, not
+    equality, decides what is "the same item".
+    """
+    n = len(orig)
+    if len(new) == n and all(a is b for a, b in zip(orig, new, strict=True)):
+        return None, None
+    kept: list[int] = []
+    j = 0
+    for x in new:
+        while j < n and orig[j] is not x:
+            j += 1
+        if j == n:
+            return None, list(new)
+        kept.append(j)
+        j += 1
+    return kept, None
+
+
+def run_lease(
+    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease
+) -> proto.Done | proto.Failed:
+    """Call ``send_fn`` on the lease's batch; capture its failure and its mutation."""
+    orig = list(lease.data)
+    batch: Batch[Any] = Batch(
+        lease.data, lease.meta, lease.batch_id, lease.attempt, lease.synthetic
+    )
+    try:
+        send_fn(batch)
+    except BaseException as exc:
+        kept, new = diff_data(orig, batch.data)
+        return proto.Failed(lease.batch_id, lease.attempt, exc, kept, new, True, batch.meta)
+    return proto.Done(lease.batch_id, lease.attempt)
+
+
+def _watch_parent(parent_pid: int, parent_sentinel: int | None) -> None:
+    """Exit the worker soon after the parent dies (a SIGKILLed parent closes nothing for us)."""
+    waitables = [parent_sentinel] if parent_sentinel is not None else []
+    while True:
+        if waitables:
+            if wait(waitables, WATCHDOG_PERIOD):
+                os._exit(70)
+        else:
+            threading.Event().wait(WATCHDOG_PERIOD)
+        if os.getppid() != parent_pid and not _pid_alive(parent_pid):
+            os._exit(70)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_main(conn: Connection, payload: bytes, parent_pid: int) -> None:
+    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    if os.getppid() == parent_pid:
+        sentinel = None  # our direct parent: getppid() tells us when it goes
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, sentinel), name="procdispatch-watchdog", daemon=True
+    ).start()
+    try:
+        send_fn, worker_init = pickle.loads(payload)
+        if worker_init is not None:
+            worker_init()
+    except BaseException as exc:
+        conn.send_bytes(proto.encode_init_failed(exc))
+        conn.close()
+        os._exit(3)
+    conn.send_bytes(proto.encode_ready(os.getpid()))
+    _serve(conn, send_fn)
+
+
+def _serve(conn: Connection, send_fn: Callable[[Batch[Any]], object]) -> None:
+    header = proto.HEADER
+    while True:
+        try:
+            buf = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if buf[0] != proto.K_LEASE:
+            return  # K_STOP
+        _, bid, attempt, synthetic = header.unpack_from(buf)
+        try:
+            data, meta = pickle.loads(memoryview(buf)[header.size :])
+        except BaseException as exc:
+            frame = proto.encode_failed(bid, attempt, exc, None, None, False, None)
+        else:
+            res = run_lease(send_fn, proto.Lease(bid, attempt, bool(synthetic), data, meta))
+            if isinstance(res, proto.Done):
+                frame = proto.encode_done(bid, attempt)
+            else:
+                frame = proto.encode_failed(
+                    bid, attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
+                )
+        del buf
+        try:
+            conn.send_bytes(frame)
+        except OSError:
+            return

@@ -1,0 +1,511 @@
+"""The pure buffer: batching, leasing, retry scheduling and full-buffer policy.
+
+Theory of operation. Items are appended to the batch being filled (the *current* batch). A batch
+is *cut* -- moved to the queue of unleased batches -- when it reaches ``batch_items_max`` items,
+when the next item would push it over ``batch_size_max`` (or an item fills it exactly), when it is
+older than ``batch_age_max`` at lease time (lazily), or on :meth:`Buffer.flush`. The queue is a
+heap ordered by (next send time, id), or by id alone with ``fifo=True``. :meth:`Buffer.lease_one`
+hands out the first ready batch while fewer than ``max_leases`` batches are leased; every lease
+ends with exactly one :meth:`Buffer.ack` or :meth:`Buffer.nack`. A nack re-queues the batch after
+the next delay of its own retry iterator, counting only what is left of its data (accounting can
+only shrink), or hands the batch back for dropping when the iterator is exhausted.
+
+A full-buffer policy (:class:`BlockNewItems`, :class:`DropOldestBatch`, :class:`InfiniteGrowth`)
+is asked before each insertion whether the item may go in and whether a batch must be dropped
+first. Only data that is not in flight is ever dropped.
+
+Nothing here starts a thread or a process or reads a clock: every time-dependent call takes
+``now`` (float seconds, any monotonic origin), and the buffer is not thread-safe -- one owner
+calls it.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from ._fullbehavior import (
+    DERIVED,
+    BlockNewItems,
+    DropOldestBatch,
+    FullBehavior,
+    InfiniteGrowth,
+    check_int_limit,
+)
+from .errors import BufferFull, ItemTooLarge, ItemTooSmall, OptionsError, ProcDispatchError
+from .retry import RetryFactory, exponential
+
+__all__ = [
+    "DERIVED",
+    "Batch",
+    "BlockNewItems",
+    "Buffer",
+    "BufferOptions",
+    "BufferStats",
+    "DropOldestBatch",
+    "FullBehavior",
+    "InfiniteGrowth",
+]
+
+T = TypeVar("T")
+
+
+class BatchState(enum.Enum):
+    FILLING = "filling"
+    QUEUED = "queued"
+    LEASED = "leased"
+    DONE = "done"
+
+
+class Batch(Generic[T]):
+    """A group of items sent together by one ``send_fn`` call.
+
+    ``data`` holds the items in ``put`` order; ``send_fn`` may remove the ones it delivered.
+    ``meta`` is free for the user and survives retries. ``id`` is 1-based and increases with
+    age (0 for a batch made outside the buffer); ``attempt`` is 1 for the first send.
+    """
+
+    __slots__ = (
+        "_count",
+        "_faults",
+        "_lease_count",
+        "_lease_size",
+        "_next_send",
+        "_retry",
+        "_size",
+        "_sizes",
+        "_state",
+        "attempt",
+        "data",
+        "id",
+        "meta",
+        "synthetic",
+    )
+
+    def __init__(
+        self,
+        data: list[T],
+        meta: object = None,
+        id: int = 0,
+        attempt: int = 0,
+        synthetic: bool = False,
+    ) -> None:
+        self.data = data
+        self.meta = meta
+        self.id = id
+        self.attempt = attempt
+        self.synthetic = synthetic
+        # Private bookkeeping, owned by the Buffer (and the channel's coordinator).
+        self._sizes: list[int] | None = None  # per-item sizes, aligned with data; None = all 0
+        self._count = len(data)  # items accounted for; only ever shrinks after creation
+        self._size = 0  # accounted size; only ever shrinks after creation
+        self._next_send = 0.0
+        self._retry: Iterator[float] | None = None
+        self._state = BatchState.DONE
+        self._lease_count = 0
+        self._lease_size = 0
+        self._faults = 0  # worker crashes / timeouts this batch caused (poison detection)
+
+    @property
+    def item_count(self) -> int:
+        """Items of this batch still accounted for (never grows when ``data`` grows)."""
+        return self._count
+
+    @property
+    def worker_faults(self) -> int:
+        """How many times this batch's send crashed or timed out a worker."""
+        return self._faults
+
+    def shrink(self) -> int:
+        """Shrink the accounting to what is left of ``data``; return how many items went."""
+        before = self._count
+        n = len(self.data)
+        self._count = min(self._count, n)
+        sizes = self._sizes
+        if not self.data:
+            self._size = 0
+        elif sizes is not None and len(sizes) == n:
+            self._size = min(self._size, sum(sizes))
+        elif sizes is not None and n < len(sizes):
+            # Items were removed but ``_sizes`` was not realigned, so which ones went is unknown:
+            # the n largest recorded sizes bound what is left (exact when sizes are uniform).
+            self._size = min(self._size, sum(heapq.nlargest(n, sizes)))
+        return before - self._count
+
+    def __repr__(self) -> str:
+        return (
+            f"Batch(id={self.id}, attempt={self.attempt}, items={len(self.data)}, "
+            f"meta={self.meta!r}{', synthetic' if self.synthetic else ''})"
+        )
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """A snapshot of what the buffer holds (synthetic items included)."""
+
+    unleased_items: int = 0
+    unleased_size: int = 0
+    leased_items: int = 0
+    leased_size: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.unleased_items + self.leased_items
+
+    @property
+    def total_size(self) -> int:
+        return self.unleased_size + self.leased_size
+
+    @property
+    def empty(self) -> bool:
+        return self.total == 0
+
+
+@dataclass(frozen=True)
+class BufferOptions:
+    """Options of a :class:`Buffer`; validated when the buffer is built."""
+
+    max_leases: int = 4
+    batch_items_max: int | None = 20
+    batch_size_max: int | None = None
+    batch_age_max: float = 10.0
+    full_behavior: FullBehavior | None = None
+    retry: RetryFactory | None = field(default=None)
+    fifo: bool = False
+
+    def validated(self) -> BufferOptions:
+        """Return a copy with defaults filled in, or raise :class:`OptionsError`."""
+        check_int_limit("max_leases", self.max_leases, allow_none=False)
+        check_int_limit("batch_items_max", self.batch_items_max)
+        check_int_limit("batch_size_max", self.batch_size_max)
+        age = self.batch_age_max
+        if (
+            isinstance(age, bool)
+            or not isinstance(age, (int, float))
+            or math.isnan(age)
+            or age <= 0
+        ):
+            raise OptionsError(f"batch_age_max must be a number of seconds > 0 (got {age!r})")
+        if not isinstance(self.fifo, bool):
+            raise OptionsError(f"fifo must be a bool (got {self.fifo!r})")
+        if self.fifo and self.max_leases != 1:
+            raise OptionsError(f"fifo=True needs max_leases == 1 (got {self.max_leases!r})")
+        fb = self.full_behavior if self.full_behavior is not None else BlockNewItems()
+        if not isinstance(fb, FullBehavior):
+            raise OptionsError(
+                "full_behavior must be BlockNewItems, DropOldestBatch or InfiniteGrowth "
+                f"(got {fb!r})"
+            )
+        fb = fb.resolve(self.batch_items_max, self.batch_size_max)
+        retry = self.retry if self.retry is not None else exponential()
+        if not callable(retry):
+            raise OptionsError(f"retry must be a callable returning an iterator (got {retry!r})")
+        return BufferOptions(
+            max_leases=self.max_leases,
+            batch_items_max=self.batch_items_max,
+            batch_size_max=self.batch_size_max,
+            batch_age_max=float(age),
+            full_behavior=fb,
+            retry=retry,
+            fifo=self.fifo,
+        )
+
+
+class Buffer(Generic[T]):
+    """Batches items and leases them out; see the module docstring. Not thread-safe."""
+
+    def __init__(self, options: BufferOptions | None = None) -> None:
+        opts = (options or BufferOptions()).validated()
+        self.options = opts
+        assert opts.full_behavior is not None
+        assert opts.retry is not None
+        self._fb: FullBehavior = opts.full_behavior
+        self._retry_factory: RetryFactory = opts.retry
+        self._max_leases = opts.max_leases
+        self._items_max = opts.batch_items_max if opts.batch_items_max is not None else -1
+        self._size_max = opts.batch_size_max if opts.batch_size_max is not None else -1
+        self._age = opts.batch_age_max
+        self._fifo = opts.fifo
+        self._cur: Batch[T] | None = None
+        self._heap: list[tuple[float, int, Batch[T]]] = []
+        self._leases: dict[int, Batch[T]] = {}
+        self._last_id = 0
+        self._unleased_items = 0
+        self._unleased_size = 0
+        self._leased_items = 0
+        self._leased_size = 0
+
+    # ---- inspection -------------------------------------------------------------------------
+
+    def stats(self) -> BufferStats:
+        return BufferStats(
+            self._unleased_items, self._unleased_size, self._leased_items, self._leased_size
+        )
+
+    def can_add(self) -> bool:
+        total = self._unleased_items + self._leased_items
+        return self._fb.compute_state(total, self._unleased_size + self._leased_size)[0]
+
+    def next_send_time(self) -> float | None:
+        """When the next batch may become leasable (ignoring ``max_leases``); None if never."""
+        if self._heap:
+            top = self._heap[0][2]._next_send
+            if self._fifo or self._cur is None:
+                return top
+            return min(top, self._cur._next_send)
+        return self._cur._next_send if self._cur is not None else None
+
+    @property
+    def leased(self) -> int:
+        return len(self._leases)
+
+    # ---- adding -----------------------------------------------------------------------------
+
+    def check_size(self, size: int) -> None:
+        """Raise ItemTooSmall / ItemTooLarge for a size the options forbid."""
+        if size < 0:
+            raise ItemTooSmall(f"item size must be >= 0 (got {size})")
+        if self._size_max < 0:
+            return
+        if size == 0:
+            raise ItemTooSmall(f"item size must be >= 1 when batch_size_max is set (got {size})")
+        if size > self._size_max:
+            raise ItemTooLarge(
+                f"item size must be <= batch_size_max ({self._size_max}) (got {size})"
+            )
+
+    def add(self, now: float, item: T, size: int = 0) -> Batch[T] | None:
+        """Add one item; return a batch dropped to make room (DropOldestBatch), if any."""
+        self.check_size(size)
+        ok, drop = self._fb.compute_state(
+            self._unleased_items + self._leased_items, self._unleased_size + self._leased_size
+        )
+        if not ok:
+            raise BufferFull("buffer is full")
+        dropped = self._drop_oldest() if drop else None
+        self._append(now, item, size)
+        return dropped
+
+    def add_many(
+        self, now: float, items: Sequence[T], sizes: Sequence[int] | None = None
+    ) -> tuple[int, list[Batch[T]]]:
+        """Add items in order until one would not fit; return (count added, dropped batches).
+
+        Equivalent to calling :meth:`add` for each item and stopping at the first
+        ``BufferFull``; sizes are all checked before anything is added.
+        """
+        if sizes is not None:
+            if len(sizes) != len(items):
+                raise ValueError("sizes must be as long as items")
+            for s in sizes:
+                self.check_size(s)
+        elif self._size_max > 0 and items:
+            self.check_size(0)
+        if sizes is None and isinstance(self._fb, (BlockNewItems, InfiniteGrowth)):
+            n = len(items)
+            if isinstance(self._fb, BlockNewItems):
+                total = self._unleased_items + self._leased_items
+                tsize = self._unleased_size + self._leased_size
+                if not self._fb.compute_state(total, tsize)[0]:
+                    return 0, []
+                mi = self._fb.max_items
+                if isinstance(mi, int):
+                    n = min(n, mi - total)
+            self._extend(now, items, n)
+            return n, []
+        dropped: list[Batch[T]] = []
+        for i, item in enumerate(items):
+            size = sizes[i] if sizes is not None else 0
+            total = self._unleased_items + self._leased_items
+            ok, drop = self._fb.compute_state(total, self._unleased_size + self._leased_size)
+            if not ok:
+                return i, dropped
+            if drop:
+                d = self._drop_oldest()
+                if d is not None:
+                    dropped.append(d)
+            self._append(now, item, size)
+        return len(items), dropped
+
+    def add_synthetic(self, now: float) -> Batch[T] | None:
+        """Queue a one-item synthetic batch (``data == [None]``), ready at once."""
+        self.flush(now)
+        b = self._new_batch(now)
+        b.synthetic = True
+        b.data.append(None)  # type: ignore[arg-type]
+        b._count = 1
+        self._unleased_items += 1
+        self.flush(now)
+        return None
+
+    def flush(self, now: float) -> None:
+        """Cut the batch being filled, if any; it becomes sendable at ``now``."""
+        cur = self._cur
+        if cur is None:
+            return
+        self._cur = None
+        cur._next_send = now
+        cur._state = BatchState.QUEUED
+        heapq.heappush(self._heap, (0.0 if self._fifo else now, cur.id, cur))
+
+    # ---- leasing ----------------------------------------------------------------------------
+
+    def lease_one(self, now: float) -> Batch[T] | None:
+        if len(self._leases) >= self._max_leases:
+            return None
+        heap = self._heap
+        if heap and heap[0][2]._next_send <= now:
+            return self._lease(heapq.heappop(heap)[2])
+        cur = self._cur
+        if cur is not None and cur._next_send <= now and not (self._fifo and heap):
+            self.flush(now)
+            return self._lease(heapq.heappop(heap)[2])
+        return None
+
+    def ready(self, now: float) -> bool:
+        """True when :meth:`lease_one` at ``now`` would hand out a batch."""
+        if len(self._leases) >= self._max_leases:
+            return False
+        heap = self._heap
+        if heap and heap[0][2]._next_send <= now:
+            return True
+        cur = self._cur
+        return cur is not None and cur._next_send <= now and not (self._fifo and heap)
+
+    def force_lease_all(self) -> list[Batch[T]]:
+        """Lease every queued batch, ignoring send times and ``max_leases`` (not the current)."""
+        batches = sorted((e[2] for e in self._heap), key=lambda b: b.id)
+        self._heap.clear()
+        for b in batches:
+            self._lease(b)
+        return batches
+
+    def ack(self, batch: Batch[T]) -> None:
+        """The lease ended well (or the batch is being dropped): forget the batch."""
+        self._end_lease(batch, "ack")
+        batch._state = BatchState.DONE
+
+    def nack(
+        self, now: float, batch: Batch[T], exc: BaseException | None = None
+    ) -> Batch[T] | None:
+        """The send failed and should be retried: re-queue after the batch's next delay.
+
+        Returns the batch when it must be dropped instead (its retry iterator is exhausted);
+        a batch whose data was emptied by the send is finished (nothing left to send) and None
+        is returned. ``exc`` is accepted for symmetry with ``on_error`` and not used.
+        """
+        self._end_lease(batch, "nack")
+        batch.shrink()
+        batch._state = BatchState.DONE
+        if not batch.data or batch._count == 0:
+            return None
+        assert batch._retry is not None
+        delay = next(batch._retry, None)
+        if delay is None:
+            return batch
+        batch._next_send = now + delay
+        batch._state = BatchState.QUEUED
+        self._unleased_items += batch._count
+        self._unleased_size += batch._size
+        heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
+        return None
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _new_batch(self, now: float) -> Batch[T]:
+        self._last_id += 1
+        b: Batch[T] = Batch([], id=self._last_id)
+        b._retry = iter(self._retry_factory())
+        b._next_send = now + self._age
+        b._state = BatchState.FILLING
+        self._cur = b
+        return b
+
+    def _append(self, now: float, item: T, size: int) -> None:
+        cur = self._cur
+        if cur is not None and (
+            (self._items_max > 0 and cur._count + 1 > self._items_max)
+            or (self._size_max > 0 and cur._size + size > self._size_max)
+        ):
+            self.flush(now)
+            cur = None
+        if cur is None:
+            cur = self._new_batch(now)
+        if size:
+            if cur._sizes is None:
+                cur._sizes = [0] * len(cur.data)
+            cur._sizes.append(size)
+        elif cur._sizes is not None:
+            cur._sizes.append(0)
+        cur.data.append(item)
+        cur._count += 1
+        cur._size += size
+        self._unleased_items += 1
+        self._unleased_size += size
+        if (self._items_max > 0 and cur._count >= self._items_max) or (
+            self._size_max > 0 and cur._size >= self._size_max
+        ):
+            self.flush(now)
+
+    def _extend(self, now: float, items: Sequence[T], n: int) -> None:
+        """Append items[:n] (all of size 0) by slices: the bulk path of add_many."""
+        i = 0
+        items_max = self._items_max
+        while i < n:
+            cur = self._cur
+            if cur is None:
+                cur = self._new_batch(now)
+            room = n - i if items_max <= 0 else min(n - i, items_max - cur._count)
+            cur.data.extend(items[i : i + room])
+            if cur._sizes is not None:
+                cur._sizes.extend([0] * room)
+            cur._count += room
+            i += room
+            if items_max > 0 and cur._count >= items_max:
+                self.flush(now)
+        self._unleased_items += n
+
+    def _lease(self, b: Batch[T]) -> Batch[T]:
+        b._state = BatchState.LEASED
+        b.attempt += 1
+        b._lease_count = b._count
+        b._lease_size = b._size
+        self._leases[b.id] = b
+        self._unleased_items -= b._count
+        self._unleased_size -= b._size
+        self._leased_items += b._count
+        self._leased_size += b._size
+        return b
+
+    def _end_lease(self, batch: Batch[T], what: str) -> None:
+        if self._leases.get(batch.id) is not batch:
+            raise ProcDispatchError(
+                f"{what} of batch {batch.id}, which is not leased (state {batch._state.value}); "
+                "every lease ends with exactly one ack or nack"
+            )
+        del self._leases[batch.id]
+        self._leased_items -= batch._lease_count
+        self._leased_size -= batch._lease_size
+
+    def _drop_oldest(self) -> Batch[T] | None:
+        """Drop the oldest queued batch, else the one being filled; never one in flight (D4)."""
+        heap = self._heap
+        if heap:
+            idx = min(range(len(heap)), key=lambda i: heap[i][1])
+            b = heap[idx][2]
+            heap[idx] = heap[-1]
+            heap.pop()
+            heapq.heapify(heap)
+        elif self._cur is not None:
+            b = self._cur
+            self._cur = None
+        else:
+            return None
+        b._state = BatchState.DONE
+        self._unleased_items -= b._count
+        self._unleased_size -= b._size
+        return b

@@ -1,0 +1,216 @@
+"""The exceptions procdispatch raises or hands to ``on_error``.
+
+::
+
+    Exception
+     └── ProcDispatchError                     base of everything below
+          ├── OptionsError (ValueError)         a bad option, named with its rule and value
+          ├── ChannelClosed                     put() after close() or cancel()
+          ├── BufferFull                        put_nowait() while BlockNewItems is full
+          ├── ItemTooLarge (ValueError)         item_size() above batch_size_max
+          ├── ItemTooSmall (ValueError)         item_size() < 0, or 0 when sizes are enforced
+          ├── TransientError                    raise it in send_fn to ask for a retry
+          ├── WorkerCrashed                     the worker holding a batch died
+          ├── SendTimeout (TimeoutError)        a send overran send_timeout; its worker was killed
+          ├── RemoteError                       a worker-side exception that would not pickle back
+          ├── WorkerStartFailed                 workers cannot start at all (worker_init fails...)
+          └── InternalError                     a broken invariant inside procdispatch (a bug)
+
+Classes that also subclass a builtin (``ValueError``, ``TimeoutError``) let callers keep the
+``except`` clauses they already have.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = [
+    "BufferFull",
+    "ChannelClosed",
+    "InternalError",
+    "ItemTooLarge",
+    "ItemTooSmall",
+    "OptionsError",
+    "ProcDispatchError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SendTimeout",
+    "TransientError",
+    "WorkerCrashed",
+    "WorkerStartFailed",
+    "describe_exitcode",
+]
+
+
+class ProcDispatchError(Exception):
+    """Base class of every procdispatch exception."""
+
+
+class OptionsError(ProcDispatchError, ValueError):
+    """An option is invalid: the message names the option, the rule and the value given."""
+
+
+class ChannelClosed(ProcDispatchError):
+    """The channel was closed or cancelled; it takes no more items."""
+
+
+class BufferFull(ProcDispatchError):
+    """The buffer is full (BlockNewItems) and the caller asked not to block."""
+
+
+class ItemTooLarge(ProcDispatchError, ValueError):
+    """An item's size is above ``batch_size_max``."""
+
+
+class ItemTooSmall(ProcDispatchError, ValueError):
+    """An item's size is negative, or zero while ``batch_size_max`` is set."""
+
+
+class TransientError(ProcDispatchError):
+    """Raise (or subclass) this in ``send_fn`` to ask the default ``on_error`` for a retry."""
+
+
+class InternalError(ProcDispatchError):
+    """An invariant inside procdispatch was broken; this is a bug, please report it."""
+
+
+def describe_exitcode(exitcode: int | None) -> str:
+    """Say how a process ended, decoding a signal death: ``-9`` -> ``"killed by SIGKILL"``."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exited with code {exitcode}"
+
+
+class WorkerCrashed(ProcDispatchError):
+    """The worker process that held a batch died before it answered.
+
+    ``exitcode`` is what :mod:`multiprocessing` reports: negative for a signal death.
+    """
+
+    def __init__(
+        self,
+        pid: int | None,
+        exitcode: int | None,
+        *,
+        worker: int | None = None,
+        batch_id: int | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        self.worker = worker
+        self.batch_id = batch_id
+        self.attempt = attempt
+        super().__init__(pid, exitcode)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_worker_crashed,
+            (self.pid, self.exitcode, self.worker, self.batch_id, self.attempt),
+        )
+
+    def __str__(self) -> str:
+        where = (
+            f"worker {self.worker} (pid {self.pid})"
+            if self.worker is not None
+            else (f"worker pid {self.pid}")
+        )
+        what = ""
+        if self.batch_id is not None:
+            what = f" while sending batch {self.batch_id} (attempt {self.attempt})"
+        return f"{where} {describe_exitcode(self.exitcode)}{what}"
+
+
+def _rebuild_worker_crashed(
+    pid: int | None,
+    exitcode: int | None,
+    worker: int | None,
+    batch_id: int | None,
+    attempt: int | None,
+) -> WorkerCrashed:
+    return WorkerCrashed(pid, exitcode, worker=worker, batch_id=batch_id, attempt=attempt)
+
+
+class SendTimeout(ProcDispatchError, TimeoutError):
+    """A send ran longer than ``send_timeout``; its worker was killed and replaced."""
+
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        pid: int | None = None,
+        worker: int | None = None,
+        batch_id: int | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.pid = pid
+        self.worker = worker
+        self.batch_id = batch_id
+        self.attempt = attempt
+        super().__init__(timeout)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_send_timeout,
+            (self.timeout, self.pid, self.worker, self.batch_id, self.attempt),
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"send of batch {self.batch_id} (attempt {self.attempt}) ran longer than "
+            f"send_timeout={self.timeout}s; worker {self.worker} (pid {self.pid}) was killed"
+        )
+
+
+def _rebuild_send_timeout(
+    timeout: float,
+    pid: int | None,
+    worker: int | None,
+    batch_id: int | None,
+    attempt: int | None,
+) -> SendTimeout:
+    return SendTimeout(timeout, pid=pid, worker=worker, batch_id=batch_id, attempt=attempt)
+
+
+class RemoteError(ProcDispatchError):
+    """An exception raised in a worker that could not be pickled back to the parent.
+
+    Carries the worker-side facts as text: ``type_name``, ``message`` and ``remote_traceback``.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(type_name, message, remote_traceback)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.type_name}: {self.message}\n"
+            f"(it could not be pickled back from the worker; worker traceback follows)\n"
+            f"{self.remote_traceback}"
+        )
+
+
+class WorkerStartFailed(ProcDispatchError):
+    """Workers could not be started (``worker_init`` raised, or the process died at start-up)
+    several times in a row: the channel dropped what it held instead of respawning for ever.
+    The last start-up error is the ``__cause__``."""
+
+
+class RemoteTraceback(Exception):
+    """Attached as ``__cause__`` of an exception that came from a worker: the worker's traceback."""
+
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+        super().__init__(tb)
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
