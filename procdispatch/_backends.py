@@ -38,11 +38,16 @@ class WorkerHandle:
         """Hand the worker a lease; ``payload`` is the pickled (data, meta) for processes."""
         raise NotImplementedError
 
-    def waitables(self) -> list[Any]:
+    def waitables(self) -> tuple[Any, Any]:
+        """(the result pipe, the death sentinel or None) for the coordinator's selector."""
         raise NotImplementedError
 
     def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
-        """Messages that have arrived, and whether the worker is gone (pipe closed / dead)."""
+        """Called when the result pipe is readable: the messages, and whether it is closed."""
+        raise NotImplementedError
+
+    def drain(self) -> list[proto.WorkerMessage]:
+        """Called when the worker died: whatever it managed to send before."""
         raise NotImplementedError
 
     def exitcode(self, wait: float) -> int | None:
@@ -93,20 +98,29 @@ class ProcessWorker(WorkerHandle):
         assert payload is not None
         self._conn.send_bytes(payload)
 
-    def waitables(self) -> list[Any]:
+    def waitables(self) -> tuple[Any, Any]:
         assert self._conn is not None
-        return [self._conn, self._proc.sentinel]
+        return self._conn, self._proc.sentinel
 
     def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        # The selector said readable: one frame is there (or EOF). Level-triggered waiting
+        # brings us back for the next one, so no poll() (which builds a selector) is needed.
+        assert self._conn is not None
+        try:
+            return [proto.decode_from_worker(self._conn.recv_bytes())], False
+        except (EOFError, OSError):
+            return [], True
+
+    def drain(self) -> list[proto.WorkerMessage]:
         conn = self._conn
         assert conn is not None
         out: list[proto.WorkerMessage] = []
         try:
-            while conn.poll():
+            while conn.poll(0):
                 out.append(proto.decode_from_worker(conn.recv_bytes()))
         except (EOFError, OSError):
-            return out, True
-        return out, self._proc.exitcode is not None
+            pass
+        return out
 
     def exitcode(self, wait: float) -> int | None:
         self._proc.join(wait)
@@ -189,8 +203,8 @@ class ThreadWorker(WorkerHandle):
             self._inbox.append(proto.Lease(*lease[:3], list(lease.data), lease.meta))
             self._ready.notify()
 
-    def waitables(self) -> list[Any]:
-        return [self._r]
+    def waitables(self) -> tuple[Any, Any]:
+        return self._r, None
 
     def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
         try:
@@ -198,14 +212,20 @@ class ThreadWorker(WorkerHandle):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        return self.drain(), False
+
+    def drain(self) -> list[proto.WorkerMessage]:
         out: list[proto.WorkerMessage] = []
         while self._out:
             out.append(self._out.popleft())
-        gone = self._thread is not None and not self._thread.is_alive() and not self._out
-        return out, gone and self._abandoned
+        return out
 
     def exitcode(self, wait: float) -> int | None:
-        return None
+        t = self._thread
+        if t is None:
+            return None
+        t.join(wait)
+        return None if t.is_alive() else 0
 
     def kill(self) -> None:
         self._abandoned = True

@@ -15,33 +15,35 @@ Data flow::
                                              sentinels: a dead worker fails its one batch
 
 Each iteration takes what producers handed over, leases what it can, computes its next deadline
-(batch age, retry delay, qps token, min_qps, send_timeout, cancel grace) and blocks once in
-``multiprocessing.connection.wait`` over the wake pipe, the worker pipes and the worker
-sentinels. Only this thread touches the buffer, the worker table, the pipes and the processes;
-public methods hand it commands under ``lock`` and wake it.
+(batch age, retry delay, qps token, min_qps, send_timeout, cancel grace) and blocks once in the
+pool's selector over the wake pipe, the worker pipes and the worker sentinels. Only this thread
+touches the buffer, the worker table, the pipes and the processes; public methods hand it
+commands under ``lock`` and wake it.
 
 Admission (BlockNewItems back-pressure) is decided on the producer side from ``admitted`` --
 items put and not yet delivered or dropped, which always equals the buffer's total plus what
 waits in the inbox -- so ``put`` never has to wait for this thread to answer.
+
+Accounting (SPEC D3): every admitted item leaves exactly once, as delivered (its send
+succeeded, or the send removed it from ``data``) or dropped (``on_drop`` saw it); ``_book``
+moves the counters under the lock so that a snapshot always adds up.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import math
 import os
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Any
 
 from . import _protocol as proto
-from ._backends import ProcessWorker, ThreadWorker, WorkerHandle
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
+from ._pool import Slot, WorkerPool, WState
 from .buffer import Batch, BlockNewItems, Buffer
 from .errors import (
     BufferFull,
@@ -59,59 +61,8 @@ monotonic = time.monotonic
 #: Worker start failures in a row (plus workers - 1) with no worker ready in between before
 #: the channel gives up instead of respawning for ever.
 START_FAILURES_FATAL = 3
-#: How long shutdown waits for a stopped worker to exit before killing it.
+#: How long shutdown waits for stopped workers to exit before killing them.
 STOP_JOIN_TIMEOUT = 5.0
-
-
-class WState(enum.Enum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
-_ALLOWED = {
-    WState.STARTING: {WState.IDLE, WState.STOPPING, WState.DEAD},
-    WState.IDLE: {WState.BUSY, WState.STOPPING, WState.DEAD},
-    WState.BUSY: {WState.IDLE, WState.STOPPING, WState.DEAD},
-    WState.STOPPING: {WState.DEAD},
-    WState.DEAD: set(),
-}
-
-
-class _Slot:
-    """One worker in the worker table."""
-
-    __slots__ = (
-        "batch",
-        "deadline",
-        "done",
-        "handle",
-        "in_flight",
-        "init_error",
-        "kill_reason",
-        "state",
-        "wid",
-    )
-
-    def __init__(self, wid: int, handle: WorkerHandle) -> None:
-        self.wid = wid
-        self.handle = handle
-        self.state = WState.STARTING
-        self.batch: Batch[Any] | None = None
-        self.in_flight = 0  # items of the batch it holds, as booked when it was sent
-        self.deadline = math.inf  # send_timeout deadline of the batch it holds
-        self.done = 0
-        self.init_error: BaseException | None = None
-        self.kill_reason: str | None = None  # "timeout" or "cancel" when we killed it
-
-    def move(self, to: WState) -> None:
-        if to not in _ALLOWED[self.state]:
-            raise InternalError(
-                f"worker {self.wid}: no transition {self.state.value} -> {to.value}"
-            )
-        self.state = to
 
 
 @dataclass(frozen=True)
@@ -137,8 +88,6 @@ class Coordinator:
 
     def __init__(self, send_fn: Any, opts: ChannelOptions, payload: bytes, limiter: Any) -> None:
         self.opts = opts
-        self._send_fn = send_fn
-        self._payload = payload
         self._limiter = limiter
         self.buffer: Buffer[Any] = Buffer(opts.buffer)
         self._fb = opts.buffer.full_behavior
@@ -155,27 +104,29 @@ class Coordinator:
         self.cancel_requested = False
         self.fatal: BaseException | None = None
         self._wake_pending = False
+        self._wake_closed = False  # set (under lock) when the coordinator has exited
         self._waiters = 0
         self._delivered = 0
         self._dropped = 0
         self._in_flight = 0
+        self._alive = 0
+        self.batches_sent = 0
+        self.batches_failed = 0
+        self.batches_retried = 0
+        self.batches_dropped = 0
+        self.worker_restarts = 0
         self.drained = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         # Owned by the coordinator thread.
-        self._slots: list[_Slot] = []
-        self._next_wid = 0
+        self.pool = WorkerPool(opts, send_fn, payload, self._wake_r)
+        self._pickle = opts.backend == "process"
         self._cancelled = False
         self._cancel_deadline = math.inf
         self._start_failures = 0
         self._last_send = 0.0
         self._qps_wait_until = 0.0
         self._backlog: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
-        self.batches_sent = 0
-        self.batches_failed = 0
-        self.batches_retried = 0
-        self.batches_dropped = 0
-        self.worker_restarts = 0
         self._thread = threading.Thread(
             target=self._run, name="procdispatch-coordinator", daemon=True
         )
@@ -186,7 +137,7 @@ class Coordinator:
     # ---- thread-safe entry points ---------------------------------------------------------
 
     def _wake_locked(self) -> None:
-        if not self._wake_pending:
+        if not self._wake_pending and not self._wake_closed:
             self._wake_pending = True
             os.write(self._wake_w, b"\0")
 
@@ -266,7 +217,6 @@ class Coordinator:
 
     def snapshot(self) -> Stats:
         with self.lock:
-            alive = sum(1 for s in self._slots if s.state is not WState.DEAD)
             return Stats(
                 items_put=self.items_put,
                 items_delivered=self._delivered,
@@ -277,7 +227,7 @@ class Coordinator:
                 batches_failed=self.batches_failed,
                 batches_retried=self.batches_retried,
                 batches_dropped=self.batches_dropped,
-                workers_alive=alive,
+                workers_alive=self._alive,
                 worker_restarts=self.worker_restarts,
             )
 
@@ -322,6 +272,14 @@ class Coordinator:
         if (removed or size_before != batch._size) and not batch.synthetic:
             self._book(delivered=removed, size=size_before - batch._size)
 
+    def _set_fatal(self, err: BaseException) -> None:
+        with self.cond:
+            if self.fatal is None:
+                self.fatal = err
+            self.closed = True
+            self.cancel_requested = True
+            self.cond.notify_all()
+
     # ---- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -330,34 +288,34 @@ class Coordinator:
             self._last_send = monotonic()
             for _ in range(self.opts.workers):
                 self._spawn()
+            woke = False
             while True:
                 now = monotonic()
-                self._ingest(now)
+                self._ingest(now, woke)
                 self._dispatch(now)
                 if self._finished():
                     break
-                timeout = self._timeout(now)
-                ready = self._wait(timeout)
+                woke, ready = self.pool.wait(self._timeout(now))
                 now = monotonic()
-                self._handle(ready, now)
+                for slot, sentinel in ready:
+                    if slot.state is not WState.DEAD:
+                        self._handle(slot, sentinel, now)
                 self._check_deadlines(now)
         except BaseException as exc:
             log.critical("procdispatch coordinator failed; the channel is dead", exc_info=True)
-            with self.cond:
-                if self.fatal is None:
-                    self.fatal = InternalError(f"coordinator failed: {exc!r}")
-                    self.fatal.__cause__ = exc
-                self.closed = True
-                self.cond.notify_all()
+            err = InternalError(f"coordinator failed: {exc!r}")
+            err.__cause__ = exc
+            self._set_fatal(err)
         finally:
             self._shutdown()
 
-    def _ingest(self, now: float) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
+    def _ingest(self, now: float, woke: bool) -> None:
+        if woke:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
         with self.cond:
             self._wake_pending = False
             inbox = self.inbox
@@ -388,9 +346,6 @@ class Coordinator:
         if closed and not backlog:
             self.buffer.flush(now)
 
-    def _idle_slots(self) -> list[_Slot]:
-        return [s for s in self._slots if s.state is WState.IDLE]
-
     def _dispatch(self, now: float) -> None:
         buf = self.buffer
         if self._cancelled:
@@ -399,19 +354,22 @@ class Coordinator:
                 buf.ack(b)
                 self._drop(b)
             return
-        idle = self._idle_slots()
-        if not idle or now < self._qps_wait_until:
+        if now < self._qps_wait_until:
             return
         limiter = self._limiter
         min_qps = self.opts.min_qps
-        while idle:
+        pool = self.pool
+        while True:
+            slot = pool.pick()
+            if slot is None:
+                return
             synth = False
             if not buf.ready(now):
                 if (
                     min_qps is None
                     or self.closed
                     or now - self._last_send < 1.0 / min_qps
-                    or not buf.stats().empty
+                    or buf.total
                     or self._backlog
                 ):
                     return
@@ -425,27 +383,24 @@ class Coordinator:
                 buf.add_synthetic(now)
             leased = buf.lease_one(now)
             if leased is None:  # pragma: no cover - ready() said otherwise
-                if limiter is not None:
-                    limiter.refund()
                 raise InternalError("buffer.ready() was true but lease_one() returned None")
-            slot = idle.pop()
             self._last_send = now
             self._send(slot, leased, now)
 
-    def _send(self, slot: _Slot, b: Batch[Any], now: float) -> None:
+    def _send(self, slot: Slot, b: Batch[Any], now: float) -> None:
         payload: bytes | None = None
-        if slot.handle.needs_pickle:
+        if self._pickle:
             payload = self._pickle_lease(b, now)
             if payload is None:
-                return  # every item failed to pickle; already reported
-        slot.move(WState.BUSY)
-        slot.batch = b
-        st = self.opts.send_timeout
-        slot.deadline = now + st if st is not None else math.inf
+                return  # nothing of it could be pickled; already reported
+        if not slot.batches:
+            slot.move(WState.BUSY)
+            st = self.opts.send_timeout
+            slot.deadline = now + st if st is not None else math.inf
+        slot.batches.append(b)
         self.batches_sent += 1
-        slot.in_flight = 0 if b.synthetic else b._count
-        if slot.in_flight:
-            self._book(in_flight=slot.in_flight)
+        if not b.synthetic:
+            self._book(in_flight=b._count)
         try:
             slot.handle.send_lease(
                 proto.Lease(b.id, b.attempt, b.synthetic, b.data, b.meta), payload
@@ -458,19 +413,16 @@ class Coordinator:
         try:
             body = proto.dumps((b.data, b.meta))
         except Exception:
-            body = None
-        if body is None:
-            bad = self._isolate_unpicklable(b, now)
-            if not bad:
+            if not self._isolate_unpicklable(b):
                 return None
             try:
                 body = proto.dumps((b.data, b.meta))
-            except Exception as exc:  # the meta itself, or something only whole lists hit
+            except Exception as exc:  # the meta itself will not pickle
                 self._fail(b, exc, now)
                 return None
         return proto.encode_lease(b.id, b.attempt, b.synthetic, body)
 
-    def _isolate_unpicklable(self, b: Batch[Any], now: float) -> bool:
+    def _isolate_unpicklable(self, b: Batch[Any]) -> bool:
         """Split out the items that will not pickle; return whether anything is left to send."""
         keep: list[Any] = []
         keep_sizes: list[int] = []
@@ -497,22 +449,19 @@ class Coordinator:
         return True
 
     def _finished(self) -> bool:
-        if not self.closed and not self._cancelled:
+        if not self.closed:
             with self.lock:
                 if not self.closed:
                     return False
         return (
-            self.closed
-            and not self._backlog
-            and not self.inbox
-            and self.buffer.stats().empty
-            and not any(s.state is WState.BUSY for s in self._slots)
+            not self._backlog and not self.inbox and self.buffer.total == 0 and not self.pool.busy()
         )
 
     def _timeout(self, now: float) -> float | None:
         deadline = math.inf
         buf = self.buffer
-        if not self._cancelled and buf.leased < self.opts.max_leases and self._idle_slots():
+        pool = self.pool
+        if not self._cancelled and buf.leased < self.opts.max_leases and pool.pick() is not None:
             if now < self._qps_wait_until:
                 deadline = self._qps_wait_until
             else:
@@ -520,10 +469,10 @@ class Coordinator:
                 if t is not None:
                     deadline = t
                 min_qps = self.opts.min_qps
-                if min_qps is not None and not self.closed and buf.stats().empty:
+                if min_qps is not None and not self.closed and buf.total == 0:
                     deadline = min(deadline, self._last_send + 1.0 / min_qps)
-        for s in self._slots:
-            if s.state is WState.BUSY:
+        for s in pool.slots:
+            if s.batches:
                 deadline = min(deadline, s.deadline)
         if self._cancelled:
             deadline = min(deadline, self._cancel_deadline)
@@ -531,70 +480,52 @@ class Coordinator:
             return None
         return max(0.0, deadline - now)
 
-    def _wait(self, timeout: float | None) -> set[int]:
-        objs: list[Any] = [self._wake_r]
-        owner: dict[int, int] = {}
-        for i, s in enumerate(self._slots):
-            for o in s.handle.waitables():
-                objs.append(o)
-                owner[id(o)] = i
-        ready = wait(objs, timeout)
-        return {owner[id(o)] for o in ready if id(o) in owner}
+    # ---- what workers say -----------------------------------------------------------------
 
-    def _handle(self, ready: set[int], now: float) -> None:
-        for i in sorted(ready, reverse=True):
-            slot = self._slots[i]
-            msgs, gone = slot.handle.receive()
-            for m in msgs:
-                if slot.state is WState.DEAD:
-                    break
-                self._on_message(slot, m, now)
-            if gone and slot.state is not WState.DEAD:
-                self._on_death(slot, now)
-        self._slots = [s for s in self._slots if s.state is not WState.DEAD]
+    def _handle(self, slot: Slot, sentinel: bool, now: float) -> None:
+        msgs, gone = self.pool.read(slot, sentinel)
+        for m in msgs:
+            if slot.state is WState.DEAD:
+                return
+            self._on_message(slot, m, now)
+        if gone and slot.state is not WState.DEAD:
+            self._on_death(slot, now)
 
-    def _on_message(self, slot: _Slot, m: proto.WorkerMessage, now: float) -> None:
+    def _on_message(self, slot: Slot, m: proto.WorkerMessage, now: float) -> None:
         if isinstance(m, proto.Ready):
             if slot.state is WState.STARTING:
                 slot.move(WState.IDLE)
             self._start_failures = 0
             return
         if isinstance(m, proto.InitFailed):
-            slot.init_error = m.error
-            log.error(
-                "worker %d (pid %s) failed to start: %s: %s%s",
-                slot.wid,
-                slot.handle.pid,
-                type(m.error).__name__,
-                m.error,
-                m.error.__cause__ or "",
-            )
+            slot.init_error = m.error  # reported when the worker's death is seen
             return
-        b = slot.batch
+        b = slot.batches[0] if slot.batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
-            log.error(
-                "worker %d answered for batch %d attempt %d, which it does not hold; ignored",
-                slot.wid,
-                m.batch_id,
-                m.attempt,
+            raise InternalError(
+                f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
+                f"but its oldest batch is {b!r}"
             )
-            return
-        slot.batch = None
-        slot.deadline = math.inf
+        slot.batches.popleft()
         slot.done += 1
-        in_flight, slot.in_flight = slot.in_flight, 0
-        if slot.state is WState.BUSY:
-            slot.move(WState.IDLE)
+        if slot.batches:  # the next one starts running now
+            st = self.opts.send_timeout
+            slot.deadline = now + st if st is not None else math.inf
+        else:
+            slot.deadline = math.inf
+            if slot.state is WState.BUSY:
+                slot.move(WState.IDLE)
         if isinstance(m, proto.Done):
             self.buffer.ack(b)
             if not b.synthetic:
-                self._book(in_flight=-in_flight, delivered=b._count, size=b._size)
+                self._book(in_flight=-b._count, delivered=b._count, size=b._size)
         else:
-            if in_flight:
-                self._book(in_flight=-in_flight)
+            if not b.synthetic:
+                self._book(in_flight=-b._count)
             self._apply_mutation(b, m)
             self._fail(b, m.error, now)
-        self._maybe_recycle(slot)
+        if not slot.batches:
+            self._maybe_recycle(slot)
 
     def _apply_mutation(self, b: Batch[Any], m: proto.Failed) -> None:
         if m.kept is not None:
@@ -630,37 +561,20 @@ class Coordinator:
         else:
             self.batches_retried += 1
 
-    def _on_death(self, slot: _Slot, now: float) -> None:
-        handle = slot.handle
-        code = handle.exitcode(1.0)
-        if code is None and slot.kill_reason is None and isinstance(handle, ProcessWorker):
-            handle.kill()
-            code = handle.exitcode(1.0)
+    def _on_death(self, slot: Slot, now: float) -> None:
         was = slot.state
-        slot.move(WState.DEAD)
-        handle.close()
-        b = slot.batch
-        slot.batch = None
+        code = self.pool.bury(slot)
+        self._count_alive()
+        batches = list(slot.batches)
+        slot.batches.clear()
         if was is WState.STARTING:
-            self._start_failures += 1
-            cause = slot.init_error or WorkerCrashed(handle.pid, code, worker=slot.wid)
-            log.error("worker %d could not start: %s", slot.wid, cause)
-            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
-                err = WorkerStartFailed(
-                    f"workers cannot start: {self._start_failures} attempts failed in a row; "
-                    f"last: {type(cause).__name__}: {cause}"
-                )
-                err.__cause__ = cause
-                with self.cond:
-                    self.fatal = err
-                    self.closed = True
-                    self.cancel_requested = True
-                    self.cond.notify_all()
-        if b is not None:
-            in_flight, slot.in_flight = slot.in_flight, 0
-            if in_flight:
-                self._book(in_flight=-in_flight)
-            if slot.kill_reason == "cancel":
+            self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
+        for i, b in enumerate(batches):
+            if not b.synthetic:
+                self._book(in_flight=-b._count)
+            if i > 0:
+                self.buffer.release(b)  # never started: back in the queue, no attempt used
+            elif slot.kill_reason == "cancel":
                 self.buffer.ack(b)
                 self._drop(b)
             else:
@@ -669,30 +583,45 @@ class Coordinator:
                     assert self.opts.send_timeout is not None
                     exc = SendTimeout(
                         self.opts.send_timeout,
-                        pid=handle.pid,
+                        pid=slot.handle.pid,
                         worker=slot.wid,
                         batch_id=b.id,
                         attempt=b.attempt,
                     )
                 else:
                     exc = WorkerCrashed(
-                        handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
+                        slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
                     )
                 self._fail(b, exc, now, fault=True)
         if was is not WState.STOPPING and not self._cancelled and self.fatal is None:
             self._spawn()
-            self.worker_restarts += 1
+            with self.lock:
+                self.worker_restarts += 1
 
-    def _maybe_recycle(self, slot: _Slot) -> None:
+    def _start_failed(self, slot: Slot, cause: BaseException) -> None:
+        self._start_failures += 1
+        log.error(
+            "worker %d (pid %s) could not start: %s: %s%s",
+            slot.wid,
+            slot.handle.pid,
+            type(cause).__name__,
+            cause,
+            cause.__cause__ or "",
+        )
+        if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+            err = WorkerStartFailed(
+                f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                f"last: {type(cause).__name__}: {cause}"
+            )
+            err.__cause__ = cause
+            self._set_fatal(err)
+
+    def _maybe_recycle(self, slot: Slot) -> None:
         o = self.opts
         reason = None
         if o.max_batches_per_worker is not None and slot.done >= o.max_batches_per_worker:
             reason = f"it sent {slot.done} batches"
-        elif (
-            o.max_worker_memory is not None
-            and slot.handle.pid is not None
-            and (o.backend == "process")
-        ):
+        elif o.max_worker_memory is not None and o.backend == "process" and slot.handle.pid:
             rss = _rss(slot.handle.pid)
             if rss is not None and rss > o.max_worker_memory:
                 reason = f"its memory ({rss} bytes) is above max_worker_memory"
@@ -702,78 +631,60 @@ class Coordinator:
         slot.move(WState.STOPPING)
         slot.handle.stop()
         self._spawn()
-        self.worker_restarts += 1
+        with self.lock:
+            self.worker_restarts += 1
 
     def _check_deadlines(self, now: float) -> None:
-        for s in self._slots:
-            if s.state is WState.BUSY and s.deadline <= now:
-                s.kill_reason = "timeout"
-                s.handle.kill()
+        for s in list(self.pool.slots):
+            if s.batches and s.deadline <= now:
+                self.pool.kill(s, "timeout")
                 self._on_death(s, now)
         if self._cancelled and now >= self._cancel_deadline:
-            for s in self._slots:
-                if s.state is WState.BUSY:
-                    s.kill_reason = "cancel"
-                    s.handle.kill()
+            for s in list(self.pool.slots):
+                if s.batches:
+                    self.pool.kill(s, "cancel")
                     self._on_death(s, now)
-        self._slots = [s for s in self._slots if s.state is not WState.DEAD]
 
     def _spawn(self) -> None:
-        self._next_wid += 1
-        wid = self._next_wid
-        handle: WorkerHandle
-        if self.opts.backend == "thread":
-            handle = ThreadWorker(self._send_fn, self.opts.worker_init, wid)
-        else:
-            handle = ProcessWorker(_mp_context(self.opts.start_method), self._payload, wid)
-        slot = _Slot(wid, handle)
         try:
-            handle.start()
+            self.pool.spawn()
         except Exception as exc:
-            log.exception("could not start worker %d", wid)
+            log.exception("could not start a worker")
             self._start_failures += 1
             if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
                 err = WorkerStartFailed(f"workers cannot start: {exc!r}")
                 err.__cause__ = exc
-                with self.cond:
-                    self.fatal = err
-                    self.closed = True
-                    self.cancel_requested = True
-                    self.cond.notify_all()
-            return
+                self._set_fatal(err)
+        self._count_alive()
+
+    def _count_alive(self) -> None:
+        n = self.pool.alive()
         with self.lock:
-            self._slots.append(slot)
+            self._alive = n
 
     def _shutdown(self) -> None:
-        slots = list(self._slots)
-        for s in slots:
-            s.handle.stop()
-        deadline = monotonic() + STOP_JOIN_TIMEOUT
-        for s in slots:
-            if s.handle.exitcode(max(0.0, deadline - monotonic())) is None and isinstance(
-                s.handle, ProcessWorker
-            ):
-                s.handle.kill()
-                s.handle.exitcode(1.0)
-            s.handle.close()
-            if s.state is not WState.DEAD:
-                s.state = WState.DEAD
-        with self.lock:
-            self._slots = []
-        os.close(self._wake_r)
-        os.close(self._wake_w)
         try:
-            self._on_drop(None, True)
-        except Exception:
-            log.exception("on_drop(None, True) raised; ignored")
-        if self.opts.on_drained is not None:
+            self.pool.shutdown(STOP_JOIN_TIMEOUT)
+        finally:
+            with self.lock:
+                self._alive = 0
+                # Producers may still call close()/put(): they must never write to a closed
+                # (or reused) descriptor, so the pipe is closed under the lock, marked so.
+                self._wake_closed = True
+                os.close(self._wake_r)
+                os.close(self._wake_w)
             try:
-                self.opts.on_drained()
+                self._on_drop(None, True)
             except Exception:
-                log.exception("on_drained raised; ignored")
-        with self.cond:
-            self.cond.notify_all()
-        self.drained.set()
+                log.exception("on_drop(None, True) raised; ignored")
+            if self.opts.on_drained is not None:
+                try:
+                    self.opts.on_drained()
+                except Exception:
+                    log.exception("on_drained raised; ignored")
+            with self.cond:
+                self.cond.notify_all()
+            self.drained.set()
 
 
 def _with_added(exc: BaseException, added: int) -> BaseException:
@@ -788,15 +699,3 @@ def _rss(pid: int) -> int | None:
         return int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:
         return None
-
-
-_contexts: dict[str, Any] = {}
-
-
-def _mp_context(method: str) -> Any:
-    import multiprocessing
-
-    ctx = _contexts.get(method)
-    if ctx is None:
-        ctx = _contexts[method] = multiprocessing.get_context(method)
-    return ctx

@@ -389,6 +389,23 @@ class Buffer(Generic[T]):
         self._end_lease(batch, "ack")
         batch._state = BatchState.DONE
 
+    def release(self, batch: Batch[T]) -> None:
+        """Give back a lease whose batch was never sent (its worker died before starting it).
+
+        The batch is queued again where it was, and the lease does not count as an attempt.
+        """
+        self._end_lease(batch, "release")
+        batch.attempt -= 1
+        batch._state = BatchState.QUEUED
+        self._unleased_items += batch._count
+        self._unleased_size += batch._size
+        heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
+
+    @property
+    def total(self) -> int:
+        """Items held, queued or leased (``stats().total`` without building a snapshot)."""
+        return self._unleased_items + self._leased_items
+
     def nack(
         self, now: float, batch: Batch[T], exc: BaseException | None = None
     ) -> Batch[T] | None:
@@ -403,7 +420,8 @@ class Buffer(Generic[T]):
         batch._state = BatchState.DONE
         if not batch.data or batch._count == 0:
             return None
-        assert batch._retry is not None
+        if batch._retry is None:  # made on first use: most batches never fail
+            batch._retry = iter(self._retry_factory())
         delay = next(batch._retry, None)
         if delay is None:
             return batch
@@ -419,7 +437,6 @@ class Buffer(Generic[T]):
     def _new_batch(self, now: float) -> Batch[T]:
         self._last_id += 1
         b: Batch[T] = Batch([], id=self._last_id)
-        b._retry = iter(self._retry_factory())
         b._next_send = now + self._age
         b._state = BatchState.FILLING
         self._cur = b

@@ -1,0 +1,189 @@
+"""The worker table: worker slots, their states, and the one selector the coordinator waits on.
+
+Each slot wraps one :class:`~procdispatch._backends.WorkerHandle` and the batches handed to it,
+oldest first: the head is the one running, the rest wait in the worker's pipe (pipelining, when
+``max_leases`` exceeds ``workers``). The pool starts, watches, kills and buries workers, and
+reports what happened; what that *means* for batches (retry, drop) is decided by the
+coordinator. Only the coordinator thread calls into the pool.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import math
+import multiprocessing
+import selectors
+from typing import Any
+
+from . import _protocol as proto
+from ._backends import ProcessWorker, ThreadWorker, WorkerHandle
+from ._options import ChannelOptions
+from .buffer import Batch
+from .errors import InternalError
+
+__all__ = ["Slot", "WState", "WorkerPool"]
+
+
+class WState(enum.Enum):
+    STARTING = "starting"  # started, waiting for its Ready (worker_init runs)
+    IDLE = "idle"  # ready, holds no batch
+    BUSY = "busy"  # holds one or more batches
+    STOPPING = "stopping"  # asked to exit once idle (recycling); takes no batch
+    DEAD = "dead"
+
+
+_ALLOWED = {
+    WState.STARTING: {WState.IDLE, WState.STOPPING, WState.DEAD},
+    WState.IDLE: {WState.BUSY, WState.STOPPING, WState.DEAD},
+    WState.BUSY: {WState.IDLE, WState.STOPPING, WState.DEAD},
+    WState.STOPPING: {WState.DEAD},
+    WState.DEAD: set(),
+}
+
+
+class Slot:
+    """One worker in the table and the batches it holds (oldest, i.e. running, first)."""
+
+    __slots__ = (
+        "batches",
+        "deadline",
+        "done",
+        "handle",
+        "init_error",
+        "kill_reason",
+        "state",
+        "wid",
+    )
+
+    def __init__(self, wid: int, handle: WorkerHandle) -> None:
+        self.wid = wid
+        self.handle = handle
+        self.state = WState.STARTING
+        self.batches: collections.deque[Batch[Any]] = collections.deque()
+        self.deadline = math.inf  # send_timeout deadline of the running (head) batch
+        self.done = 0
+        self.init_error: BaseException | None = None
+        self.kill_reason: str | None = None  # "timeout" or "cancel" when we killed it
+
+    def move(self, to: WState) -> None:
+        if to not in _ALLOWED[self.state]:
+            raise InternalError(
+                f"worker {self.wid}: no transition {self.state.value} -> {to.value}"
+            )
+        self.state = to
+
+
+class WorkerPool:
+    def __init__(self, opts: ChannelOptions, send_fn: Any, payload: bytes, wake_fd: int) -> None:
+        self.opts = opts
+        self._send_fn = send_fn
+        self._payload = payload
+        self.slots: list[Slot] = []
+        self._next_wid = 0
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(wake_fd, selectors.EVENT_READ, None)
+        self._ctx: Any = None
+        if opts.backend == "process":
+            self._ctx = multiprocessing.get_context(opts.start_method)
+        #: batches one worker may hold at once: the first runs, the others wait in its pipe.
+        self.depth = max(1, -(-opts.max_leases // opts.workers))
+
+    # ---- starting and watching ------------------------------------------------------------
+
+    def spawn(self) -> Slot:
+        """Start one worker (raises what starting it raised)."""
+        self._next_wid += 1
+        wid = self._next_wid
+        handle: WorkerHandle
+        if self.opts.backend == "thread":
+            handle = ThreadWorker(self._send_fn, self.opts.worker_init, wid)
+        else:
+            handle = ProcessWorker(self._ctx, self._payload, wid)
+        handle.start()
+        slot = Slot(wid, handle)
+        conn, sentinel = handle.waitables()
+        self._selector.register(conn, selectors.EVENT_READ, (slot, False))
+        if sentinel is not None:
+            self._selector.register(sentinel, selectors.EVENT_READ, (slot, True))
+        self.slots.append(slot)
+        return slot
+
+    def wait(self, timeout: float | None) -> tuple[bool, list[tuple[Slot, bool]]]:
+        """Block once: (was the wake pipe ready, [(slot, its sentinel fired)] ready)."""
+        woke = False
+        ready: list[tuple[Slot, bool]] = []
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                woke = True
+            else:
+                ready.append(key.data)
+        return woke, ready
+
+    def read(self, slot: Slot, sentinel: bool) -> tuple[list[proto.WorkerMessage], bool]:
+        """Messages from a ready worker, and whether it is gone."""
+        if sentinel:
+            return slot.handle.drain(), True
+        return slot.handle.receive()
+
+    # ---- choosing -------------------------------------------------------------------------
+
+    def pick(self) -> Slot | None:
+        """The ready worker holding the fewest batches, if one has room for another."""
+        best: Slot | None = None
+        for s in self.slots:
+            if (s.state is WState.IDLE or s.state is WState.BUSY) and len(s.batches) < self.depth:
+                if not s.batches:
+                    return s
+                if best is None or len(s.batches) < len(best.batches):
+                    best = s
+        return best
+
+    def busy(self) -> bool:
+        return any(s.batches for s in self.slots)
+
+    def alive(self) -> int:
+        return sum(1 for s in self.slots if s.state is not WState.DEAD)
+
+    # ---- ending ---------------------------------------------------------------------------
+
+    def kill(self, slot: Slot, reason: str) -> None:
+        slot.kill_reason = reason
+        slot.handle.kill()
+
+    def bury(self, slot: Slot) -> int | None:
+        """Forget a dead (or killed) worker; return its exit code when it has one."""
+        handle = slot.handle
+        code = handle.exitcode(1.0)
+        if code is None and slot.kill_reason is None and isinstance(handle, ProcessWorker):
+            handle.kill()  # its pipe closed but it lingers: make sure it is gone
+            code = handle.exitcode(1.0)
+        slot.move(WState.DEAD)
+        self._unwatch(slot)
+        handle.close()
+        self.slots.remove(slot)
+        return code
+
+    def _unwatch(self, slot: Slot) -> None:
+        for obj in slot.handle.waitables():
+            if obj is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(obj)
+
+    def shutdown(self, join_timeout: float) -> None:
+        """Stop every worker, wait up to ``join_timeout`` in all, kill stragglers, close all."""
+        import time
+
+        for s in self.slots:
+            s.handle.stop()
+        deadline = time.monotonic() + join_timeout
+        for s in self.slots:
+            if s.handle.exitcode(max(0.0, deadline - time.monotonic())) is None:
+                s.handle.kill()
+                s.handle.exitcode(1.0)
+            self._unwatch(s)
+            s.handle.close()
+            s.state = WState.DEAD
+        self.slots = []
+        self._selector.close()
