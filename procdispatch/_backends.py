@@ -14,6 +14,7 @@ import collections
 import contextlib
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -25,6 +26,10 @@ from .buffer import Batch
 
 __all__ = ["ProcessWorker", "ThreadWorker", "WorkerHandle"]
 
+READ_SIZE = 1 << 16
+_SIZE = struct.Struct("!i")  # Connection.send_bytes framing: size, or -1 then a !Q size
+_BIG = struct.Struct("!Q")
+
 
 class WorkerHandle:
     """Interface of one worker as the coordinator sees it."""
@@ -34,8 +39,9 @@ class WorkerHandle:
     def start(self) -> None:
         raise NotImplementedError
 
-    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
-        """Hand the worker a lease; ``payload`` is the pickled (data, meta) for processes."""
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
+        """Hand the worker a lease: the framed, pickled lease for processes; the batch's
+        fields as they are for threads."""
         raise NotImplementedError
 
     def waitables(self) -> tuple[Any, Any]:
@@ -70,57 +76,94 @@ class WorkerHandle:
 
 
 class ProcessWorker(WorkerHandle):
+    """A worker process with two one-way pipes: leases go down one, results come up the other.
+
+    The result pipe is read without blocking, straight from its descriptor, and split into
+    frames here (the framing of ``Connection.send_bytes``): one read usually brings a whole
+    small result, or several, instead of two reads per frame.
+    """
+
     def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
         self._ctx = ctx
         self._payload = payload
         self._wid = wid
-        self._conn: Connection | None = None
+        self._lease_w: Connection | None = None
+        self._result_r: Connection | None = None
+        self._fd = -1
+        self._rbuf = bytearray()
         self._proc: Any = None
 
     def start(self) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        lease_r, lease_w = self._ctx.Pipe(duplex=False)
+        result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(child_conn, self._payload, os.getpid()),
+            args=(lease_r, result_w, self._payload, os.getpid()),
             name=f"procdispatch-worker-{self._wid}",
             daemon=True,
         )
         try:
             proc.start()
+        except BaseException:
+            for c in (lease_w, result_r):
+                c.close()
+            raise
         finally:
-            child_conn.close()
-        self._conn = parent_conn
+            lease_r.close()
+            result_w.close()
+        self._lease_w = lease_w
+        self._result_r = result_r
+        self._fd = result_r.fileno()
+        os.set_blocking(self._fd, False)
         self._proc = proc
         self.pid = proc.pid
 
-    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
-        assert self._conn is not None
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
+        assert self._lease_w is not None
         assert payload is not None
-        self._conn.send_bytes(payload)
+        self._lease_w.send_bytes(payload)
 
     def waitables(self) -> tuple[Any, Any]:
-        assert self._conn is not None
-        return self._conn, self._proc.sentinel
+        return self._result_r, self._proc.sentinel
 
     def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
-        # The selector said readable: one frame is there (or EOF). Level-triggered waiting
-        # brings us back for the next one, so no poll() (which builds a selector) is needed.
-        assert self._conn is not None
+        gone = False
+        buf = self._rbuf
         try:
-            return [proto.decode_from_worker(self._conn.recv_bytes())], False
-        except (EOFError, OSError):
-            return [], True
+            while True:
+                chunk = os.read(self._fd, READ_SIZE)
+                if not chunk:
+                    gone = True
+                    break
+                buf += chunk
+                if len(chunk) < READ_SIZE:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            gone = True
+        out: list[proto.WorkerMessage] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (size,) = _SIZE.unpack_from(buf, pos)
+            head = 4
+            if size == -1:
+                if n - pos < 12:
+                    break
+                (size,) = _BIG.unpack_from(buf, pos + 4)
+                head = 12
+            if n - pos - head < size:
+                break
+            start = pos + head
+            out.append(proto.decode_from_worker(bytes(buf[start : start + size])))
+            pos = start + size
+        if pos:
+            del buf[:pos]
+        return out, gone
 
     def drain(self) -> list[proto.WorkerMessage]:
-        conn = self._conn
-        assert conn is not None
-        out: list[proto.WorkerMessage] = []
-        try:
-            while conn.poll(0):
-                out.append(proto.decode_from_worker(conn.recv_bytes()))
-        except (EOFError, OSError):
-            pass
-        return out
+        return self.receive()[0]
 
     def exitcode(self, wait: float) -> int | None:
         self._proc.join(wait)
@@ -132,13 +175,14 @@ class ProcessWorker(WorkerHandle):
             self._proc.kill()
 
     def stop(self) -> None:
-        if self._conn is not None:
+        if self._lease_w is not None:
             with contextlib.suppress(OSError):
-                self._conn.send_bytes(proto.STOP_FRAME)
+                self._lease_w.send_bytes(proto.STOP_FRAME)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        for c in (self._lease_w, self._result_r):
+            if c is not None:
+                c.close()
         if self._proc is not None:
             self._proc.join(0)
             if self._proc.exitcode is not None:
@@ -198,9 +242,10 @@ class ThreadWorker(WorkerHandle):
                 return
             self._post(run_lease(self._send_fn, lease))
 
-    def send_lease(self, lease: proto.Lease, payload: bytes | None) -> None:
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
+        lease = proto.Lease(batch.id, batch.attempt, batch.synthetic, list(batch.data), batch.meta)
         with self._ready:
-            self._inbox.append(proto.Lease(*lease[:3], list(lease.data), lease.meta))
+            self._inbox.append(lease)
             self._ready.notify()
 
     def waitables(self) -> tuple[Any, Any]:

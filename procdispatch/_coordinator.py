@@ -110,6 +110,8 @@ class Coordinator:
         self._dropped = 0
         self._in_flight = 0
         self._alive = 0
+        # Booked by the coordinator thread, published under the lock once per iteration.
+        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
         self.batches_sent = 0
         self.batches_failed = 0
         self.batches_retried = 0
@@ -236,17 +238,27 @@ class Coordinator:
     def _book(
         self, *, in_flight: int = 0, delivered: int = 0, dropped: int = 0, size: int = 0
     ) -> None:
-        """Move items between states; ``delivered``/``dropped`` items (and ``size``) leave."""
+        """Move items between states (published to producers and stats by ``_publish``)."""
+        self._d_in_flight += in_flight
+        self._d_delivered += delivered
+        self._d_dropped += dropped
+        self._d_size += size
+
+    def _publish(self) -> None:
+        """Apply the booked moves under the lock at once: one lock round per loop iteration,
+        and every snapshot sees whole iterations, so its counters always add up."""
+        gone = self._d_delivered + self._d_dropped
+        if not (gone or self._d_in_flight or self._d_size):
+            return
         with self.cond:
-            self._in_flight += in_flight
-            self._delivered += delivered
-            self._dropped += dropped
-            gone = delivered + dropped
-            if gone or size:
-                self.admitted -= gone
-                self.admitted_size -= size
-                if self._waiters:
-                    self.cond.notify_all()
+            self._in_flight += self._d_in_flight
+            self._delivered += self._d_delivered
+            self._dropped += self._d_dropped
+            self.admitted -= gone
+            self.admitted_size -= self._d_size
+            if self._waiters and (gone or self._d_size):
+                self.cond.notify_all()
+        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
 
     def _call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
         try:
@@ -293,6 +305,7 @@ class Coordinator:
                 now = monotonic()
                 self._ingest(now, woke)
                 self._dispatch(now)
+                self._publish()
                 if self._finished():
                     break
                 woke, ready = self.pool.wait(self._timeout(now))
@@ -402,9 +415,7 @@ class Coordinator:
         if not b.synthetic:
             self._book(in_flight=b._count)
         try:
-            slot.handle.send_lease(
-                proto.Lease(b.id, b.attempt, b.synthetic, b.data, b.meta), payload
-            )
+            slot.handle.send_lease(b, payload)
         except OSError:
             self._on_death(slot, monotonic())
 
@@ -663,6 +674,7 @@ class Coordinator:
             self._alive = n
 
     def _shutdown(self) -> None:
+        self._publish()
         try:
             self.pool.shutdown(STOP_JOIN_TIMEOUT)
         finally:

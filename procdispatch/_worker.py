@@ -11,9 +11,11 @@ when the parent was SIGKILLed while ``send_fn`` is busy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
@@ -88,7 +90,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def worker_main(conn: Connection, payload: bytes, parent_pid: int) -> None:
+def worker_main(leases: Connection, results: Connection, payload: bytes, parent_pid: int) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import multiprocessing
@@ -105,18 +107,26 @@ def worker_main(conn: Connection, payload: bytes, parent_pid: int) -> None:
         if worker_init is not None:
             worker_init()
     except BaseException as exc:
-        conn.send_bytes(proto.encode_init_failed(exc))
-        conn.close()
+        results.send_bytes(proto.encode_init_failed(exc))
+        results.close()
         os._exit(3)
-    conn.send_bytes(proto.encode_ready(os.getpid()))
-    _serve(conn, send_fn)
+    results.send_bytes(proto.encode_ready(os.getpid()))
+    _serve(leases, results, send_fn)
+    # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
+    # drain waits for workers to exit, and the user's resources were set up by worker_init.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
-def _serve(conn: Connection, send_fn: Callable[[Batch[Any]], object]) -> None:
+def _serve(
+    leases: Connection, results: Connection, send_fn: Callable[[Batch[Any]], object]
+) -> None:
     header = proto.HEADER
     while True:
         try:
-            buf = conn.recv_bytes()
+            buf = leases.recv_bytes()
         except (EOFError, OSError):
             return
         if buf[0] != proto.K_LEASE:
@@ -136,6 +146,6 @@ def _serve(conn: Connection, send_fn: Callable[[Batch[Any]], object]) -> None:
                 )
         del buf
         try:
-            conn.send_bytes(frame)
+            results.send_bytes(frame)
         except OSError:
             return

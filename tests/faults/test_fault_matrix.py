@@ -215,3 +215,51 @@ def test_worker_killed_while_idle_is_replaced_without_failing_anything(tmp_path,
     assert (s.items_delivered, s.batches_failed, s.worker_restarts) == (2, 0, 1)
     pids = {r["pid"] for r in log.read() if r["ev"] == "sent"}
     assert len(pids) == 2
+
+
+def test_pipelined_batches_behind_a_crash_are_requeued_without_an_attempt(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    errors, drops, s = _run(
+        tmp_path,
+        make_channel,
+        Fault(log, "sigkill", trigger=2),
+        list(range(12)),
+        max_leases=4,  # two batches per worker: one running, one waiting in its pipe
+    )
+    ((exc, data, attempt),) = errors
+    assert isinstance(exc, pd.WorkerCrashed)
+    assert (data, attempt) == ([2, 3], 1)
+    sent = [r for r in log.read() if r["ev"] == "sent"]
+    assert sorted(x for r in sent for x in r["data"]) == list(range(12))
+    assert {tuple(r["data"]): r["attempt"] for r in sent if 2 not in r["data"]} == {
+        (i, i + 1): 1 for i in range(0, 12, 2) if i != 2
+    }
+    assert (s.batches_failed, s.worker_restarts, s.items_delivered) == (1, 1, 12)
+
+
+def test_thread_backend_send_timeout_abandons_the_thread(make_channel):
+    import time
+
+    errors: list[BaseException] = []
+    done: list[int] = []
+
+    def send(batch: pd.Batch[int]) -> None:
+        if batch.data == [1] and batch.attempt == 1:
+            time.sleep(3)
+        done.extend(batch.data)
+
+    ch = make_channel(
+        send,
+        backend="thread",
+        workers=1,
+        batch_items_max=1,
+        send_timeout=0.3,
+        retry=pd.retry.limited(1),
+        on_error=lambda b, e: errors.append(e) or True,
+    )
+    ch.put_many([0, 1, 2])
+    assert ch.close_and_drain(30)
+    (e,) = errors
+    assert isinstance(e, pd.SendTimeout)
+    assert sorted(done[:3]) == [0, 1, 2]
+    assert ch.stats().worker_restarts == 1
