@@ -12,6 +12,7 @@ from . import retry
 from ._callbacks import default_on_drop, default_on_error, drop_quiet, drop_summarized
 from ._channel import ProcessChannel
 from ._coordinator import Stats
+from ._ratelimit import RateLimiter
 from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
 from .errors import (
     BufferFull,
@@ -42,6 +43,7 @@ __all__ = [
     "OptionsError",
     "ProcDispatchError",
     "ProcessChannel",
+    "RateLimiter",
     "RemoteError",
     "SendTimeout",
     "Stats",

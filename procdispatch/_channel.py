@@ -19,6 +19,7 @@ import cloudpickle
 
 from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator, Stats
 from ._options import ChannelOptions
+from ._ratelimit import RateLimiter
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import OptionsError
 
@@ -95,7 +96,9 @@ class ProcessChannel(Generic[T]):
             payload = _pickle_payload(send_fn, opts.worker_init)
         limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
         self._item_size = opts.item_size
-        self._coord = Coordinator(send_fn, opts, payload, limiter)
+        # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
+        owned = limiter is not None and limiter is not opts.qps_limit
+        self._coord = Coordinator(send_fn, opts, payload, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = self._coord.buffer  # check_size only reads its options
         self._coord.start()
         with _live_lock:
@@ -226,8 +229,6 @@ def _pickle_payload(send_fn: Any, worker_init: Any) -> bytes:
 def _make_limiter(qps_limit: object, burst: int) -> Any:
     if qps_limit is None:
         return None
-    from ._ratelimit import RateLimiter
-
     if isinstance(qps_limit, RateLimiter):
         return qps_limit
     return RateLimiter(qps_limit, burst=burst)  # type: ignore[arg-type]

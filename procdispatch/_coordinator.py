@@ -44,6 +44,7 @@ from . import _protocol as proto
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._pool import Slot, WorkerPool, WState
+from ._ratelimit import RateLimiter
 from .buffer import Batch, BlockNewItems, Buffer
 from .errors import (
     BufferFull,
@@ -86,9 +87,18 @@ class Coordinator:
     """Owns one channel's state; see the module docstring. Thread-safe entry points are
     :meth:`admit`, :meth:`request_close`, :meth:`request_cancel` and :meth:`snapshot`."""
 
-    def __init__(self, send_fn: Any, opts: ChannelOptions, payload: bytes, limiter: Any) -> None:
+    def __init__(
+        self,
+        send_fn: Any,
+        opts: ChannelOptions,
+        payload: bytes,
+        limiter: RateLimiter | None,
+        *,
+        owns_limiter: bool = False,
+    ) -> None:
         self.opts = opts
         self._limiter = limiter
+        self._owns_limiter = owns_limiter
         self.buffer: Buffer[Any] = Buffer(opts.buffer)
         self._fb = opts.buffer.full_behavior
         self._on_error = opts.on_error or default_on_error
@@ -678,6 +688,8 @@ class Coordinator:
         try:
             self.pool.shutdown(STOP_JOIN_TIMEOUT)
         finally:
+            if self._owns_limiter and self._limiter is not None:
+                self._limiter.close()
             with self.lock:
                 self._alive = 0
                 # Producers may still call close()/put(): they must never write to a closed

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import worker_processes
-from faultfns import Fault, FailingInit, FailsToUnpickle, KillsOnUnpickle
+from faultfns import FailingInit, FailsToUnpickle, Fault, KillsOnUnpickle
 from workerfns import Log, Recorder, delivered_items
 
 import procdispatch as pd
@@ -44,7 +44,8 @@ ROWS = [
     Row(
         "hang",
         pd.SendTimeout,
-        r"batch 2 \(attempt 1\) ran longer than send_timeout=1.0s; worker \d+ \(pid \d+\) was killed",
+        r"batch 2 \(attempt 1\) ran longer than send_timeout=1.0s; "
+        r"worker \d+ \(pid \d+\) was killed",
         True,
         1,
         {"send_timeout": 1.0},
@@ -140,7 +141,7 @@ def test_item_that_fails_to_unpickle_in_the_worker(tmp_path, make_channel):
 def test_item_whose_unpickling_kills_the_worker(tmp_path, make_channel):
     log = Log(tmp_path / "log")
     bad = KillsOnUnpickle()
-    errors, drops, s = _run(
+    errors, _, s = _run(
         tmp_path, make_channel, Recorder(log), [0, 1, bad, 3, 4, 5], retry=pd.retry.none()
     )
     ((exc, data, _),) = errors
@@ -180,9 +181,13 @@ def test_exceptions_in_callbacks_are_logged_and_never_stop_the_coordinator(
 
 def test_worker_init_failing_everywhere_fails_fast(make_channel):
     ch = make_channel(Recorder(Log("/dev/null")), workers=2, worker_init=FailingInit())
-    with pytest.raises(pd.WorkerStartFailed) as ei:
+
+    def put_until_it_fails() -> None:
         for i in range(10_000):
             ch.put(i, timeout=30)
+
+    with pytest.raises(pd.WorkerStartFailed) as ei:
+        put_until_it_fails()
     assert ch.wait_drained(60)
     err = ei.value
     assert "workers cannot start" in str(err)
@@ -219,7 +224,7 @@ def test_worker_killed_while_idle_is_replaced_without_failing_anything(tmp_path,
 
 def test_pipelined_batches_behind_a_crash_are_requeued_without_an_attempt(tmp_path, make_channel):
     log = Log(tmp_path / "log")
-    errors, drops, s = _run(
+    errors, _, s = _run(
         tmp_path,
         make_channel,
         Fault(log, "sigkill", trigger=2),

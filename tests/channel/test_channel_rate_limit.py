@@ -1,0 +1,79 @@
+"""qps_limit across workers and across channels, counted from send start times in workers."""
+
+from __future__ import annotations
+
+import bisect
+
+from pyrate_limiter import Duration, Rate
+from workerfns import Log, Recorder
+
+import procdispatch as pd
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """The largest number of events in any half-open interval [t, t + window)."""
+    ts = sorted(times)
+    return max((bisect.bisect_left(ts, t + window) - i for i, t in enumerate(ts)), default=0)
+
+
+def starts(log: Log) -> list[float]:
+    return [r["t"] for r in log.read() if r["ev"] == "start"]
+
+
+def test_max_in_window_helper():
+    assert max_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3
+    assert max_in_window([]) == 0
+
+
+def test_qps_limit_holds_across_four_workers(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    ch = make_channel(
+        Recorder(log), workers=4, batch_items_max=1, qps_limit=50, qps_burst=1, batch_age_max=0.01
+    )
+    ch.put_many(range(130))
+    assert ch.close_and_drain(60)
+    ts = starts(log)
+    assert len(ts) == 130
+    assert max_in_window(ts) <= 50 + 1
+    assert ch.stats().batches_sent == 130
+
+
+def test_two_channels_sharing_one_limiter_stay_under_it(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    with pd.RateLimiter(30, burst=2) as limiter:
+        a = make_channel(Recorder(log), workers=2, batch_items_max=1, qps_limit=limiter)
+        b = make_channel(Recorder(log), workers=2, batch_items_max=1, qps_limit=limiter)
+        a.put_many(range(45))
+        b.put_many(range(45))
+        assert a.close_and_drain(60)
+        assert b.close_and_drain(60)
+        assert not limiter.closed  # the user's limiter is left open for them
+    ts = starts(log)
+    assert len(ts) == 90
+    assert max_in_window(ts) <= 30 + 2
+
+
+def test_rate_windows_as_qps_limit(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    ch = make_channel(
+        Recorder(log),
+        workers=2,
+        batch_items_max=1,
+        qps_limit=[Rate(25, Duration.SECOND), Rate(40, 2 * Duration.SECOND)],
+    )
+    ch.put_many(range(60))
+    assert ch.close_and_drain(60)
+    ts = starts(log)
+    assert len(ts) == 60
+    assert max_in_window(ts, 1.0) <= 25
+    assert max_in_window(ts, 2.0) <= 40
+
+
+def test_batches_keep_filling_while_the_limit_holds_them_back(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    ch = make_channel(Recorder(log), workers=2, batch_items_max=10, qps_limit=2, batch_age_max=60)
+    ch.put_many(range(50))
+    assert ch.close_and_drain(60)
+    sent = [r["data"] for r in log.read() if r["ev"] == "sent"]
+    assert sorted(x for d in sent for x in d) == list(range(50))
+    assert all(len(d) == 10 for d in sent)  # full batches, not a send per item
