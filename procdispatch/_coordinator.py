@@ -32,6 +32,7 @@ moves the counters under the lock so that a snapshot always adds up.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -683,7 +684,32 @@ class Coordinator:
         with self.lock:
             self._alive = n
 
+    def _drop_everything_left(self) -> None:
+        """After a crash of this loop: report whatever is still held as dropped (D3)."""
+        now = monotonic()
+        with self.cond:
+            self._backlog.extend(self.inbox)
+            self.inbox.clear()
+        for items, _ in self._backlog:
+            self._drop(Batch(items))
+        self._backlog.clear()
+        for slot in self.pool.slots:
+            for b in slot.batches:
+                if not b.synthetic:
+                    self._book(in_flight=-b._count)
+            slot.batches.clear()
+        self.buffer.flush(now)
+        self.buffer.force_lease_all()
+        for b in self.buffer.leases():
+            self.buffer.ack(b)
+            self._drop(b)
+
     def _shutdown(self) -> None:
+        if self.fatal is not None and isinstance(self.fatal, InternalError):
+            try:
+                self._drop_everything_left()
+            except Exception:
+                log.exception("could not report what the failed coordinator held")
         self._publish()
         try:
             self.pool.shutdown(STOP_JOIN_TIMEOUT)

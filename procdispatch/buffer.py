@@ -389,6 +389,10 @@ class Buffer(Generic[T]):
         self._end_lease(batch, "ack")
         batch._state = BatchState.DONE
 
+    def leases(self) -> list[Batch[T]]:
+        """The batches leased now (not yet acked or nacked), oldest first."""
+        return sorted(self._leases.values(), key=lambda b: b.id)
+
     def release(self, batch: Batch[T]) -> None:
         """Give back a lease whose batch was never sent (its worker died before starting it).
 

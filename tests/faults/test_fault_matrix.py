@@ -268,3 +268,30 @@ def test_thread_backend_send_timeout_abandons_the_thread(make_channel):
     assert isinstance(e, pd.SendTimeout)
     assert sorted(done[:3]) == [0, 1, 2]
     assert ch.stats().worker_restarts == 1
+
+
+class _Escape(BaseException):
+    """Not an Exception: on_error raising it escapes the callback guard, like a bug would."""
+
+
+def test_a_coordinator_crash_fails_loudly_and_still_accounts_for_every_item(make_channel, caplog):
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        raise _Escape("coordinator bug")
+
+    ch = make_channel(
+        Fault(Log("/dev/null"), "raise", trigger=2, attempts=99),
+        backend="thread",
+        workers=1,
+        batch_items_max=2,
+        on_error=on_error,
+    )
+    ch.put_many(range(6))
+    assert ch.wait_drained(30)
+    with pytest.raises(pd.InternalError, match="coordinator failed"):
+        ch.put(99)
+    with pytest.raises(pd.InternalError):
+        ch.close_and_drain(5)
+    s = ch.stats()
+    assert s.items_put == 6
+    assert s.items_put == s.items_delivered + s.items_dropped
+    assert any("coordinator failed" in r.getMessage() for r in caplog.records)
