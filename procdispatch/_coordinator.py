@@ -32,7 +32,6 @@ moves the counters under the lock so that a snapshot always adds up.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import math
 import os
