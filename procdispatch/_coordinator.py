@@ -62,6 +62,8 @@ monotonic = time.monotonic
 #: Worker start failures in a row (plus workers - 1) with no worker ready in between before
 #: the channel gives up instead of respawning for ever.
 START_FAILURES_FATAL = 3
+#: How far ahead the coordinator books a rate-limit token instead of sleeping then retrying.
+QPS_BOOK_AHEAD = 0.05
 #: How long shutdown waits for stopped workers to exit before killing them.
 STOP_JOIN_TIMEOUT = 5.0
 
@@ -138,6 +140,7 @@ class Coordinator:
         self._start_failures = 0
         self._last_send = 0.0
         self._qps_wait_until = 0.0
+        self._qps_booked = False  # a token is booked for _qps_wait_until
         self._backlog: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
         self._thread = threading.Thread(
             target=self._run, name="procdispatch-coordinator", daemon=True
@@ -379,13 +382,24 @@ class Coordinator:
             return
         if now < self._qps_wait_until:
             return
+        # A token booked ahead (see QPS_BOOK_AHEAD) is good for this pass only: sending with
+        # it later, next to a fresh token, could burst above the limit, so it is refunded.
+        booked = self._qps_booked
+        self._qps_booked = False
+        if self._lease_and_send(now, booked) and self._limiter is not None:
+            self._limiter.refund()
+
+    def _lease_and_send(self, now: float, booked: bool) -> bool:
+        """Lease and send while workers, batches and tokens allow; True if ``booked`` (a token
+        booked for now) went unused."""
+        buf = self.buffer
         limiter = self._limiter
         min_qps = self.opts.min_qps
         pool = self.pool
         while True:
             slot = pool.pick()
             if slot is None:
-                return
+                return booked
             synth = False
             if not buf.ready(now):
                 if (
@@ -395,13 +409,19 @@ class Coordinator:
                     or buf.total
                     or self._backlog
                 ):
-                    return
+                    return booked
                 synth = True
             if limiter is not None:
-                delay = limiter.reserve()
-                if delay > 0:
-                    self._qps_wait_until = now + delay
-                    return
+                if booked:
+                    booked = False
+                else:
+                    delay = limiter.reserve(within=QPS_BOOK_AHEAD)
+                    if delay > 0:
+                        # Booked for now + delay when delay <= QPS_BOOK_AHEAD: sleeping until
+                        # then and reserving again would lose each wake-up's lateness.
+                        self._qps_wait_until = now + delay
+                        self._qps_booked = delay <= QPS_BOOK_AHEAD
+                        return False
             if synth:
                 buf.add_synthetic(now)
             leased = buf.lease_one(now)

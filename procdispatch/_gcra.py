@@ -1,0 +1,227 @@
+"""Pure GCRA maths for the rate limiter: no clock, no locks, no I/O; time is an argument.
+
+GCRA (the generic cell rate algorithm) is a token bucket kept as one number per window, the
+*theoretical arrival time* (TAT). A :class:`Window` is two integers: the emission interval ``T``
+(nanoseconds per unit) and the capacity ``b`` (units that may pass at once from rest). An
+arrival of ``w`` units at ``now`` conforms when::
+
+    max(TAT, now) + w*T - b*T <= now
+
+and admitting it sets ``TAT = max(TAT, now) + w*T``. A TAT at or before ``now`` means "full"
+(the state starts at TAT 0, so a new limiter starts full). Times are integer nanoseconds, so the
+arithmetic is exact and nothing drifts by rounding.
+
+Guarantee: each admitted unit pushes TAT forward by ``T`` and an admission never leaves TAT
+more than ``b*T`` ahead of its own time, so the units admitted in any closed time span of length
+``L`` number at most ``b + L // T`` (:meth:`Window.max_units`). :func:`parse_rate` picks ``T`` so
+that this bound is the promise made to the user:
+
+* ``r`` per second with burst ``b``: ``T = ceil(1 s / r)``, so no 1-second window holds more
+  than ``b + floor(r) <= r + b`` units.
+* ``Rate(limit, interval)`` (pyrate-limiter) with burst ``1 <= b <= limit``:
+  ``T = interval // (limit - b + 1) + 1``, so no ``interval``-long window holds more than
+  ``limit`` units. ``b = 1`` (the default) spaces units evenly at the full rate; a larger ``b``
+  lets ``b`` units go at once and pays for it in sustained rate (``limit - b + 1`` per
+  interval). The textbook mapping (``T = interval / limit``, ``b = limit``) would admit up to
+  ``2*limit - 1`` in one window, which is why it is not used.
+
+Several windows all hold: an arrival is admitted only if every window admits it, and then every
+TAT moves (all or nothing). :meth:`Gcra.take` can also admit *in the future*: with
+``max_wait_ns > 0`` it books the earliest conforming instant ``now + wait``, which is how a
+blocking acquire queues without losing the time it oversleeps.
+
+Refunds. Giving back ``w`` units taken at time ``t_r`` cannot simply subtract ``w*T``: if other
+arrivals came after ``t_r`` once the bucket had refilled, the refunded units no longer sit in the
+TAT, and subtracting would hand out capacity twice. So the state also counts admitted units
+(never decreased by refunds) and keeps the latest admission time. Each TAT is the largest, over
+admissions ``j``, of ``t_j + T * (units admitted from j on)``: dropping ``w`` units of admission
+``r`` lowers the terms for ``j <= r`` by ``w*T`` and leaves those for ``j > r``, each at most
+``last + T * (units admitted after r)``. :meth:`Gcra.refund` keeps the larger of the two bounds:
+exact when nothing was admitted since the reservation, never more generous than the truth.
+
+A state is a flat tuple of ints, the layout of a slot in shared memory::
+
+    (units admitted so far, latest admission time, TAT of window 0, TAT of window 1, ...)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Protocol
+
+from .errors import OptionsError
+
+__all__ = ["MAX_WINDOWS", "NS_PER_S", "Gcra", "ParsedRate", "State", "Window", "parse_rate"]
+
+NS_PER_S = 1_000_000_000
+MAX_WINDOWS = 32
+_MAX_SPAN_NS = 2**60  # keeps every TAT well inside int64
+
+State = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One GCRA constraint: ``emission_ns`` per unit, ``capacity`` units at once from rest."""
+
+    emission_ns: int
+    capacity: int
+
+    def __post_init__(self) -> None:
+        if self.emission_ns < 1 or self.capacity < 1:
+            raise ValueError(f"Window needs emission_ns >= 1 and capacity >= 1 (got {self!r})")
+
+    def max_units(self, span_ns: int) -> int:
+        """The most units this window can ever admit within a closed span of ``span_ns``."""
+        return self.capacity + span_ns // self.emission_ns
+
+
+class Take(Protocol):
+    def __call__(
+        self, state: State, now: int, weight: int, max_wait_ns: int = 0
+    ) -> tuple[int, State | None]: ...
+
+
+def _take_one(emission: int, tolerance: int) -> Take:
+    """:meth:`Gcra.take` for a single window, with its constants bound: the hot path."""
+
+    def take(state: State, now: int, weight: int, max_wait_ns: int = 0) -> tuple[int, State | None]:
+        units, last, tat = state
+        cost = weight * emission
+        wait = tat + cost - tolerance - now
+        if wait > max_wait_ns:
+            return wait, None
+        if wait > 0:  # booked in the future; then tat >= now + wait already
+            at = now + wait
+            return wait, (units + weight, last if last > at else at, tat + cost)
+        return 0, (units + weight, last if last > now else now, (tat if tat > now else now) + cost)
+
+    return take
+
+
+class Gcra:
+    """GCRA over one or more windows. Immutable; every method is a pure function of its inputs."""
+
+    __slots__ = ("_pairs", "capacity", "take", "windows")
+
+    def __init__(self, windows: Sequence[Window]) -> None:
+        if not windows:
+            raise ValueError("Gcra needs at least one Window")
+        self.windows: tuple[Window, ...] = tuple(windows)
+        #: The largest weight that can ever be admitted (every window must hold it at once).
+        self.capacity: int = min(w.capacity for w in self.windows)
+        self._pairs = tuple((w.emission_ns, w.capacity * w.emission_ns) for w in self.windows)
+        #: ``take(state, now, weight, max_wait_ns=0) -> (wait, new_state)``: admit ``weight``
+        #: units at the earliest conforming instant, ``now + wait``, if ``wait <= max_wait_ns``;
+        #: otherwise ``new_state`` is None and nothing is taken. ``weight`` must be between 1
+        #: and :attr:`capacity` (the caller checks).
+        self.take: Take = _take_one(*self._pairs[0]) if len(self._pairs) == 1 else self._take_many
+
+    def initial(self) -> State:
+        """A limiter that has never admitted anything: full."""
+        return (0, 0) + (0,) * len(self._pairs)
+
+    def wait_ns(self, state: State, now: int, weight: int) -> int:
+        """Nanoseconds from ``now`` until ``weight`` units conform under every window (0: now)."""
+        worst = 0
+        for tat, (emission, tolerance) in zip(state[2:], self._pairs, strict=True):
+            worst = max(worst, tat + weight * emission - tolerance - now)
+        return worst
+
+    def _take_many(
+        self, state: State, now: int, weight: int, max_wait_ns: int = 0
+    ) -> tuple[int, State | None]:
+        tats = state[2:]
+        pairs = self._pairs
+        wait = max([t + weight * e - tol for t, (e, tol) in zip(tats, pairs, strict=True)]) - now
+        if wait > max_wait_ns:
+            return wait, None
+        wait = max(wait, 0)
+        at = now + wait
+        new = [state[0] + weight, max(state[1], at)]
+        for tat, (emission, _) in zip(tats, pairs, strict=True):
+            new.append((tat if tat > at else at) + weight * emission)
+        return wait, tuple(new)
+
+    def refund(self, state: State, weight: int, units_at_take: int) -> State:
+        """Give back ``weight`` units of an admission after which the unit count was
+        ``units_at_take``. Exact when nothing was admitted since; never more generous."""
+        units, last = state[0], state[1]
+        later = units - units_at_take
+        if weight < 1 or later < 0:
+            raise ValueError(f"bad refund: weight={weight}, units_at_take={units_at_take}")
+        tats = []
+        for tat, (emission, _) in zip(state[2:], self._pairs, strict=True):
+            lowered = tat - weight * emission
+            if later:
+                lowered = max(lowered, last + later * emission)
+            tats.append(min(tat, lowered))
+        return (units, last, *tats)
+
+
+@dataclass(frozen=True)
+class ParsedRate:
+    """A validated ``RateLimiter(rate, burst=...)``: its windows and how to describe it."""
+
+    windows: tuple[Window, ...]
+    description: str
+    per_second: float  # nominal long-run rate
+
+
+def parse_rate(rate: Any, burst: Any = 1) -> ParsedRate:
+    """Validate a rate (events per second, a pyrate-limiter Rate or a sequence of them) and a
+    burst into GCRA windows; raise OptionsError naming the field, the rule and the value."""
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise OptionsError(f"burst must be an int >= 1 (got {burst!r})")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool):
+        if not math.isfinite(rate) or rate <= 0:
+            raise OptionsError(
+                f"rate must be a finite number of events per second > 0 (got {rate!r})"
+            )
+        emission = -((-NS_PER_S) // Fraction(rate))  # exact ceil(1 s / rate)
+        return _checked(rate, (Window(max(1, emission), burst),), f"{rate!r}/s, burst={burst}")
+    from pyrate_limiter import Rate  # imported only when used: it is slow to import
+
+    if isinstance(rate, Rate):
+        rates = [rate]
+    elif isinstance(rate, Sequence) and not isinstance(rate, (str, bytes)):
+        rates = list(rate)
+    else:
+        raise OptionsError(
+            "rate must be events per second, a pyrate_limiter.Rate or a sequence of Rate "
+            f"(got {rate!r})"
+        )
+    if not 1 <= len(rates) <= MAX_WINDOWS:
+        raise OptionsError(f"rate must hold 1 to {MAX_WINDOWS} Rate objects (got {rates!r})")
+    for r in rates:
+        if not isinstance(r, Rate):
+            raise OptionsError(f"rate must hold only pyrate_limiter.Rate objects (got {r!r})")
+        for field, value in (("limit", r.limit), ("interval", r.interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise OptionsError(f"Rate.{field} must be an int > 0 (got {value!r} in {r!r})")
+        if getattr(r, "burst", r.limit) != r.limit:
+            raise OptionsError(
+                "Rate.burst must be left at its default (the limit); pass RateLimiter(burst=...) "
+                f"instead (got burst={r.burst!r} in {r!r})"
+            )
+    smallest = min(r.limit for r in rates)
+    if burst > smallest:
+        raise OptionsError(f"burst must be <= the smallest Rate.limit, {smallest} (got {burst})")
+    windows = tuple(
+        Window(r.interval * 1_000_000 // (r.limit - burst + 1) + 1, burst) for r in rates
+    )
+    text = ", ".join(f"Rate({r.limit}, {r.interval} ms)" for r in rates)
+    per_second = min((r.limit - burst + 1) * 1000 / r.interval for r in rates)
+    return _checked(rate, windows, f"[{text}], burst={burst}", per_second)
+
+
+def _checked(
+    rate: Any, windows: tuple[Window, ...], text: str, per_second: float | None = None
+) -> ParsedRate:
+    for w in windows:
+        if w.emission_ns * (w.capacity + 1) > _MAX_SPAN_NS:
+            raise OptionsError(f"rate must admit at least one event per 30 years (got {rate!r})")
+    return ParsedRate(windows, text, float(rate) if per_second is None else per_second)

@@ -1,0 +1,138 @@
+"""Helpers for the RateLimiter tests: child-process bodies (importable by spawn and forkserver
+children), unique names, the leftover-files check and the sliding-window count."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import random
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+
+from procdispatch._ratelimit import RateLimiter
+from procdispatch._shmpage import prefix, segment_dir
+
+NS = 1_000_000_000
+
+
+def unique_name() -> str:
+    """A limiter name that the leftover check below attributes to this test process."""
+    return f"t{os.getpid()}x{secrets.token_hex(6)}"
+
+
+def our_files() -> list[str]:
+    """Shared-memory files of limiters created by this test process (named or anonymous)."""
+    mine = (f"{prefix()}nt{os.getpid()}x", f"{prefix()}na{os.getpid()}x")
+    return sorted(f for f in os.listdir(segment_dir()) if f.startswith(mine))
+
+
+def check_no_leftovers() -> Iterator[None]:
+    """Fixture body: every limiter a test opens must be gone (files unlinked) when it ends."""
+    before = set(our_files())
+    yield
+    left = sorted(set(our_files()) - before)
+    assert not left, f"shared-memory files left behind: {left}"
+
+
+def max_in_window(events: list[tuple[int, int]], span_ns: int) -> int:
+    """Largest total weight of (time_ns, weight) events inside any closed [s, s + span_ns]."""
+    events = sorted(events)
+    times = [t for t, _ in events]
+    prefix = [0]
+    for _, w in events:
+        prefix.append(prefix[-1] + w)
+    best = 0
+    for i, t in enumerate(times):
+        best = max(best, prefix[bisect.bisect_right(times, t + span_ns)] - prefix[i])
+    return best
+
+
+# ---- child-process bodies ---------------------------------------------------------------------
+
+
+def hammer(limiter: RateLimiter, conn: Connection, mode: str) -> None:
+    """Say ready, get an end time (monotonic ns), take tokens until then in the given style and
+    send back the admissions as (admission time ns, weight)."""
+    conn.send("ready")
+    end = conn.recv()
+    got: list[tuple[int, int]] = []
+    rng = random.Random(os.getpid())
+    while (left := end - time.monotonic_ns()) > 0:
+        if mode == "acquire":
+            if limiter.acquire(timeout=left / NS):
+                got.append((limiter._last_admit_ns, 1))
+        elif mode == "acquire2":
+            if limiter.acquire(2, timeout=left / NS):
+                got.append((limiter._last_admit_ns, 2))
+        elif mode == "book":
+            within = left / NS
+            delay = limiter.reserve(within=within)
+            if delay <= within:
+                got.append((limiter._last_admit_ns, 1))
+            time.sleep(min(delay, within))
+        elif mode == "reserve":
+            wait = limiter.reserve()
+            if wait > 0:
+                time.sleep(wait)
+            elif rng.random() < 0.2:
+                limiter.refund()  # reserve-then-cancel: not an admission
+            else:
+                got.append((limiter._last_admit_ns, 1))
+        elif limiter.try_acquire():
+            got.append((limiter._last_admit_ns, 1))
+        else:
+            time.sleep(0.0005)
+    conn.send(got)
+    limiter.close()
+
+
+def count_tries(limiter: RateLimiter, tries: int, conn: Connection) -> None:
+    conn.send(sum(limiter.try_acquire() for _ in range(tries)))
+    limiter.close()
+
+
+def hold_lock(limiter: RateLimiter, conn: Connection) -> None:
+    """Take the cross-process lock, say so, then wait inside it until killed."""
+    with limiter._locked_for_tests():
+        conn.send("held")
+        while True:
+            signal.pause()
+
+
+def answer_tries(limiter: RateLimiter, conn: Connection) -> None:
+    """On each message, try once and send the result; stop on None."""
+    while conn.recv() is not None:
+        conn.send(limiter.try_acquire())
+    limiter.close()
+
+
+def churn(limiter: RateLimiter, conn: Connection) -> None:
+    """Use every operation in a tight loop until killed."""
+    rng = random.Random(os.getpid())
+    conn.send("running")
+    while True:
+        pick = rng.random()
+        if pick < 0.4:
+            limiter.try_acquire(rng.randint(1, 3))
+        elif pick < 0.8:
+            if limiter.reserve() == 0.0 and rng.random() < 0.5:
+                limiter.refund()
+        else:
+            limiter.acquire(timeout=0.002)
+
+
+def open_named_and_wait(name: str, conn: Connection) -> None:
+    """Create the named limiter, say so, and keep it open until killed."""
+    limiter = RateLimiter(5.0, name=name)
+    conn.send("open")
+    while not limiter.closed:
+        signal.pause()
+
+
+def take_then_wait(limiter: RateLimiter, conn: Connection) -> None:
+    conn.send(sum(limiter.try_acquire() for _ in range(3)))
+    while True:
+        signal.pause()

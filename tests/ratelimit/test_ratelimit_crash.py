@@ -1,0 +1,140 @@
+"""RateLimiter under SIGKILL: a dead lock holder never wedges the others, a writer killed at any
+instant never corrupts the state, and a dead last user's files are swept."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from rlhelpers import (
+    answer_tries,
+    check_no_leftovers,
+    churn,
+    hold_lock,
+    open_named_and_wait,
+    our_files,
+    take_then_wait,
+    unique_name,
+)
+
+from procdispatch._ratelimit import RateLimiter
+from procdispatch._shmpage import paths
+
+CTX = multiprocessing.get_context("forkserver")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    yield from check_no_leftovers()
+
+
+def test_holder_killed_inside_the_lock_never_stops_the_others() -> None:
+    with RateLimiter(1000.0, burst=1000) as lim:
+        to_observer, observer_end = CTX.Pipe()
+        observer = CTX.Process(target=answer_tries, args=(lim, observer_end))
+        observer.start()
+        try:
+            to_observer.send("try")  # warm up: the observer is attached and answering
+            assert to_observer.poll(60)
+            assert to_observer.recv() is True
+            for round_ in range(20):
+                from_holder, holder_end = CTX.Pipe(duplex=False)
+                holder = CTX.Process(target=hold_lock, args=(lim, holder_end))
+                holder.start()
+                assert from_holder.poll(60), f"round {round_}: holder never took the lock"
+                assert from_holder.recv() == "held"
+                to_observer.send("try")
+                # Really held: the observer is stuck behind the holder ...
+                assert not to_observer.poll(0.05), f"round {round_}: lock was not exclusive"
+                assert holder.pid is not None
+                os.kill(holder.pid, signal.SIGKILL)
+                # ... and carries on within a second of the holder's death.
+                assert to_observer.poll(1.0), f"round {round_}: observer still stuck after 1 s"
+                assert to_observer.recv() is True
+                holder.join(30)
+                assert holder.exitcode == -signal.SIGKILL
+            to_observer.send(None)
+            observer.join(30)
+            assert observer.exitcode == 0
+        finally:
+            if observer.is_alive():
+                observer.kill()
+                observer.join()
+
+
+def start_churner(lim: RateLimiter) -> multiprocessing.process.BaseProcess:
+    reader, writer = CTX.Pipe(duplex=False)
+    p = CTX.Process(target=churn, args=(lim, writer))
+    p.start()
+    assert reader.poll(60), "churn process did not start"
+    assert reader.recv() == "running"
+    return p
+
+
+def test_processes_killed_at_random_instants_never_corrupt_the_state() -> None:
+    rng = random.Random(1234)
+    with RateLimiter(5000.0, burst=10) as lim:
+        (window,) = lim._windows
+        procs = [start_churner(lim) for _ in range(3)]
+        seen_units = 0
+        try:
+            for _ in range(15):
+                # A random instant inside the churn: not a wait for anything to settle.
+                time.sleep(rng.uniform(0.0, 0.03))
+                victim = procs.pop(rng.randrange(len(procs)))
+                victim.kill()
+                victim.join(30)
+                assert victim.exitcode == -signal.SIGKILL
+                units, last, tat = lim._state_for_tests()
+                now = time.monotonic_ns()
+                # Bookings reach at most 2 ms ahead (churn's acquire timeout).
+                horizon = now + 2_000_000 + (window.capacity + 3) * window.emission_ns
+                assert units >= seen_units  # whole updates only: the count never goes back
+                seen_units = units
+                assert last <= horizon
+                assert tat <= horizon
+                procs.append(start_churner(lim))
+        finally:
+            for p in procs:
+                p.kill()
+                p.join(30)
+        # Still a working limiter with its budget intact.
+        assert lim.acquire(timeout=1.0) is True
+        before = lim._state_for_tests()[0]
+        assert lim.acquire(10, timeout=1.0) is True
+        assert lim._state_for_tests()[0] == before + 10
+
+
+def test_files_of_a_last_user_killed_are_swept_by_the_next_opener() -> None:
+    name = unique_name()
+    reader, writer = CTX.Pipe(duplex=False)
+    owner = CTX.Process(target=open_named_and_wait, args=(name, writer))
+    owner.start()
+    assert reader.poll(60)
+    assert reader.recv() == "open"
+    owner.kill()
+    owner.join(30)
+    assert os.path.exists(paths(name)[0])  # nobody left to unlink it
+    with RateLimiter(5.0):  # any new limiter sweeps what nobody holds
+        assert not os.path.exists(paths(name)[0])
+        assert not os.path.exists(paths(name)[1])
+    assert not our_files()
+
+
+def test_a_killed_users_budget_is_kept_by_the_survivors() -> None:
+    # Tokens taken by a process that then died stay taken (it may have used them).
+    with RateLimiter(1 / 3600, burst=4) as lim:
+        reader, writer = CTX.Pipe(duplex=False)
+        child = CTX.Process(target=take_then_wait, args=(lim, writer))
+        child.start()
+        assert reader.poll(60)
+        assert reader.recv() == 3
+        child.kill()
+        child.join(30)
+        assert [lim.try_acquire() for _ in range(2)] == [True, False]
+        assert lim.reserve() > 1.0
