@@ -4,30 +4,66 @@ A producer calls ``ch.put(item)``; a coordinator thread batches the items (by co
 age) and leases the batches over pipes to worker processes that run ``send_fn``. Failed batches
 are retried per a retry policy, a full buffer blocks, drops or grows, a shared token bucket caps
 sends per second, and closing waits until every batch was delivered or dropped.
+
+The names below are imported on first use (PEP 562): a worker process imports
+``procdispatch._worker`` and, through this file, nothing of the parent's machinery, which keeps
+worker start-up short.
 """
 
 from __future__ import annotations
 
-from . import retry
-from ._callbacks import default_on_drop, default_on_error, drop_quiet, drop_summarized
-from ._channel import ProcessChannel
-from ._coordinator import Stats
-from ._ratelimit import RateLimiter
-from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
-from .errors import (
-    BufferFull,
-    ChannelClosed,
-    InternalError,
-    ItemTooLarge,
-    ItemTooSmall,
-    OptionsError,
-    ProcDispatchError,
-    RemoteError,
-    SendTimeout,
-    TransientError,
-    WorkerCrashed,
-    WorkerStartFailed,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import retry
+    from ._callbacks import default_on_drop, default_on_error, drop_quiet, drop_summarized
+    from ._channel import ProcessChannel
+    from ._coordinator import Stats
+    from ._ratelimit import RateLimiter
+    from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
+    from .errors import (
+        BufferFull,
+        ChannelClosed,
+        InternalError,
+        ItemTooLarge,
+        ItemTooSmall,
+        OptionsError,
+        ProcDispatchError,
+        RemoteError,
+        SendTimeout,
+        TransientError,
+        WorkerCrashed,
+        WorkerStartFailed,
+    )
+
+_WHERE = {
+    "Batch": ".buffer",
+    "BlockNewItems": ".buffer",
+    "BufferFull": ".errors",
+    "ChannelClosed": ".errors",
+    "DropOldestBatch": ".buffer",
+    "FullBehavior": ".buffer",
+    "InfiniteGrowth": ".buffer",
+    "InternalError": ".errors",
+    "ItemTooLarge": ".errors",
+    "ItemTooSmall": ".errors",
+    "OptionsError": ".errors",
+    "ProcDispatchError": ".errors",
+    "ProcessChannel": "._channel",
+    "RateLimiter": "._ratelimit",
+    "RemoteError": ".errors",
+    "SendTimeout": ".errors",
+    "Stats": "._coordinator",
+    "TransientError": ".errors",
+    "WorkerCrashed": ".errors",
+    "WorkerStartFailed": ".errors",
+    "default_on_drop": "._callbacks",
+    "default_on_error": "._callbacks",
+    "drop_quiet": "._callbacks",
+    "drop_summarized": "._callbacks",
+    "retry": ".retry",
+}
 
 __all__ = [
     "Batch",
@@ -56,3 +92,17 @@ __all__ = [
     "drop_summarized",
     "retry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'procdispatch' has no attribute {name!r}")
+    module = importlib.import_module(where, __name__)
+    value = module if name == "retry" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -100,6 +100,9 @@ class ProcessChannel(Generic[T]):
         owned = limiter is not None and limiter is not opts.qps_limit
         self._coord = Coordinator(send_fn, opts, payload, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = self._coord.buffer  # check_size only reads its options
+        if self._item_size is None:
+            # The hot path without item sizes: put goes straight to the coordinator's admission.
+            self.put = self._coord.put_one  # type: ignore[method-assign]
         self._coord.start()
         with _live_lock:
             _live.add(self)
@@ -116,14 +119,13 @@ class ProcessChannel(Generic[T]):
 
     def put(self, item: T, *, timeout: float | None = None) -> None:
         """Add one item; wait while BlockNewItems is full (TimeoutError after ``timeout``)."""
-        sizes = [self._size_of(item)] if self._item_size is not None else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._coord.admit([item], sizes, block=True, deadline=deadline)
+        size = self._size_of(item) if self._item_size is not None else None
+        self._coord.put_one(item, size=size, timeout=timeout)
 
     def put_nowait(self, item: T) -> None:
         """Add one item, or raise BufferFull at once when BlockNewItems is full."""
-        sizes = [self._size_of(item)] if self._item_size is not None else None
-        self._coord.admit([item], sizes, block=False, deadline=None)
+        size = self._size_of(item) if self._item_size is not None else None
+        self._coord.put_one(item, size=size, block=False)
 
     def put_many(self, items: Iterable[T], *, timeout: float | None = None) -> int:
         """``put`` each item in order, in bulk; return how many were added.

@@ -109,6 +109,13 @@ class Coordinator:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.inbox: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
+        self._open: list[Any] | None = None  # the inbox's last chunk, open to single puts
+        self._open_sizes: list[int] | None = None
+        fb = self._fb
+        # Admission limits for the put fast path (None: no limit on that dimension).
+        blocking = isinstance(fb, BlockNewItems)
+        self._max_items = _int_or_none(fb.max_items) if blocking else None  # type: ignore[union-attr]
+        self._max_size = _int_or_none(fb.max_size) if blocking else None  # type: ignore[union-attr]
         self.admitted = 0
         self.admitted_size = 0
         self.items_put = 0
@@ -156,6 +163,42 @@ class Coordinator:
             self._wake_pending = True
             os.write(self._wake_w, b"\0")
 
+    def put_one(
+        self,
+        item: Any,
+        *,
+        size: int | None = None,
+        timeout: float | None = None,
+        block: bool = True,
+    ) -> None:
+        """``put`` of one (already measured) item: one lock round on the fast path.
+
+        Single items share one inbox chunk until the coordinator takes it (or a ``put_many``
+        closes it, keeping each producer's order), so the coordinator adds them in bulk.
+        Without ``item_size`` the channel's ``put`` is this very method.
+        """
+        with self.lock:
+            if self.fatal is None and not self.closed:
+                mi = self._max_items
+                ms = self._max_size
+                if (mi is None or self.admitted < mi) and (ms is None or self.admitted_size < ms):
+                    chunk = self._open
+                    if chunk is None:
+                        chunk = self._open = []
+                        self._open_sizes = [] if size is not None else None
+                        self.inbox.append((chunk, self._open_sizes))
+                    chunk.append(item)
+                    self.items_put += 1
+                    self.admitted += 1
+                    if size is not None:
+                        self._open_sizes.append(size)  # type: ignore[union-attr]
+                        self.admitted_size += size
+                    if not self._wake_pending:
+                        self._wake_locked()
+                    return
+        deadline = None if timeout is None else monotonic() + timeout
+        self.admit([item], None if size is None else [size], block=block, deadline=deadline)
+
     def admit(
         self, items: list[Any], sizes: list[int] | None, *, block: bool, deadline: float | None
     ) -> int:
@@ -194,6 +237,7 @@ class Coordinator:
                 else:
                     chunk = items[added : added + k]
                     schunk = sizes[added : added + k] if sizes is not None else None
+                self._open = self._open_sizes = None  # keep this producer's order
                 self.inbox.append((chunk, schunk))
                 self.items_put += k
                 self.admitted += k
@@ -347,6 +391,7 @@ class Coordinator:
             inbox = self.inbox
             if inbox:
                 self.inbox = collections.deque()
+                self._open = self._open_sizes = None
             closed = self.closed
             cancel = self.cancel_requested
         if cancel and not self._cancelled:
@@ -754,6 +799,10 @@ class Coordinator:
             with self.cond:
                 self.cond.notify_all()
             self.drained.set()
+
+
+def _int_or_none(v: object) -> int | None:
+    return v if isinstance(v, int) else None
 
 
 def _with_added(exc: BaseException, added: int) -> BaseException:

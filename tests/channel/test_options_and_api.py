@@ -188,3 +188,21 @@ def test_drop_summarized_counts_items_and_logs_at_most_every_period(caplog):
     ]
     on_drop(None, True)  # nothing pending: no line
     assert len(caplog.records) == 2
+
+
+def test_where_table_matches_all_and_workers_import_light():
+    import subprocess
+    import sys
+
+    from procdispatch import _WHERE  # type: ignore[attr-defined]
+
+    assert set(_WHERE) == set(pd.__all__)
+    code = (
+        "import sys, procdispatch._worker; "
+        "print(sorted(m for m in sys.modules if m.startswith('procdispatch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = eval(out.stdout)
+    assert "procdispatch._channel" not in loaded
+    assert "procdispatch._coordinator" not in loaded
+    assert "procdispatch._ratelimit" not in loaded
