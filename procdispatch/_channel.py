@@ -8,6 +8,7 @@ coordinator's inbox. Nothing here touches the buffer or the workers.
 from __future__ import annotations
 
 import atexit
+import pickle
 import threading
 import time
 import weakref
@@ -15,11 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-import cloudpickle
-
 from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator, Stats
 from ._options import ChannelOptions
-from ._ratelimit import RateLimiter
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import OptionsError
 
@@ -216,6 +214,23 @@ class ProcessChannel(Generic[T]):
 
 
 def _pickle_payload(send_fn: Any, worker_init: Any) -> bytes:
+    """Pickle what the workers run. Functions of importable modules go by reference with the
+    standard pickler (as cloudpickle would send them too), so neither side has to import
+    cloudpickle; the rest (``__main__``, lambdas, closures) goes by value with cloudpickle."""
+    by_ref = all(
+        getattr(fn, "__module__", None) not in (None, "__main__", "__mp_main__")
+        for fn in (send_fn, worker_init)
+        if fn is not None
+    )
+    if by_ref:
+        try:
+            payload: bytes = pickle.dumps((send_fn, worker_init), protocol=5)
+        except Exception:
+            pass
+        else:
+            return payload
+    import cloudpickle
+
     for name, fn in (("send_fn", send_fn), ("worker_init", worker_init)):
         try:
             cloudpickle.dumps(fn)
@@ -224,13 +239,15 @@ def _pickle_payload(send_fn: Any, worker_init: Any) -> bytes:
                 f"{name} must be picklable with cloudpickle to reach the workers "
                 f"(got {fn!r}: {type(exc).__name__}: {exc})"
             ) from exc
-    payload: bytes = cloudpickle.dumps((send_fn, worker_init), protocol=5)
+    payload = cloudpickle.dumps((send_fn, worker_init), protocol=5)
     return payload
 
 
 def _make_limiter(qps_limit: object, burst: int) -> Any:
     if qps_limit is None:
         return None
+    from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
+
     if isinstance(qps_limit, RateLimiter):
         return qps_limit
     return RateLimiter(qps_limit, burst=burst)  # type: ignore[arg-type]

@@ -38,13 +38,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._pool import Slot, WorkerPool, WState
-from ._ratelimit import RateLimiter
 from .buffer import Batch, BlockNewItems, Buffer
 from .errors import (
     BufferFull,
@@ -55,6 +54,9 @@ from .errors import (
     WorkerCrashed,
     WorkerStartFailed,
 )
+
+if TYPE_CHECKING:
+    from ._ratelimit import RateLimiter
 
 log = logging.getLogger("procdispatch")
 monotonic = time.monotonic

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._ratelimit import RateLimiter
 from .buffer import BufferOptions, FullBehavior
 from .errors import OptionsError
 
@@ -186,6 +185,8 @@ def check_qps_limit(qps_limit: object) -> None:
     """Validate ``qps_limit``: None, a rate > 0, pyrate-limiter Rate(s), or a RateLimiter."""
     if qps_limit is None:
         return
+    from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
+
     if isinstance(qps_limit, RateLimiter):
         return
     if isinstance(qps_limit, bool):
@@ -209,6 +210,8 @@ def qps_rate(qps_limit: object) -> float | None:
         return None
     if isinstance(qps_limit, (int, float)) and not isinstance(qps_limit, bool):
         return float(qps_limit)
+    from ._ratelimit import RateLimiter
+
     if isinstance(qps_limit, RateLimiter):
         return float(qps_limit.rate_per_second)
     rates: Sequence[Any] = qps_limit if isinstance(qps_limit, Sequence) else [qps_limit]

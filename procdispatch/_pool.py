@@ -14,6 +14,7 @@ import contextlib
 import enum
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import selectors
 from typing import Any
 
@@ -75,6 +76,21 @@ class Slot:
         self.state = to
 
 
+def _preload_worker_in_forkserver() -> None:
+    """Have the forkserver import the worker module once, before it forks any worker.
+
+    Only when the server has not started yet (the list is read when it starts), and only
+    adding to what is preloaded: every worker forked from it then starts without importing.
+    """
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return
+    modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    if __name__.rpartition(".")[0] + "._worker" not in modules:
+        modules.append(__name__.rpartition(".")[0] + "._worker")
+        server.set_forkserver_preload(modules)
+
+
 class WorkerPool:
     def __init__(self, opts: ChannelOptions, send_fn: Any, payload: bytes, wake_fd: int) -> None:
         self.opts = opts
@@ -87,6 +103,8 @@ class WorkerPool:
         self._ctx: Any = None
         if opts.backend == "process":
             self._ctx = multiprocessing.get_context(opts.start_method)
+            if opts.start_method == "forkserver":
+                _preload_worker_in_forkserver()
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
 

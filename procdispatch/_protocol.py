@@ -19,8 +19,6 @@ import struct
 import traceback
 from typing import Any, NamedTuple
 
-import cloudpickle
-
 from .errors import RemoteError, RemoteTraceback
 
 __all__ = [
@@ -55,6 +53,8 @@ def dumps(obj: object) -> bytes:
     try:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:
+        import cloudpickle  # only when needed: it is slow to import, and workers start often
+
         data: bytes = cloudpickle.dumps(obj, PROTOCOL)
         return data
 

@@ -1,10 +1,11 @@
 """The worker side: run ``send_fn`` on leased batches and report what happened.
 
-A worker process imports little (stdlib, cloudpickle, the protocol), ignores SIGINT (the parent
-decides what an interrupt means), and runs one loop: receive a lease frame, unpickle its items,
-call ``send_fn``, answer ``Done`` or ``Failed``. Every failure becomes a message, never a dead
-pipe. A watchdog thread ends the worker within about half a second of its parent's death, even
-when the parent was SIGKILLed while ``send_fn`` is busy.
+A worker process imports little (the stdlib, the protocol, and cloudpickle only for what was
+sent by value), ignores SIGINT (the parent decides what an interrupt means), and runs one loop:
+receive a lease frame, unpickle its items, call ``send_fn``, answer ``Done`` or ``Failed``.
+Every failure becomes a message, never a dead pipe. A watchdog thread ends the worker within
+about half a second of its parent's death, even when the parent was SIGKILLed while ``send_fn``
+is busy.
 
 :func:`run_lease` is shared with the thread backend, which calls it without any pickling.
 """
