@@ -1,0 +1,316 @@
+"""Child side of the throughput workloads (P1-P4): one system, one mode, one measurement.
+
+Every function takes the parameters the runner chose and returns ``{metric: value}``. Two modes:
+
+* ``cold`` -- the clock starts before the pool or channel is constructed and stops when the
+  last result is back *and* the pool has shut down (``close_and_drain`` / ``shutdown(wait=True)``
+  / ``close()+join()``). The forkserver process itself is started before the clock (a one-time
+  cost of the program, measured separately by P7).
+* ``steady`` -- the pool is built and warmed (every worker has run a few calls, then 0.3 s of
+  idle time), the clock runs from the first submitted item to the last result back in the
+  parent; shutdown is not timed.
+
+procdispatch has no per-item results, so "last result back" is ``stats().items_delivered``
+reaching the count, polled (see :func:`wait_until`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import time
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import wait
+from typing import Any
+
+import _bench_fns as fns
+
+Params = dict[str, Any]
+Result = dict[str, float]
+
+POLL_MIN, POLL_MAX, POLL_SHARE = 0.0002, 0.010, 0.002
+SETTLE = 0.3
+
+
+def context(method: str = "forkserver") -> Any:
+    """A multiprocessing context; for forkserver, the server is started now (untimed)."""
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def wait_until(pred: Callable[[], bool], deadline: float, what: str) -> None:
+    """Poll ``pred``; the pause grows with the time waited (0.2 % of it, 0.2 to 10 ms), which
+    bounds the timing error to about 0.2 % while keeping the poller off the CPU the workers use
+    (the pools' parents block on a result instead of polling)."""
+    start = time.monotonic()
+    while not pred():
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(min(POLL_MAX, max(POLL_MIN, (now - start) * POLL_SHARE)))
+
+
+def _items(p: Params, n: int) -> list[int]:
+    if p.get("work") == "spin":
+        return [int(p["spin_n"])] * n
+    return list(range(n))
+
+
+def _warm_count(p: Params) -> int:
+    """Enough calls for every worker to have run some: four batches per worker."""
+    return int(p["batch"]) * int(p["workers"]) * 4
+
+
+def _result(p: Params, n: int, seconds: float) -> Result:
+    return {str(p["mode"]): n / seconds}
+
+
+# ---- procdispatch ---------------------------------------------------------------------------
+
+
+def run_procdispatch(p: Params) -> Result:
+    import procdispatch as pd
+
+    n = int(p["n"])
+    items = _items(p, n)
+    warm = _items(p, _warm_count(p))
+    deadline = time.monotonic() + float(p["budget"])
+    fb_spec = str(p.get("full_behavior", "infinite"))
+    fb: Any = (
+        pd.InfiniteGrowth()
+        if fb_spec == "infinite"
+        else pd.BlockNewItems(max_items=int(fb_spec.split(":")[1]))
+    )
+    send = fns.spin_batch if p.get("work") == "spin" else fns.noop_batch
+
+    def feed(ch: Any, xs: list[int]) -> None:
+        if p["producer"] == "put":
+            put = ch.put
+            for x in xs:
+                put(x)
+        else:
+            ch.put_many(xs)
+
+    def delivered(ch: Any, count: int) -> Callable[[], bool]:
+        return lambda: bool(ch.stats().items_delivered >= count)
+
+    def make() -> Any:
+        return pd.ProcessChannel(
+            send,
+            workers=int(p["workers"]),
+            max_leases=p.get("max_leases"),
+            batch_items_max=int(p["batch"]),
+            full_behavior=fb,
+        )
+
+    context()
+    ch: Any = None
+    try:
+        if p["mode"] == "cold":
+            t0 = time.perf_counter()
+            ch = make()
+            feed(ch, items)
+            if not ch.close_and_drain(max(1.0, deadline - time.monotonic())):
+                raise TimeoutError("close_and_drain timed out")
+            t1 = time.perf_counter()
+            _check_pd(ch, n)
+            return _result(p, n, t1 - t0)
+        ch = make()
+        feed(ch, warm)
+        wait_until(delivered(ch, len(warm)), deadline, "warm-up")
+        time.sleep(SETTLE)
+        t0 = time.perf_counter()
+        feed(ch, items)
+        wait_until(delivered(ch, len(warm) + n), deadline, "all items delivered")
+        t1 = time.perf_counter()
+        ch.close_and_drain(max(1.0, deadline - time.monotonic()))
+        _check_pd(ch, len(warm) + n)
+        return _result(p, n, t1 - t0)
+    finally:
+        if ch is not None and not ch.drained:
+            ch.cancel()
+            ch.wait_drained(10.0)
+
+
+def _check_pd(ch: Any, n: int) -> None:
+    s = ch.stats()
+    if s.items_delivered != n or s.items_dropped:
+        raise RuntimeError(f"procdispatch lost items: {s}")
+
+
+# ---- the stdlib and peers -------------------------------------------------------------------
+
+
+def _fn(p: Params) -> Callable[[Any], Any]:
+    return fns.spin if p.get("work") == "spin" else fns.noop
+
+
+def _pool_map(p: Params, ex: Any, xs: list[int]) -> None:
+    """Run ``xs`` through an executor-like object the way ``p["api"]`` says; wait for all."""
+    api = p["api"]
+    fn = _fn(p)
+    cs = int(p["batch"])
+    if api == "imap_unordered":
+        for _ in ex.imap_unordered(fn, xs, chunksize=cs):
+            pass
+    elif api == "map":
+        for _ in ex.map(fn, xs, chunksize=cs):
+            pass
+    elif api == "submit":
+        import concurrent.futures as cf
+
+        futs = [ex.submit(fn, x) for x in xs]
+        for f in cf.as_completed(futs):
+            f.result()
+    elif api == "schedule":  # pebble
+        import concurrent.futures as cf
+
+        futs = [ex.schedule(fn, args=(x,)) for x in xs]
+        for f in cf.as_completed(futs):
+            f.result()
+    else:
+        raise ValueError(f"unknown api {api!r}")
+
+
+def _make_pool(p: Params) -> tuple[Any, Callable[[], None], Callable[[], None]]:
+    """(pool, graceful shutdown, forced shutdown) for ``p["lib"]``."""
+    workers = int(p["workers"])
+    lib = p["lib"]
+    if lib == "pool":
+        pool = context().Pool(workers)
+
+        def close() -> None:
+            pool.close()
+            pool.join()
+
+        return pool, close, pool.terminate
+    if lib == "ppe":
+        from concurrent.futures import ProcessPoolExecutor
+
+        ex = ProcessPoolExecutor(workers, mp_context=context())
+        return ex, lambda: ex.shutdown(wait=True), lambda: _kill_ppe(ex)
+    if lib == "loky":
+        import loky
+
+        lex = loky.get_reusable_executor(max_workers=workers)
+        return lex, lambda: lex.shutdown(wait=True), lambda: lex.shutdown(kill_workers=True)
+    if lib == "pebble":
+        import pebble
+
+        pp: Any = pebble.ProcessPool(max_workers=workers, context=context())
+
+        def pclose() -> None:
+            pp.close()
+            pp.join()
+
+        def pkill() -> None:
+            pp.stop()
+            pp.join()
+
+        return pp, pclose, pkill
+    raise ValueError(f"unknown lib {lib!r}")
+
+
+def _kill_ppe(ex: Any) -> None:
+    for proc in list(getattr(ex, "_processes", {}).values()):
+        proc.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+def run_pool(p: Params) -> Result:
+    """multiprocessing.Pool, ProcessPoolExecutor, loky, pebble."""
+    n = int(p["n"])
+    items = _items(p, n)
+    warm = _items(p, _warm_count(p))
+    context()
+    t0 = time.perf_counter()
+    pool, close, kill = _make_pool(p)
+    done = False
+    try:
+        if p["mode"] == "cold":
+            _pool_map(p, pool, items)
+            close()
+            done = True
+            return _result(p, n, time.perf_counter() - t0)
+        _pool_map(p, pool, warm)
+        time.sleep(SETTLE)
+        t0 = time.perf_counter()
+        _pool_map(p, pool, items)
+        t1 = time.perf_counter()
+        close()
+        done = True
+        return _result(p, n, t1 - t0)
+    finally:
+        if not done:
+            kill()
+
+
+# ---- the raw pipe ceiling -------------------------------------------------------------------
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[bytes]:
+    import pickle
+
+    for i in range(0, len(items), size):
+        yield pickle.dumps(items[i : i + size], 5)
+
+
+def _pump(conns: list[Any], frames: Iterator[bytes]) -> None:
+    """One chunk in flight per worker; send the next to whichever worker acked."""
+    busy: list[Any] = []
+    for c in conns:
+        frame = next(frames, None)
+        if frame is None:
+            break
+        c.send_bytes(frame)
+        busy.append(c)
+    while busy:
+        for c in wait(busy):
+            assert isinstance(c, multiprocessing.connection.Connection)
+            c.recv_bytes()
+            frame = next(frames, None)
+            if frame is None:
+                busy.remove(c)
+            else:
+                c.send_bytes(frame)
+
+
+def run_raw(p: Params) -> Result:
+    n = int(p["n"])
+    size = int(p["batch"])
+    items = list(range(n))
+    ctx = context()
+    t0 = time.perf_counter()
+    conns: list[Any] = []
+    procs: list[Any] = []
+    try:
+        for _ in range(int(p["workers"])):
+            mine, theirs = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=fns.raw_worker, args=(theirs,), daemon=True)
+            proc.start()
+            theirs.close()
+            conns.append(mine)
+            procs.append(proc)
+        if p["mode"] == "steady":
+            _pump(conns, _chunks(list(range(_warm_count(p))), size))
+            time.sleep(SETTLE)
+            t0 = time.perf_counter()
+        _pump(conns, _chunks(items, size))
+        t1 = time.perf_counter()
+        for c in conns:
+            c.send_bytes(b"")
+        for proc in procs:
+            proc.join(10.0)
+        if p["mode"] == "cold":
+            t1 = time.perf_counter()
+        return _result(p, n, t1 - t0)
+    finally:
+        for proc in procs:
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(1.0)
+        for c in conns:
+            c.close()
