@@ -70,10 +70,6 @@ class WorkerHandle:
         """Release the handle's resources (pipes); the worker is already gone or killed."""
         raise NotImplementedError
 
-    @property
-    def needs_pickle(self) -> bool:
-        return True
-
 
 class ProcessWorker(WorkerHandle):
     """A worker process with two one-way pipes: leases go down one, results come up the other.
@@ -207,10 +203,6 @@ class ThreadWorker(WorkerHandle):
         self._abandoned = False
         self._thread: threading.Thread | None = None
         self.pid = os.getpid()
-
-    @property
-    def needs_pickle(self) -> bool:
-        return False
 
     def start(self) -> None:
         self._thread = threading.Thread(
