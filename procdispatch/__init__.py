@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import retry
+    from ._admission import Stats
     from ._callbacks import default_on_drop, default_on_error, drop_quiet, drop_summarized
     from ._channel import ProcessChannel
-    from ._coordinator import Stats
     from ._ratelimit import RateLimiter
     from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
     from .errors import (
@@ -54,7 +54,7 @@ _WHERE = {
     "RateLimiter": "._ratelimit",
     "RemoteError": ".errors",
     "SendTimeout": ".errors",
-    "Stats": "._coordinator",
+    "Stats": "._admission",
     "TransientError": ".errors",
     "WorkerCrashed": ".errors",
     "WorkerStartFailed": ".errors",

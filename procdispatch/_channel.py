@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator, Stats
+from ._admission import Stats
+from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator
 from ._options import ChannelOptions
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import OptionsError

@@ -20,13 +20,15 @@ pool's selector over the wake pipe, the worker pipes and the worker sentinels. O
 touches the buffer, the worker table, the pipes and the processes; public methods hand it
 commands under ``lock`` and wake it.
 
-Admission (BlockNewItems back-pressure) is decided on the producer side from ``admitted`` --
+Admission (BlockNewItems back-pressure, in the base class of ``_admission``) is decided on the
+producer side from ``admitted`` --
 items put and not yet delivered or dropped, which always equals the buffer's total plus what
 waits in the inbox -- so ``put`` never has to wait for this thread to answer.
 
 Accounting (SPEC D3): every admitted item leaves exactly once, as delivered (its send
 succeeded, or the send removed it from ``data``) or dropped (``on_drop`` saw it); ``_book``
-moves the counters under the lock so that a snapshot always adds up.
+records each move and ``_publish`` applies them under the lock once per iteration, so that a
+snapshot always adds up.
 """
 
 from __future__ import annotations
@@ -37,17 +39,15 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol as proto
+from ._admission import Admission
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._pool import Slot, WorkerPool, WState
-from .buffer import Batch, BlockNewItems, Buffer
+from .buffer import Batch, Buffer
 from .errors import (
-    BufferFull,
-    ChannelClosed,
     InternalError,
     ProcDispatchError,
     SendTimeout,
@@ -70,24 +70,7 @@ QPS_BOOK_AHEAD = 0.05
 STOP_JOIN_TIMEOUT = 5.0
 
 
-@dataclass(frozen=True)
-class Stats:
-    """A consistent snapshot of a channel's counters (see API.md)."""
-
-    items_put: int
-    items_delivered: int
-    items_dropped: int
-    items_buffered: int
-    items_in_flight: int
-    batches_sent: int
-    batches_failed: int
-    batches_retried: int
-    batches_dropped: int
-    workers_alive: int
-    worker_restarts: int
-
-
-class Coordinator:
+class Coordinator(Admission):
     """Owns one channel's state; see the module docstring. Thread-safe entry points are
     :meth:`admit`, :meth:`request_close`, :meth:`request_cancel` and :meth:`snapshot`."""
 
@@ -107,40 +90,7 @@ class Coordinator:
         self._fb = opts.buffer.full_behavior
         self._on_error = opts.on_error or default_on_error
         self._on_drop = opts.on_drop or default_on_drop
-        # Shared with producers, guarded by lock.
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.inbox: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
-        self._open: list[Any] | None = None  # the inbox's last chunk, open to single puts
-        self._open_sizes: list[int] | None = None
-        fb = self._fb
-        # Admission limits for the put fast path (None: no limit on that dimension).
-        blocking = isinstance(fb, BlockNewItems)
-        self._max_items = _int_or_none(fb.max_items) if blocking else None  # type: ignore[union-attr]
-        self._max_size = _int_or_none(fb.max_size) if blocking else None  # type: ignore[union-attr]
-        self.admitted = 0
-        self.admitted_size = 0
-        self.items_put = 0
-        self.closed = False
-        self.cancel_requested = False
-        self.fatal: BaseException | None = None
-        self._wake_pending = False
-        self._wake_closed = False  # set (under lock) when the coordinator has exited
-        self._waiters = 0
-        self._delivered = 0
-        self._dropped = 0
-        self._in_flight = 0
-        self._alive = 0
-        # Booked by the coordinator thread, published under the lock once per iteration.
-        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
-        self.batches_sent = 0
-        self.batches_failed = 0
-        self.batches_retried = 0
-        self.batches_dropped = 0
-        self.worker_restarts = 0
-        self.drained = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
+        Admission.__init__(self, self._fb)
         # Owned by the coordinator thread.
         self.pool = WorkerPool(opts, send_fn, payload, self._wake_r)
         self._pickle = opts.backend == "process"
@@ -158,140 +108,6 @@ class Coordinator:
     def start(self) -> None:
         self._thread.start()
 
-    # ---- thread-safe entry points ---------------------------------------------------------
-
-    def _wake_locked(self) -> None:
-        if not self._wake_pending and not self._wake_closed:
-            self._wake_pending = True
-            os.write(self._wake_w, b"\0")
-
-    def put_one(
-        self,
-        item: Any,
-        *,
-        size: int | None = None,
-        timeout: float | None = None,
-        block: bool = True,
-    ) -> None:
-        """``put`` of one (already measured) item: one lock round on the fast path.
-
-        Single items share one inbox chunk until the coordinator takes it (or a ``put_many``
-        closes it, keeping each producer's order), so the coordinator adds them in bulk.
-        Without ``item_size`` the channel's ``put`` is this very method.
-        """
-        with self.lock:
-            if self.fatal is None and not self.closed:
-                mi = self._max_items
-                ms = self._max_size
-                if (mi is None or self.admitted < mi) and (ms is None or self.admitted_size < ms):
-                    chunk = self._open
-                    if chunk is None:
-                        chunk = self._open = []
-                        self._open_sizes = [] if size is not None else None
-                        self.inbox.append((chunk, self._open_sizes))
-                    chunk.append(item)
-                    self.items_put += 1
-                    self.admitted += 1
-                    if size is not None:
-                        self._open_sizes.append(size)  # type: ignore[union-attr]
-                        self.admitted_size += size
-                    if not self._wake_pending:
-                        self._wake_locked()
-                    return
-        deadline = None if timeout is None else monotonic() + timeout
-        self.admit([item], None if size is None else [size], block=block, deadline=deadline)
-
-    def admit(
-        self, items: list[Any], sizes: list[int] | None, *, block: bool, deadline: float | None
-    ) -> int:
-        """Hand items to the coordinator, waiting for room under BlockNewItems.
-
-        Returns how many were added; raises (with ``added`` set on the exception) when it has to
-        stop early: ChannelClosed, BufferFull (``block=False``), TimeoutError, or a fatal error.
-        """
-        n = len(items)
-        added = 0
-        fb = self._fb
-        blocking = isinstance(fb, BlockNewItems)
-        with self.cond:
-            while added < n:
-                if self.fatal is not None:
-                    raise _with_added(self.fatal, added)
-                if self.closed:
-                    raise _with_added(ChannelClosed("the channel is closed"), added)
-                k = n - added
-                if blocking:
-                    k = self._room_locked(fb, sizes, added, k)
-                if k == 0:
-                    if not block:
-                        raise _with_added(BufferFull("buffer is full"), added)
-                    remaining = None if deadline is None else deadline - monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise _with_added(TimeoutError("put timed out: buffer is full"), added)
-                    self._waiters += 1
-                    try:
-                        self.cond.wait(remaining)
-                    finally:
-                        self._waiters -= 1
-                    continue
-                if added == 0 and k == n:
-                    chunk, schunk = items, sizes
-                else:
-                    chunk = items[added : added + k]
-                    schunk = sizes[added : added + k] if sizes is not None else None
-                self._open = self._open_sizes = None  # keep this producer's order
-                self.inbox.append((chunk, schunk))
-                self.items_put += k
-                self.admitted += k
-                if schunk is not None:
-                    self.admitted_size += sum(schunk)
-                added += k
-                self._wake_locked()
-        return added
-
-    def _room_locked(self, fb: Any, sizes: list[int] | None, start: int, want: int) -> int:
-        room = want
-        if fb.max_items is not None:
-            room = max(0, min(room, fb.max_items - self.admitted))
-        if fb.max_size is not None and room:
-            # Soft cap, as in the reference: an item may go in while the total is below it.
-            total = self.admitted_size
-            k = 0
-            while k < room and total < fb.max_size:
-                total += sizes[start + k] if sizes is not None else 0
-                k += 1
-            room = k
-        return int(room)
-
-    def request_close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-            self._wake_locked()
-
-    def request_cancel(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cancel_requested = True
-            self.cond.notify_all()
-            self._wake_locked()
-
-    def snapshot(self) -> Stats:
-        with self.lock:
-            return Stats(
-                items_put=self.items_put,
-                items_delivered=self._delivered,
-                items_dropped=self._dropped,
-                items_buffered=self.admitted - self._in_flight,
-                items_in_flight=self._in_flight,
-                batches_sent=self.batches_sent,
-                batches_failed=self.batches_failed,
-                batches_retried=self.batches_retried,
-                batches_dropped=self.batches_dropped,
-                workers_alive=self._alive,
-                worker_restarts=self.worker_restarts,
-            )
-
     # ---- bookkeeping ----------------------------------------------------------------------
 
     def _book(
@@ -302,22 +118,6 @@ class Coordinator:
         self._d_delivered += delivered
         self._d_dropped += dropped
         self._d_size += size
-
-    def _publish(self) -> None:
-        """Apply the booked moves under the lock at once: one lock round per loop iteration,
-        and every snapshot sees whole iterations, so its counters always add up."""
-        gone = self._d_delivered + self._d_dropped
-        if not (gone or self._d_in_flight or self._d_size):
-            return
-        with self.cond:
-            self._in_flight += self._d_in_flight
-            self._delivered += self._d_delivered
-            self._dropped += self._d_dropped
-            self.admitted -= gone
-            self.admitted_size -= self._d_size
-            if self._waiters and (gone or self._d_size):
-                self.cond.notify_all()
-        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
 
     def _call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
         try:
@@ -342,14 +142,6 @@ class Coordinator:
         removed = batch.shrink()
         if (removed or size_before != batch._size) and not batch.synthetic:
             self._book(delivered=removed, size=size_before - batch._size)
-
-    def _set_fatal(self, err: BaseException) -> None:
-        with self.cond:
-            if self.fatal is None:
-                self.fatal = err
-            self.closed = True
-            self.cancel_requested = True
-            self.cond.notify_all()
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -801,15 +593,6 @@ class Coordinator:
             with self.cond:
                 self.cond.notify_all()
             self.drained.set()
-
-
-def _int_or_none(v: object) -> int | None:
-    return v if isinstance(v, int) else None
-
-
-def _with_added(exc: BaseException, added: int) -> BaseException:
-    exc.added = added  # type: ignore[attr-defined]
-    return exc
 
 
 def _rss(pid: int) -> int | None:
