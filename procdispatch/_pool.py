@@ -35,12 +35,15 @@ class WState(enum.Enum):
     DEAD = "dead"
 
 
-_ALLOWED = {
-    WState.STARTING: {WState.IDLE, WState.STOPPING, WState.DEAD},
-    WState.IDLE: {WState.BUSY, WState.STOPPING, WState.DEAD},
-    WState.BUSY: {WState.IDLE, WState.STOPPING, WState.DEAD},
-    WState.STOPPING: {WState.DEAD},
-    WState.DEAD: set(),
+# The allowed transitions, in one table. Keyed by name and held in tuples: an Enum member's
+# hash is computed in Python, and this check runs twice per batch; `in` on a tuple compares
+# identity first.
+_ALLOWED: dict[str, tuple[WState, ...]] = {
+    "STARTING": (WState.IDLE, WState.STOPPING, WState.DEAD),
+    "IDLE": (WState.BUSY, WState.STOPPING, WState.DEAD),
+    "BUSY": (WState.IDLE, WState.STOPPING, WState.DEAD),
+    "STOPPING": (WState.DEAD,),
+    "DEAD": (),
 }
 
 
@@ -69,7 +72,7 @@ class Slot:
         self.kill_reason: str | None = None  # "timeout" or "cancel" when we killed it
 
     def move(self, to: WState) -> None:
-        if to not in _ALLOWED[self.state]:
+        if to not in _ALLOWED[self.state._name_]:
             raise InternalError(
                 f"worker {self.wid}: no transition {self.state.value} -> {to.value}"
             )
