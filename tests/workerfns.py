@@ -127,3 +127,16 @@ def exit_self(batch: pd.Batch[Any]) -> None:
 
 def noop(batch: pd.Batch[Any]) -> None:
     return None
+
+
+class PacedSender:
+    """send_fn that paces one sub-request per item with a shared RateLimiter."""
+
+    def __init__(self, log: Log, limiter: Any) -> None:
+        self.log = log
+        self.limiter = limiter
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        for item in batch.data:
+            assert self.limiter.acquire(timeout=30)
+            self.log.write(ev="sub", pid=os.getpid(), item=item, t=time.monotonic())

@@ -79,3 +79,17 @@ def test_batches_keep_filling_while_the_limit_holds_them_back(tmp_path, make_cha
     sent = [r["data"] for r in log.read() if r["ev"] == "sent"]
     assert sorted(x for d in sent for x in d) == list(range(50))
     assert all(len(d) == 10 for d in sent)  # full batches, not a send per item
+
+
+def test_workers_pace_sub_requests_with_a_shared_limiter(tmp_path, make_channel):
+    from workerfns import PacedSender
+
+    log = Log(tmp_path / "log")
+    with pd.RateLimiter(40, burst=1) as limiter:
+        ch = make_channel(PacedSender(log, limiter), workers=2, batch_items_max=10)
+        ch.put_many(range(60))
+        assert ch.close_and_drain(60)
+    subs = [r for r in log.read() if r["ev"] == "sub"]
+    assert sorted(r["item"] for r in subs) == list(range(60))
+    assert len({r["pid"] for r in subs}) == 2  # both workers drew on the one budget
+    assert max_in_window([r["t"] for r in subs]) <= 40 + 1
