@@ -259,8 +259,8 @@ class ThreadWorker(WorkerHandle):
 
     def exitcode(self, wait: float) -> int | None:
         t = self._thread
-        if t is None:
-            return None
+        if t is None or self._abandoned:
+            return None  # an abandoned thread may run on for ever: never wait for it
         t.join(wait)
         return None if t.is_alive() else 0
 
