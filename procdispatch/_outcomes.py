@@ -1,0 +1,276 @@
+"""What happens to batches and workers when workers answer, die, overrun or age out.
+
+The coordinator's outcome half (a base class of :class:`~procdispatch._coordinator.Coordinator`,
+run only on its thread): Done acks a batch; Failed applies the worker's mutation and asks
+``on_error``, then retries (nack) or drops; a dead worker fails only the batch it was running
+(``WorkerCrashed``, or ``SendTimeout`` when we killed it for overrunning), puts back the batches
+it never started, and is replaced; a worker that cannot start counts towards
+``WorkerStartFailed``; a worker past ``max_batches_per_worker`` or ``max_worker_memory`` is
+recycled. Counter moves are booked here and published by the admission base once per
+iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from . import _protocol as proto
+from ._admission import Admission
+from ._options import ChannelOptions
+from ._pool import Slot, WorkerPool, WState
+from .buffer import Batch, Buffer
+from .errors import (
+    InternalError,
+    ProcDispatchError,
+    SendTimeout,
+    WorkerCrashed,
+    WorkerStartFailed,
+)
+
+log = logging.getLogger("procdispatch")
+
+#: Worker start failures in a row (plus workers - 1) with no worker ready in between before
+#: the channel gives up instead of respawning for ever.
+START_FAILURES_FATAL = 3
+
+
+class Outcomes(Admission):
+    """Outcome handling; the attributes below are set by the coordinator's constructor."""
+
+    opts: ChannelOptions
+    buffer: Buffer[Any]
+    pool: WorkerPool
+    _on_error: Callable[[Batch[Any], BaseException], bool]
+    _on_drop: Callable[[Batch[Any] | None, bool], None]
+    _cancelled: bool
+    _cancel_deadline: float
+    _start_failures: int
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+
+    def _book(
+        self, *, in_flight: int = 0, delivered: int = 0, dropped: int = 0, size: int = 0
+    ) -> None:
+        """Move items between states (published to producers and stats by ``_publish``)."""
+        self._d_in_flight += in_flight
+        self._d_delivered += delivered
+        self._d_dropped += dropped
+        self._d_size += size
+
+    def _call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
+        try:
+            return bool(self._on_error(batch, exc))
+        except Exception:
+            log.exception("on_error raised for batch %d; treating it as 'do not retry'", batch.id)
+            return False
+
+    def _drop(self, batch: Batch[Any]) -> None:
+        """Report a batch that is no longer leased nor queued as dropped."""
+        try:
+            self._on_drop(batch, False)
+        except Exception:
+            log.exception("on_drop raised for batch %d; ignored", batch.id)
+        self.batches_dropped += 1
+        if not batch.synthetic:
+            self._book(dropped=batch._count, size=batch._size)
+
+    def _shrink(self, batch: Batch[Any]) -> None:
+        """Items removed from data by send_fn (or on_error) count as delivered (SPEC D2)."""
+        size_before = batch._size
+        removed = batch.shrink()
+        if (removed or size_before != batch._size) and not batch.synthetic:
+            self._book(delivered=removed, size=size_before - batch._size)
+
+    # ---- what workers say -----------------------------------------------------------------
+
+    def _handle(self, slot: Slot, sentinel: bool, now: float) -> None:
+        msgs, gone = self.pool.read(slot, sentinel)
+        for m in msgs:
+            if slot.state is WState.DEAD:
+                return
+            self._on_message(slot, m, now)
+        if gone and slot.state is not WState.DEAD:
+            self._on_death(slot, now)
+
+    def _on_message(self, slot: Slot, m: proto.WorkerMessage, now: float) -> None:
+        if isinstance(m, proto.Ready):
+            if slot.state is WState.STARTING:
+                slot.move(WState.IDLE)
+            self._start_failures = 0
+            return
+        if isinstance(m, proto.InitFailed):
+            slot.init_error = m.error  # reported when the worker's death is seen
+            return
+        b = slot.batches[0] if slot.batches else None
+        if b is None or b.id != m.batch_id or b.attempt != m.attempt:
+            raise InternalError(
+                f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
+                f"but its oldest batch is {b!r}"
+            )
+        slot.batches.popleft()
+        slot.done += 1
+        if slot.batches:  # the next one starts running now
+            st = self.opts.send_timeout
+            slot.deadline = now + st if st is not None else math.inf
+        else:
+            slot.deadline = math.inf
+            if slot.state is WState.BUSY:
+                slot.move(WState.IDLE)
+        if isinstance(m, proto.Done):
+            self.buffer.ack(b)
+            if not b.synthetic:
+                self._book(in_flight=-b._count, delivered=b._count, size=b._size)
+        else:
+            if not b.synthetic:
+                self._book(in_flight=-b._count)
+            self._apply_mutation(b, m)
+            self._fail(b, m.error, now)
+        if not slot.batches:
+            self._maybe_recycle(slot)
+
+    def _apply_mutation(self, b: Batch[Any], m: proto.Failed) -> None:
+        if m.kept is not None:
+            data = b.data
+            b.data = [data[i] for i in m.kept]
+            if b._sizes is not None:
+                sizes = b._sizes
+                b._sizes = [sizes[i] for i in m.kept]
+        elif m.new_data is not None:
+            b.data = m.new_data
+            b._sizes = None  # unknown: the accounted size stays as it was (it never grows)
+        if m.meta_sent:
+            b.meta = m.meta
+        self._shrink(b)
+
+    def _fail(self, b: Batch[Any], exc: BaseException, now: float, *, fault: bool = False) -> None:
+        """A leased batch failed: ask on_error, then retry (nack) or drop it."""
+        self.batches_failed += 1
+        if fault:
+            b._faults += 1
+        retry = self._call_on_error(b, exc)
+        self._shrink(b)
+        if not b.data:
+            self.buffer.ack(b)  # everything was delivered by removal: nothing left to retry
+            return
+        if self._cancelled or not retry:
+            self.buffer.ack(b)
+            self._drop(b)
+            return
+        exhausted = self.buffer.nack(now, b, exc)
+        if exhausted is not None:
+            self._drop(exhausted)
+        else:
+            self.batches_retried += 1
+
+    def _on_death(self, slot: Slot, now: float) -> None:
+        was = slot.state
+        code = self.pool.bury(slot)
+        self._count_alive()
+        batches = list(slot.batches)
+        slot.batches.clear()
+        if was is WState.STARTING:
+            self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
+        for i, b in enumerate(batches):
+            if not b.synthetic:
+                self._book(in_flight=-b._count)
+            if i > 0:
+                self.buffer.release(b)  # never started: back in the queue, no attempt used
+            elif slot.kill_reason == "cancel":
+                self.buffer.ack(b)
+                self._drop(b)
+            else:
+                exc: ProcDispatchError
+                if slot.kill_reason == "timeout":
+                    assert self.opts.send_timeout is not None
+                    exc = SendTimeout(
+                        self.opts.send_timeout,
+                        pid=slot.handle.pid,
+                        worker=slot.wid,
+                        batch_id=b.id,
+                        attempt=b.attempt,
+                    )
+                else:
+                    exc = WorkerCrashed(
+                        slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
+                    )
+                self._fail(b, exc, now, fault=True)
+        if was is not WState.STOPPING and not self._cancelled and self.fatal is None:
+            self._spawn()
+            with self.lock:
+                self.worker_restarts += 1
+
+    def _start_failed(self, slot: Slot, cause: BaseException) -> None:
+        self._start_failures += 1
+        log.error(
+            "worker %d (pid %s) could not start: %s: %s%s",
+            slot.wid,
+            slot.handle.pid,
+            type(cause).__name__,
+            cause,
+            cause.__cause__ or "",
+        )
+        if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+            err = WorkerStartFailed(
+                f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                f"last: {type(cause).__name__}: {cause}"
+            )
+            err.__cause__ = cause
+            self._set_fatal(err)
+
+    def _maybe_recycle(self, slot: Slot) -> None:
+        o = self.opts
+        reason = None
+        if o.max_batches_per_worker is not None and slot.done >= o.max_batches_per_worker:
+            reason = f"it sent {slot.done} batches"
+        elif o.max_worker_memory is not None and o.backend == "process" and slot.handle.pid:
+            rss = _rss(slot.handle.pid)
+            if rss is not None and rss > o.max_worker_memory:
+                reason = f"its memory ({rss} bytes) is above max_worker_memory"
+        if reason is None or self._cancelled:
+            return
+        log.info("recycling worker %d (pid %s): %s", slot.wid, slot.handle.pid, reason)
+        slot.move(WState.STOPPING)
+        slot.handle.stop()
+        self._spawn()
+        with self.lock:
+            self.worker_restarts += 1
+
+    def _check_deadlines(self, now: float) -> None:
+        for s in list(self.pool.slots):
+            if s.batches and s.deadline <= now:
+                self.pool.kill(s, "timeout")
+                self._on_death(s, now)
+        if self._cancelled and now >= self._cancel_deadline:
+            for s in list(self.pool.slots):
+                if s.batches:
+                    self.pool.kill(s, "cancel")
+                    self._on_death(s, now)
+
+    def _spawn(self) -> None:
+        try:
+            self.pool.spawn()
+        except Exception as exc:
+            log.exception("could not start a worker")
+            self._start_failures += 1
+            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+                err = WorkerStartFailed(f"workers cannot start: {exc!r}")
+                err.__cause__ = exc
+                self._set_fatal(err)
+        self._count_alive()
+
+    def _count_alive(self) -> None:
+        n = self.pool.alive()
+        with self.lock:
+            self._alive = n
+
+
+def _rss(pid: int) -> int | None:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
