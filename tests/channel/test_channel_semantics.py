@@ -380,3 +380,25 @@ def test_thread_backend_same_semantics(make_channel):
     assert sorted(seen) == [([1, 2], "m"), ([4, 5], "m")]
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (6, 6, 0)
+
+
+def test_cancel_lets_in_flight_sends_finish_within_the_grace(tmp_path, make_channel):
+    log = Log(tmp_path / "log")
+    gate = Gate(tmp_path / "gate")
+    drops: list[list[int]] = []
+    ch = make_channel(
+        Recorder(log, gate=gate),
+        workers=1,
+        batch_items_max=1,
+        cancel_grace=30,
+        on_drop=lambda b, f: b is not None and drops.append(list(b.data)),
+    )
+    ch.put_many(range(5))
+    log.wait_count(1, ev="start")  # item 0 is in flight, 1..4 queued
+    ch.cancel()
+    gate.open()  # the in-flight send finishes well inside its grace
+    assert ch.wait_drained(30)
+    assert delivered_items(log) == [0]
+    assert sorted(x for d in drops for x in d) == [1, 2, 3, 4]
+    s = ch.stats()
+    assert (s.items_delivered, s.items_dropped, s.worker_restarts) == (1, 4, 0)
