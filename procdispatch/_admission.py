@@ -49,7 +49,6 @@ class Admission:
 
     def __init__(self, fb: FullBehavior | None) -> None:
         # Shared with producers, guarded by lock.
-        self._fb = fb
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.inbox: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
@@ -136,17 +135,13 @@ class Admission:
         """
         n = len(items)
         added = 0
-        fb = self._fb
-        blocking = isinstance(fb, BlockNewItems)
         with self.cond:
             while added < n:
                 if self.fatal is not None:
                     raise _with_added(self.fatal, added)
                 if self.closed:
                     raise _with_added(ChannelClosed("the channel is closed"), added)
-                k = n - added
-                if blocking:
-                    k = self._room_locked(fb, sizes, added, k)
+                k = self._room_locked(sizes, added, n - added)
                 if k == 0:
                     if not block:
                         raise _with_added(BufferFull("buffer is full"), added)
@@ -174,19 +169,21 @@ class Admission:
                 self._wake_locked()
         return added
 
-    def _room_locked(self, fb: Any, sizes: list[int] | None, start: int, want: int) -> int:
+    def _room_locked(self, sizes: list[int] | None, start: int, want: int) -> int:
+        """How many of the next ``want`` items fit now (BlockNewItems; else all of them)."""
         room = want
-        if fb.max_items is not None:
-            room = max(0, min(room, fb.max_items - self.admitted))
-        if fb.max_size is not None and room:
+        mi, ms = self._max_items, self._max_size
+        if mi is not None:
+            room = max(0, min(room, mi - self.admitted))
+        if ms is not None and room:
             # Soft cap, as in the reference: an item may go in while the total is below it.
             total = self.admitted_size
             k = 0
-            while k < room and total < fb.max_size:
+            while k < room and total < ms:
                 total += sizes[start + k] if sizes is not None else 0
                 k += 1
             room = k
-        return int(room)
+        return room
 
     def request_close(self) -> None:
         with self.cond:

@@ -235,7 +235,7 @@ class ThreadWorker(WorkerHandle):
             self._post(run_lease(self._send_fn, lease))
 
     def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
-        lease = proto.Lease(batch.id, batch.attempt, batch.synthetic, list(batch.data), batch.meta)
+        lease = proto.Lease(batch.id, batch.attempt, batch.synthetic, batch.data, batch.meta)
         with self._ready:
             self._inbox.append(lease)
             self._ready.notify()

@@ -84,7 +84,7 @@ class Coordinator(Outcomes):
         self._fb = opts.buffer.full_behavior
         self._on_error = opts.on_error or default_on_error
         self._on_drop = opts.on_drop or default_on_drop
-        Admission.__init__(self, self._fb)
+        Admission.__init__(self, self._fb)  # the admission limits come from it
         # Owned by the coordinator thread.
         self.pool = WorkerPool(opts, send_fn, payload, self._wake_r)
         self._pickle = opts.backend == "process"

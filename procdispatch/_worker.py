@@ -55,10 +55,14 @@ def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[A
 def run_lease(
     send_fn: Callable[[Batch[Any]], object], lease: proto.Lease
 ) -> proto.Done | proto.Failed:
-    """Call ``send_fn`` on the lease's batch; capture its failure and its mutation."""
-    orig = list(lease.data)
+    """Call ``send_fn`` on the lease's batch; capture its failure and its mutation.
+
+    ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
+    thread backend it is the coordinator's own list, which nothing changes while it is leased).
+    """
+    orig = lease.data
     batch: Batch[Any] = Batch(
-        lease.data, lease.meta, lease.batch_id, lease.attempt, lease.synthetic
+        list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
     )
     try:
         send_fn(batch)
