@@ -259,6 +259,7 @@ def workloads(quick: bool, spin_n: int) -> list[Workload]:
         ),
     )
     startup = (
+        Metric("import_ms", "import of the channel / pool module (no target)", "ms", False),
         Metric("cold_ms", "cold: first start in a fresh interpreter", "ms", False),
         Metric("warm_ms", "warm: second start, same interpreter", "ms", False),
     )

@@ -68,21 +68,32 @@ def make(system: str, per_second: int, burst: int) -> Any:
     return StateBucket([rate], algorithm=GCRA(), store=MultiprocessStateStore.init())
 
 
-def acquirers(system: str, shared: Any) -> tuple[Callable[[], bool], Callable[[], bool]]:
-    """(the call whose cost is measured, blocking acquire) for one process."""
+def acquirers(
+    system: str, shared: Any
+) -> tuple[Callable[[], bool], Callable[[], bool], Callable[[], None]]:
+    """(the call whose cost is measured, blocking acquire, stop) for one process. ``stop``
+    ends pyrate's background leaker thread, which would otherwise go on talking to the Manager
+    and taking the GIL while later workloads run in this process."""
     if system == OURS:
-        return shared.try_acquire, shared.acquire
+        return shared.try_acquire, shared.acquire, lambda: None
     limiter = Limiter(shared)
 
     def acquire() -> bool:
         return bool(limiter.try_acquire("bench"))
 
-    return acquire, acquire
+    return acquire, acquire, limiter.close
 
 
 def close(system: str, shared: Any) -> None:
+    """Release what a system's shared object holds: our limiter's page, or pyrate's Manager
+    process (shut down and joined, so that no idle server is left competing for the CPUs)."""
     if system == OURS:
         shared.close()
+        return
+    proxy = shared.items if system == MPB else shared.store._values
+    manager = proxy._manager
+    if manager is not None:
+        manager.shutdown()
 
 
 def timed_calls(call: Callable[[], bool], n: int) -> tuple[float, int]:
@@ -98,18 +109,20 @@ def timed_calls(call: Callable[[], bool], n: int) -> tuple[float, int]:
 
 
 def cost_child(system: str, shared: Any, n: int, conn: Connection) -> None:
-    try_acquire, _ = acquirers(system, shared)
+    try_acquire, _, stop = acquirers(system, shared)
     try_acquire()  # connect / warm up
     conn.send("ready")
     start_ns = conn.recv()
     while time.monotonic_ns() < start_ns:
         pass
     elapsed, refused = timed_calls(try_acquire, n)
-    conn.send((time.monotonic_ns(), elapsed, refused))
+    done_ns = time.monotonic_ns()
+    stop()
+    conn.send((done_ns, elapsed, refused))
 
 
 def accuracy_child(system: str, shared: Any, conn: Connection) -> None:
-    _, acquire = acquirers(system, shared)
+    _, acquire, stop = acquirers(system, shared)
     conn.send("ready")
     start_ns, end_ns = conn.recv()
     while time.monotonic_ns() < start_ns:
@@ -122,6 +135,7 @@ def accuracy_child(system: str, shared: Any, conn: Connection) -> None:
                 returned.append(time.monotonic_ns())
         elif acquire():
             returned.append(time.monotonic_ns())
+    stop()
     conn.send((returned, admitted))
 
 
@@ -149,9 +163,10 @@ def run_children(
 
 def uncontended(system: str, n: int) -> float:
     shared = make(system, 10**9, 10**6)
-    try_acquire, _ = acquirers(system, shared)
+    try_acquire, _, stop = acquirers(system, shared)
     try_acquire()
     elapsed, refused = timed_calls(try_acquire, n)
+    stop()
     close(system, shared)
     if refused:
         raise RuntimeError(f"{system}: {refused} refusals in a cost run")

@@ -29,6 +29,8 @@ __all__ = ["ProcessWorker", "ThreadWorker", "WorkerHandle"]
 READ_SIZE = 1 << 16
 _SIZE = struct.Struct("!i")  # Connection.send_bytes framing: size, or -1 then a !Q size
 _BIG = struct.Struct("!Q")
+_MAX_SMALL_FRAME = 0x7FFFFFFF  # send_bytes frames larger payloads as -1, then a !Q size
+_write = os.write
 
 
 class WorkerHandle:
@@ -84,6 +86,7 @@ class ProcessWorker(WorkerHandle):
         self._payload = payload
         self._wid = wid
         self._lease_w: Connection | None = None
+        self._lease_fd = -1
         self._result_r: Connection | None = None
         self._fd = -1
         self._rbuf = bytearray()
@@ -108,6 +111,7 @@ class ProcessWorker(WorkerHandle):
             lease_r.close()
             result_w.close()
         self._lease_w = lease_w
+        self._lease_fd = lease_w.fileno()
         self._result_r = result_r
         self._fd = result_r.fileno()
         os.set_blocking(self._fd, False)
@@ -117,7 +121,18 @@ class ProcessWorker(WorkerHandle):
     def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
         assert self._lease_w is not None
         assert payload is not None
-        self._lease_w.send_bytes(payload)
+        n = len(payload)
+        if n > _MAX_SMALL_FRAME:
+            self._lease_w.send_bytes(payload)
+            return
+        # Connection.send_bytes's framing, written directly: one write call and none of its
+        # per-call checks (this runs once per batch on the coordinator thread).
+        frame = _SIZE.pack(n) + payload
+        written = _write(self._lease_fd, frame)
+        if written < len(frame):
+            view = memoryview(frame)
+            while written < len(frame):
+                written += _write(self._lease_fd, view[written:])
 
     def waitables(self) -> tuple[Any, Any]:
         return self._result_r, self._proc.sentinel

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pickle
 import struct
-import traceback
 from typing import Any, NamedTuple
 
 from .errors import RemoteError, RemoteTraceback
@@ -165,6 +164,8 @@ def encode_done(batch_id: int, attempt: int) -> bytes:
 
 
 def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str]:
+    import traceback  # only when a send fails: a worker starts faster without it
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)

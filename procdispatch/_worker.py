@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from . import _protocol as proto
-from .buffer import Batch
+from ._batch import Batch
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
 

@@ -21,13 +21,13 @@ calls it.
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ._batch import Batch, BatchState
 from ._fullbehavior import (
     DERIVED,
     BlockNewItems,
@@ -52,95 +52,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-class BatchState(enum.Enum):
-    FILLING = "filling"
-    QUEUED = "queued"
-    LEASED = "leased"
-    DONE = "done"
-
-
-class Batch(Generic[T]):
-    """A group of items sent together by one ``send_fn`` call.
-
-    ``data`` holds the items in ``put`` order; ``send_fn`` may remove the ones it delivered.
-    ``meta`` is free for the user and survives retries. ``id`` is 1-based and increases with
-    age (0 for a batch made outside the buffer); ``attempt`` is 1 for the first send.
-    """
-
-    __slots__ = (
-        "_count",
-        "_faults",
-        "_lease_count",
-        "_lease_size",
-        "_next_send",
-        "_retry",
-        "_size",
-        "_sizes",
-        "_state",
-        "attempt",
-        "data",
-        "id",
-        "meta",
-        "synthetic",
-    )
-
-    def __init__(
-        self,
-        data: list[T],
-        meta: object = None,
-        id: int = 0,
-        attempt: int = 0,
-        synthetic: bool = False,
-    ) -> None:
-        self.data = data
-        self.meta = meta
-        self.id = id
-        self.attempt = attempt
-        self.synthetic = synthetic
-        # Private bookkeeping, owned by the Buffer (and the channel's coordinator).
-        self._sizes: list[int] | None = None  # per-item sizes, aligned with data; None = all 0
-        self._count = len(data)  # items accounted for; only ever shrinks after creation
-        self._size = 0  # accounted size; only ever shrinks after creation
-        self._next_send = 0.0
-        self._retry: Iterator[float] | None = None
-        self._state = BatchState.DONE
-        self._lease_count = 0
-        self._lease_size = 0
-        self._faults = 0  # worker crashes / timeouts this batch caused (poison detection)
-
-    @property
-    def item_count(self) -> int:
-        """Items of this batch still accounted for (never grows when ``data`` grows)."""
-        return self._count
-
-    @property
-    def worker_faults(self) -> int:
-        """How many times this batch's send crashed or timed out a worker."""
-        return self._faults
-
-    def shrink(self) -> int:
-        """Shrink the accounting to what is left of ``data``; return how many items went."""
-        before = self._count
-        n = len(self.data)
-        self._count = min(self._count, n)
-        sizes = self._sizes
-        if not self.data:
-            self._size = 0
-        elif sizes is not None and len(sizes) == n:
-            self._size = min(self._size, sum(sizes))
-        elif sizes is not None and n < len(sizes):
-            # Items were removed but ``_sizes`` was not realigned, so which ones went is unknown:
-            # the n largest recorded sizes bound what is left (exact when sizes are uniform).
-            self._size = min(self._size, sum(heapq.nlargest(n, sizes)))
-        return before - self._count
-
-    def __repr__(self) -> str:
-        return (
-            f"Batch(id={self.id}, attempt={self.attempt}, items={len(self.data)}, "
-            f"meta={self.meta!r}{', synthetic' if self.synthetic else ''})"
-        )
 
 
 @dataclass(frozen=True)
