@@ -91,6 +91,10 @@ class Coordinator(Outcomes):
         self._cancelled = False
         self._cancel_deadline = math.inf
         self._start_failures = 0
+        #: Workers not started yet. A process worker costs a core while it starts (a whole
+        #: interpreter under spawn), so one starts alone; the rest start together as soon as
+        #: more than one item is in the channel (one item never needs a second worker).
+        self._deferred = 0
         self._last_send = 0.0
         self._qps_wait_until = 0.0
         self._qps_booked = False  # a token is booked for _qps_wait_until
@@ -108,7 +112,10 @@ class Coordinator(Outcomes):
         current_full_behavior.set(self._fb)
         try:
             self._last_send = monotonic()
-            for _ in range(self.opts.workers):
+            o = self.opts
+            first = 1 if o.backend == "process" else o.workers
+            self._deferred = o.workers - first
+            for _ in range(first):
                 self._spawn()
             woke = False
             while True:
@@ -116,6 +123,8 @@ class Coordinator(Outcomes):
                 self._ingest(now, woke)
                 self._dispatch(now)
                 self._publish()
+                if self._deferred and (self._backlog or self.buffer.total > 1):
+                    self._spawn_deferred()  # more than one item: work for more than one worker
                 if self._finished():
                     break
                 woke, ready = self.pool.wait(self._timeout(now))

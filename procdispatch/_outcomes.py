@@ -48,6 +48,7 @@ class Outcomes(Admission):
     _cancelled: bool
     _cancel_deadline: float
     _start_failures: int
+    _deferred: int
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -248,6 +249,11 @@ class Outcomes(Admission):
                 if s.batches:
                     self.pool.kill(s, "cancel")
                     self._on_death(s, now)
+
+    def _spawn_deferred(self) -> None:
+        n, self._deferred = self._deferred, 0
+        for _ in range(n):
+            self._spawn()
 
     def _spawn(self) -> None:
         try:

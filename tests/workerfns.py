@@ -140,3 +140,15 @@ class PacedSender:
         for item in batch.data:
             assert self.limiter.acquire(timeout=30)
             self.log.write(ev="sub", pid=os.getpid(), item=item, t=time.monotonic())
+
+
+class GatedInit:
+    """worker_init that logs its pid, then waits until the gate opens."""
+
+    def __init__(self, log: Log, gate: Gate) -> None:
+        self.log = log
+        self.gate = gate
+
+    def __call__(self) -> None:
+        self.log.write(ev="init", pid=os.getpid())
+        self.gate.wait()

@@ -179,8 +179,11 @@ def test_exceptions_in_callbacks_are_logged_and_never_stop_the_coordinator(
     assert any(f"bug in {where}" in str(r.exc_info[1]) for r in logged)
 
 
-def test_worker_init_failing_everywhere_fails_fast(make_channel):
-    ch = make_channel(Recorder(Log("/dev/null")), workers=2, worker_init=FailingInit())
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_worker_init_failing_everywhere_fails_fast(make_channel, method):
+    ch = make_channel(
+        Recorder(Log("/dev/null")), workers=2, worker_init=FailingInit(), start_method=method
+    )
 
     def put_until_it_fails() -> None:
         for i in range(10_000):

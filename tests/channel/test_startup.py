@@ -1,0 +1,90 @@
+"""Worker start-up order. A starting worker process needs a core (a whole interpreter under
+spawn), so one worker starts with the channel; the others start together as soon as more than
+one item is in the channel, since a single item never needs a second worker. The thread
+backend starts every worker at once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import worker_processes
+from workerfns import Gate, GatedInit, Log, Recorder, delivered_items, wait_for
+
+METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"])
+
+
+@METHODS
+def test_one_worker_starts_with_the_channel_and_serves_single_items(tmp_path, make_channel, method):
+    log, gate = Log(tmp_path / "log"), Gate(tmp_path / "gate")
+    ch = make_channel(
+        Recorder(log),
+        workers=3,
+        batch_items_max=1,
+        start_method=method,
+        worker_init=GatedInit(log, gate),
+    )
+    first = log.wait_count(1, ev="init")[0]["pid"]
+    # Nothing was put: the first worker is alone (and cannot become ready: its init waits).
+    assert [p.pid for p in worker_processes()] == [first]
+    gate.open()
+    for i in range(3):  # one item at a time: never more than one in the channel
+        ch.put(i)
+        log.wait_count(i + 1, ev="sent")
+        wait_for(lambda n=i + 1: ch.stats().items_delivered == n, what=f"item {i} delivered")
+    assert {r["pid"] for r in log.read() if r["ev"] == "sent"} == {first}
+    assert [p.pid for p in worker_processes()] == [first]
+    assert ch.stats().workers_alive == 1
+    ch.close_and_drain(30)
+    assert delivered_items(log) == [0, 1, 2]
+
+
+@METHODS
+def test_the_other_workers_start_when_more_than_one_item_waits(tmp_path, make_channel, method):
+    log, gate = Log(tmp_path / "log"), Gate(tmp_path / "gate")
+    ch = make_channel(
+        Recorder(log),
+        workers=3,
+        batch_items_max=1,
+        start_method=method,
+        worker_init=GatedInit(log, gate),
+    )
+    ch.put_many(range(10))
+    # No worker can be ready (every init waits on the gate), yet all three start for the work.
+    inits = log.wait_count(3, ev="init")
+    assert len({r["pid"] for r in inits}) == 3
+    gate.open()
+    ch.close_and_drain(30)
+    assert sorted(delivered_items(log)) == list(range(10))
+    s = ch.stats()
+    assert (s.items_delivered, s.worker_restarts) == (10, 0)
+
+
+def test_a_second_item_while_the_first_is_in_hand_starts_the_others(tmp_path, make_channel):
+    log, gate = Log(tmp_path / "log"), Gate(tmp_path / "gate")
+    ch = make_channel(Recorder(log, gate=gate), workers=2, batch_items_max=1)
+    ch.put("a")
+    first = log.wait_count(1, ev="start")[0]["pid"]
+    assert [p.pid for p in worker_processes()] == [first]  # busy, but nothing else waits
+    ch.put("b")  # now two items are in the channel: the second worker starts and takes "b"
+    second = log.wait_count(2, ev="start")[1]["pid"]
+    assert second != first
+    gate.open()
+    ch.close_and_drain(30)
+    assert sorted(delivered_items(log)) == ["a", "b"]
+
+
+def test_thread_backend_starts_every_worker_at_once(make_channel):
+    started: list[str] = []
+    gate = threading.Event()
+
+    def init() -> None:
+        started.append(threading.current_thread().name)
+        gate.wait(30)
+
+    ch = make_channel(lambda b: None, workers=3, backend="thread", worker_init=init)
+    wait_for(lambda: len(started) == 3, what="three worker threads in init")
+    gate.set()
+    ch.put(1)
+    ch.close_and_drain(30)
+    assert ch.stats().items_delivered == 1
