@@ -95,6 +95,8 @@ class Coordinator(Outcomes):
         #: interpreter under spawn), so one starts alone; the rest start together as soon as
         #: more than one item is in the channel (one item never needs a second worker).
         self._deferred = 0
+        self._to_respawn = 0  # workers whose start raised, to start again at _respawn_at
+        self._respawn_at = math.inf
         self._last_send = 0.0
         self._qps_wait_until = 0.0
         self._qps_booked = False  # a token is booked for _qps_wait_until
@@ -125,6 +127,7 @@ class Coordinator(Outcomes):
                 self._publish()
                 if self._deferred and (self._backlog or self.buffer.total > 1):
                     self._spawn_deferred()  # more than one item: work for more than one worker
+                self._respawn_due(now)
                 if self._finished():
                     break
                 woke, ready = self.pool.wait(self._timeout(now))
@@ -324,6 +327,8 @@ class Coordinator(Outcomes):
                 deadline = min(deadline, s.deadline)
         if self._cancelled:
             deadline = min(deadline, self._cancel_deadline)
+        if self._to_respawn:
+            deadline = min(deadline, self._respawn_at)
         if deadline == math.inf:
             return None
         return max(0.0, deadline - now)

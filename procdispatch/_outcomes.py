@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from . import _protocol as proto
@@ -35,6 +36,8 @@ log = logging.getLogger("procdispatch")
 #: Worker start failures in a row (plus workers - 1) with no worker ready in between before
 #: the channel gives up instead of respawning for ever.
 START_FAILURES_FATAL = 3
+#: Seconds before a worker whose start raised (no process was made) is started again.
+SPAWN_RETRY_DELAY = 0.05
 
 
 class Outcomes(Admission):
@@ -49,6 +52,8 @@ class Outcomes(Admission):
     _cancel_deadline: float
     _start_failures: int
     _deferred: int
+    _to_respawn: int
+    _respawn_at: float
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -255,16 +260,35 @@ class Outcomes(Admission):
         for _ in range(n):
             self._spawn()
 
+    def _respawn_due(self, now: float) -> None:
+        """Start again the workers whose start raised, once their retry delay is over."""
+        if not self._to_respawn or now < self._respawn_at:
+            return
+        n, self._to_respawn, self._respawn_at = self._to_respawn, 0, math.inf
+        if self._cancelled or self.fatal is not None:
+            return
+        for _ in range(n):
+            self._spawn()
+
     def _spawn(self) -> None:
+        """Start a worker. If starting raises, no process exists to die and be replaced, so
+        the start is retried after SPAWN_RETRY_DELAY; the failures count towards
+        WorkerStartFailed like workers dying at start-up."""
         try:
             self.pool.spawn()
         except Exception as exc:
             log.exception("could not start a worker")
             self._start_failures += 1
             if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
-                err = WorkerStartFailed(f"workers cannot start: {exc!r}")
+                err = WorkerStartFailed(
+                    f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                    f"last: {exc!r}"
+                )
                 err.__cause__ = exc
                 self._set_fatal(err)
+            else:
+                self._to_respawn += 1
+                self._respawn_at = min(self._respawn_at, monotonic() + SPAWN_RETRY_DELAY)
         self._count_alive()
 
     def _count_alive(self) -> None:
