@@ -103,7 +103,9 @@ class Admission:
         closes it, keeping each producer's order), so the coordinator adds them in bulk.
         Without ``item_size`` the channel's ``put`` is this very method.
         """
-        with self.lock:
+        lock = self.lock
+        lock.acquire()  # not `with`: 0.2 us less per item, and this runs once per item
+        try:
             if self.fatal is None and not self.closed:
                 mi = self._max_items
                 ms = self._max_size
@@ -122,6 +124,8 @@ class Admission:
                     if not self._wake_pending:
                         self._wake_locked()
                     return
+        finally:
+            lock.release()
         deadline = None if timeout is None else monotonic() + timeout
         self.admit([item], None if size is None else [size], block=block, deadline=deadline)
 
@@ -220,7 +224,9 @@ class Admission:
         gone = self._d_delivered + self._d_dropped
         if not (gone or self._d_in_flight or self._d_size):
             return
-        with self.cond:
+        lock = self.lock  # the condition's lock; `with` would cost more once per iteration
+        lock.acquire()
+        try:
             self._in_flight += self._d_in_flight
             self._delivered += self._d_delivered
             self._dropped += self._d_dropped
@@ -228,6 +234,8 @@ class Admission:
             self.admitted_size -= self._d_size
             if self._waiters and (gone or self._d_size):
                 self.cond.notify_all()
+        finally:
+            lock.release()
         self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
 
     def _set_fatal(self, err: BaseException) -> None:

@@ -151,7 +151,9 @@ class Coordinator(Outcomes):
                     pass
             except BlockingIOError:
                 pass
-        with self.cond:
+        lock = self.lock  # the condition's lock, taken directly: once per loop iteration
+        lock.acquire()
+        try:
             self._wake_pending = False
             inbox = self.inbox
             if inbox:
@@ -159,6 +161,8 @@ class Coordinator(Outcomes):
                 self._open = self._open_sizes = None
             closed = self.closed
             cancel = self.cancel_requested
+        finally:
+            lock.release()
         if cancel and not self._cancelled:
             self._cancelled = True
             self._cancel_deadline = now + self.opts.cancel_grace
