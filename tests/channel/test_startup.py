@@ -6,16 +6,23 @@ backend starts every worker at once."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import worker_processes
 from workerfns import Gate, GatedInit, Log, Recorder, delivered_items, wait_for
 
+import procdispatch as pd
+
 METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"])
 
 
-@METHODS
-def test_one_worker_starts_with_the_channel_and_serves_single_items(tmp_path, make_channel, method):
+def three_gated_workers(
+    tmp_path: Path, make_channel: Callable[..., pd.ProcessChannel[Any]], method: str
+) -> tuple[pd.ProcessChannel[Any], Log, Gate]:
+    """A channel of 3 workers, single-item batches, whose worker_init waits on a gate."""
     log, gate = Log(tmp_path / "log"), Gate(tmp_path / "gate")
     ch = make_channel(
         Recorder(log),
@@ -24,6 +31,12 @@ def test_one_worker_starts_with_the_channel_and_serves_single_items(tmp_path, ma
         start_method=method,
         worker_init=GatedInit(log, gate),
     )
+    return ch, log, gate
+
+
+@METHODS
+def test_one_worker_starts_with_the_channel_and_serves_single_items(tmp_path, make_channel, method):
+    ch, log, gate = three_gated_workers(tmp_path, make_channel, method)
     first = log.wait_count(1, ev="init")[0]["pid"]
     # Nothing was put: the first worker is alone (and cannot become ready: its init waits).
     assert [p.pid for p in worker_processes()] == [first]
@@ -41,14 +54,7 @@ def test_one_worker_starts_with_the_channel_and_serves_single_items(tmp_path, ma
 
 @METHODS
 def test_the_other_workers_start_when_more_than_one_item_waits(tmp_path, make_channel, method):
-    log, gate = Log(tmp_path / "log"), Gate(tmp_path / "gate")
-    ch = make_channel(
-        Recorder(log),
-        workers=3,
-        batch_items_max=1,
-        start_method=method,
-        worker_init=GatedInit(log, gate),
-    )
+    ch, log, gate = three_gated_workers(tmp_path, make_channel, method)
     ch.put_many(range(10))
     # No worker can be ready (every init waits on the gate), yet all three start for the work.
     inits = log.wait_count(3, ev="init")
