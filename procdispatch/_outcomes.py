@@ -257,6 +257,8 @@ class Outcomes(Admission):
 
     def _spawn_deferred(self) -> None:
         n, self._deferred = self._deferred, 0
+        if self._cancelled or self.fatal is not None:
+            return  # a channel that is ending needs no more workers
         for _ in range(n):
             self._spawn()
 
