@@ -29,7 +29,9 @@ __all__ = ["ProcessWorker", "ThreadWorker", "WorkerHandle"]
 READ_SIZE = 1 << 16
 _SIZE = struct.Struct("!i")  # Connection.send_bytes framing: size, or -1 then a !Q size
 _BIG = struct.Struct("!Q")
-_MAX_SMALL_FRAME = 0x7FFFFFFF  # send_bytes frames larger payloads as -1, then a !Q size
+#: Leases up to this size are framed here, in one write of a copy; larger ones go through
+#: Connection.send_bytes, which writes the size and the payload apart (as it does above 16 KiB).
+_COPY_MAX = 16384
 _write = os.write
 
 
@@ -122,7 +124,8 @@ class ProcessWorker(WorkerHandle):
         assert self._lease_w is not None
         assert payload is not None
         n = len(payload)
-        if n > _MAX_SMALL_FRAME:
+        if n > _COPY_MAX:
+            # Large: Connection writes the size and the payload apart, without copying it.
             self._lease_w.send_bytes(payload)
             return
         # Connection.send_bytes's framing, written directly: one write call and none of its

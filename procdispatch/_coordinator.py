@@ -127,7 +127,8 @@ class Coordinator(Outcomes):
                 self._publish()
                 if self._deferred and (self._backlog or self.buffer.total > 1):
                     self._spawn_deferred()  # more than one item: work for more than one worker
-                self._respawn_due(now)
+                if self._to_respawn:
+                    self._respawn_due(now)
                 if self._finished():
                     break
                 woke, ready = self.pool.wait(self._timeout(now))

@@ -203,7 +203,7 @@ class Outcomes(Admission):
                         slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
                     )
                 self._fail(b, exc, now, fault=True)
-        if was is not WState.STOPPING and not self._cancelled and self.fatal is None:
+        if was is not WState.STOPPING and not self._ending():
             self._spawn()
             with self.lock:
                 self.worker_restarts += 1
@@ -255,19 +255,23 @@ class Outcomes(Admission):
                     self.pool.kill(s, "cancel")
                     self._on_death(s, now)
 
+    def _ending(self) -> bool:
+        """Cancelled or failed: the channel starts no more workers."""
+        return self._cancelled or self.fatal is not None
+
     def _spawn_deferred(self) -> None:
         n, self._deferred = self._deferred, 0
-        if self._cancelled or self.fatal is not None:
-            return  # a channel that is ending needs no more workers
+        if self._ending():
+            return
         for _ in range(n):
             self._spawn()
 
     def _respawn_due(self, now: float) -> None:
         """Start again the workers whose start raised, once their retry delay is over."""
-        if not self._to_respawn or now < self._respawn_at:
+        if now < self._respawn_at:
             return
         n, self._to_respawn, self._respawn_at = self._to_respawn, 0, math.inf
-        if self._cancelled or self.fatal is not None:
+        if self._ending():
             return
         for _ in range(n):
             self._spawn()

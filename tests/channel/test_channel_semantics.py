@@ -402,3 +402,14 @@ def test_cancel_lets_in_flight_sends_finish_within_the_grace(tmp_path, make_chan
     assert sorted(x for d in drops for x in d) == [1, 2, 3, 4]
     s = ch.stats()
     assert (s.items_delivered, s.items_dropped, s.worker_restarts) == (1, 4, 0)
+
+
+def test_small_and_large_leases_arrive_whole(tmp_path, make_channel):
+    """Leases up to 16 KiB are framed by the coordinator itself, larger ones by Connection:
+    both must reach the worker intact."""
+    log = Log(tmp_path / "log")
+    ch = make_channel(Recorder(log), workers=2, batch_items_max=1)
+    items = ["s", "m" * 16_000, "b" * 20_000, "h" * 3_000_000]
+    ch.put_many(items)
+    assert ch.close_and_drain(60)
+    assert sorted(delivered_items(log)) == sorted(items)
