@@ -46,7 +46,7 @@ from ._admission import Admission
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import Slot, WorkerPool, WState
+from ._pool import BUSY, DEAD, Slot, WorkerPool
 from .buffer import Batch, Buffer
 from .errors import (
     InternalError,
@@ -134,7 +134,7 @@ class Coordinator(Outcomes):
                 woke, ready = self.pool.wait(self._timeout(now))
                 now = monotonic()
                 for slot, sentinel in ready:
-                    if slot.state is not WState.DEAD:
+                    if slot.state is not DEAD:
                         self._handle(slot, sentinel, now)
                 self._check_deadlines(now)
         except BaseException as exc:
@@ -211,6 +211,15 @@ class Coordinator(Outcomes):
         limiter = self._limiter
         min_qps = self.opts.min_qps
         pool = self.pool
+        if limiter is None and min_qps is None:
+            # Nothing to consult before leasing: lease and send while both sides have room.
+            while (slot := pool.pick()) is not None:
+                leased = buf.lease_one(now)
+                if leased is None:
+                    return booked
+                self._last_send = now
+                self._send(slot, leased, now)
+            return booked
         while True:
             slot = pool.pick()
             if slot is None:
@@ -252,13 +261,13 @@ class Coordinator(Outcomes):
             if payload is None:
                 return  # nothing of it could be pickled; already reported
         if not slot.batches:
-            slot.move(WState.BUSY)
+            slot.move(BUSY)
             st = self.opts.send_timeout
             slot.deadline = now + st if st is not None else math.inf
         slot.batches.append(b)
         self.batches_sent += 1
         if not b.synthetic:
-            self._book(in_flight=b._count)
+            self._d_in_flight += b._count  # _book(in_flight=...), spelled out: once per batch
         try:
             slot.handle.send_lease(b, payload)
         except OSError:

@@ -16,12 +16,12 @@ import logging
 import math
 from collections.abc import Callable
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 from . import _protocol as proto
 from ._admission import Admission
 from ._options import ChannelOptions
-from ._pool import Slot, WorkerPool, WState
+from ._pool import BUSY, DEAD, IDLE, Slot, WorkerPool, WState
 from .buffer import Batch, Buffer
 from .errors import (
     InternalError,
@@ -95,21 +95,27 @@ class Outcomes(Admission):
     def _handle(self, slot: Slot, sentinel: bool, now: float) -> None:
         msgs, gone = self.pool.read(slot, sentinel)
         for m in msgs:
-            if slot.state is WState.DEAD:
+            if slot.state is DEAD:
                 return
             self._on_message(slot, m, now)
-        if gone and slot.state is not WState.DEAD:
+        if gone and slot.state is not DEAD:
             self._on_death(slot, now)
 
-    def _on_message(self, slot: Slot, m: proto.WorkerMessage, now: float) -> None:
-        if isinstance(m, proto.Ready):
+    def _on_message(self, slot: Slot, msg: proto.WorkerMessage, now: float) -> None:
+        m: proto.Done | proto.Failed
+        failed: proto.Failed | None = None
+        if msg.__class__ is proto.Done:  # by far the most common: tested first
+            m = msg
+        elif isinstance(msg, proto.Ready):
             if slot.state is WState.STARTING:
                 slot.move(WState.IDLE)
             self._start_failures = 0
             return
-        if isinstance(m, proto.InitFailed):
-            slot.init_error = m.error  # reported when the worker's death is seen
+        elif isinstance(msg, proto.InitFailed):
+            slot.init_error = msg.error  # reported when the worker's death is seen
             return
+        else:
+            m = failed = cast(proto.Failed, msg)
         b = slot.batches[0] if slot.batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
             raise InternalError(
@@ -123,17 +129,20 @@ class Outcomes(Admission):
             slot.deadline = now + st if st is not None else math.inf
         else:
             slot.deadline = math.inf
-            if slot.state is WState.BUSY:
-                slot.move(WState.IDLE)
-        if isinstance(m, proto.Done):
+            if slot.state is BUSY:
+                slot.move(IDLE)
+        if failed is None:
             self.buffer.ack(b)
-            if not b.synthetic:
-                self._book(in_flight=-b._count, delivered=b._count, size=b._size)
+            if not b.synthetic:  # _book(...), spelled out: this runs once per batch
+                count = b._count
+                self._d_in_flight -= count
+                self._d_delivered += count
+                self._d_size += b._size
         else:
             if not b.synthetic:
                 self._book(in_flight=-b._count)
-            self._apply_mutation(b, m)
-            self._fail(b, m.error, now)
+            self._apply_mutation(b, failed)
+            self._fail(b, failed.error, now)
         if not slot.batches:
             self._maybe_recycle(slot)
 

@@ -35,6 +35,17 @@ class WState(enum.Enum):
     DEAD = "dead"
 
 
+# The members as module constants. On Python 3.11 the Enum metaclass defines __getattr__, so
+# every `WState.IDLE` goes through a Python-level attribute hook (about 1,000 instructions);
+# the paths that run per batch use these names instead.
+STARTING, IDLE, BUSY, STOPPING, DEAD = (
+    WState.STARTING,
+    WState.IDLE,
+    WState.BUSY,
+    WState.STOPPING,
+    WState.DEAD,
+)
+
 # The allowed transitions, in one table. Keyed by name and held in tuples: an Enum member's
 # hash is computed in Python, and this check runs twice per batch; `in` on a tuple compares
 # identity first.
@@ -154,7 +165,7 @@ class WorkerPool:
         """The ready worker holding the fewest batches, if one has room for another."""
         best: Slot | None = None
         for s in self.slots:
-            if (s.state is WState.IDLE or s.state is WState.BUSY) and len(s.batches) < self.depth:
+            if (s.state is IDLE or s.state is BUSY) and len(s.batches) < self.depth:
                 if not s.batches:
                     return s
                 if best is None or len(s.batches) < len(best.batches):
@@ -165,7 +176,7 @@ class WorkerPool:
         return any(s.batches for s in self.slots)
 
     def alive(self) -> int:
-        return sum(1 for s in self.slots if s.state is not WState.DEAD)
+        return sum(1 for s in self.slots if s.state is not DEAD)
 
     # ---- ending ---------------------------------------------------------------------------
 

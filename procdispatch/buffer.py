@@ -1,14 +1,17 @@
 """The pure buffer: batching, leasing, retry scheduling and full-buffer policy.
 
-Theory of operation. Items are appended to the batch being filled (the *current* batch). A batch
-is *cut* -- moved to the queue of unleased batches -- when it reaches ``batch_items_max`` items,
-when the next item would push it over ``batch_size_max`` (or an item fills it exactly), when it is
-older than ``batch_age_max`` at lease time (lazily), or on :meth:`Buffer.flush`. The queue is a
-heap ordered by (next send time, id), or by id alone with ``fifo=True``. :meth:`Buffer.lease_one`
-hands out the first ready batch while fewer than ``max_leases`` batches are leased; every lease
-ends with exactly one :meth:`Buffer.ack` or :meth:`Buffer.nack`. A nack re-queues the batch after
-the next delay of its own retry iterator, counting only what is left of its data (accounting can
-only shrink), or hands the batch back for dropping when the iterator is exhausted.
+Theory of operation. Items are appended to the batch being filled (the *current* batch). A batch is
+*cut* -- moved to the queue of unleased batches -- when it reaches ``batch_items_max`` items, when
+the next item would push it over ``batch_size_max`` (or an item fills it exactly), when it is older
+than ``batch_age_max`` at lease time (lazily), or on :meth:`Buffer.flush`. The queue is ordered by
+(next send time, id), or by id alone with ``fifo=True``. It is kept in two parts: cut batches,
+whose keys only grow (cut times are not earlier than the last, ids always larger), go to the end of
+a deque, and re-queued ones (retries, released leases) go to a heap; the head of the queue is the
+smaller of the two heads, so the common lease costs no heap work. :meth:`Buffer.lease_one` hands
+out the first ready batch while fewer than ``max_leases`` batches are leased; every lease ends with
+exactly one :meth:`Buffer.ack` or :meth:`Buffer.nack`. A nack re-queues the batch after the next
+delay of its own retry iterator, counting only what is left of its data (accounting can only
+shrink), or hands the batch back for dropping when the iterator is exhausted.
 
 A full-buffer policy (:class:`BlockNewItems`, :class:`DropOldestBatch`, :class:`InfiniteGrowth`)
 is asked before each insertion whether the item may go in and whether a batch must be dropped
@@ -23,11 +26,16 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ._batch import Batch, BatchState
+from ._batch import DONE as _DONE
+from ._batch import FILLING as _FILLING
+from ._batch import LEASED as _LEASED
+from ._batch import QUEUED as _QUEUED
+from ._batch import Batch
 from ._fullbehavior import (
     DERIVED,
     BlockNewItems,
@@ -142,6 +150,8 @@ class Buffer(Generic[T]):
         self._age = opts.batch_age_max
         self._fifo = opts.fifo
         self._cur: Batch[T] | None = None
+        #: The queue: cut batches in key order (ids increasing), and re-queued ones in a heap.
+        self._fresh: deque[tuple[float, int, Batch[T]]] = deque()
         self._heap: list[tuple[float, int, Batch[T]]] = []
         self._leases: dict[int, Batch[T]] = {}
         self._last_id = 0
@@ -163,8 +173,9 @@ class Buffer(Generic[T]):
 
     def next_send_time(self) -> float | None:
         """When the next batch may become leasable (ignoring ``max_leases``); None if never."""
-        if self._heap:
-            top = self._heap[0][2]._next_send
+        head = self._head()
+        if head is not None:
+            top = head._next_send
             if self._fifo or self._cur is None:
                 return top
             return min(top, self._cur._next_send)
@@ -260,37 +271,49 @@ class Buffer(Generic[T]):
             return
         self._cur = None
         cur._next_send = now
-        cur._state = BatchState.QUEUED
-        heapq.heappush(self._heap, (0.0 if self._fifo else now, cur.id, cur))
+        cur._state = _QUEUED
+        entry = (0.0 if self._fifo else now, cur.id, cur)
+        fresh = self._fresh
+        if not fresh or fresh[-1] < entry:  # keys compare by (time, id); ids are unique
+            fresh.append(entry)
+        else:  # a cut time earlier than the last one (only a caller's clock can do that)
+            heapq.heappush(self._heap, entry)
 
     # ---- leasing ----------------------------------------------------------------------------
 
     def lease_one(self, now: float) -> Batch[T] | None:
         if len(self._leases) >= self._max_leases:
             return None
-        heap = self._heap
-        if heap and heap[0][2]._next_send <= now:
+        fresh, heap = self._fresh, self._heap
+        if fresh:
+            if heap and heap[0] < fresh[0]:
+                if heap[0][2]._next_send <= now:
+                    return self._lease(heapq.heappop(heap)[2])
+            elif fresh[0][2]._next_send <= now:
+                return self._lease(fresh.popleft()[2])
+        elif heap and heap[0][2]._next_send <= now:
             return self._lease(heapq.heappop(heap)[2])
         cur = self._cur
-        if cur is not None and cur._next_send <= now and not (self._fifo and heap):
+        if cur is not None and cur._next_send <= now and not (self._fifo and (fresh or heap)):
             self.flush(now)
-            return self._lease(heapq.heappop(heap)[2])
+            return self._lease(self._pop_head())
         return None
 
     def ready(self, now: float) -> bool:
         """True when :meth:`lease_one` at ``now`` would hand out a batch."""
         if len(self._leases) >= self._max_leases:
             return False
-        heap = self._heap
-        if heap and heap[0][2]._next_send <= now:
+        head = self._head()
+        if head is not None and head._next_send <= now:
             return True
         cur = self._cur
-        return cur is not None and cur._next_send <= now and not (self._fifo and heap)
+        return cur is not None and cur._next_send <= now and not (self._fifo and head is not None)
 
     def force_lease_all(self) -> list[Batch[T]]:
         """Lease every queued batch, ignoring send times and ``max_leases`` (not the current)."""
-        batches = sorted((e[2] for e in self._heap), key=lambda b: b.id)
+        batches = sorted([e[2] for e in self._heap] + [e[2] for e in self._fresh], key=_by_id)
         self._heap.clear()
+        self._fresh.clear()
         for b in batches:
             self._lease(b)
         return batches
@@ -298,7 +321,7 @@ class Buffer(Generic[T]):
     def ack(self, batch: Batch[T]) -> None:
         """The lease ended well (or the batch is being dropped): forget the batch."""
         self._end_lease(batch, "ack")
-        batch._state = BatchState.DONE
+        batch._state = _DONE
 
     def leases(self) -> list[Batch[T]]:
         """The batches leased now (not yet acked or nacked), oldest first."""
@@ -311,7 +334,7 @@ class Buffer(Generic[T]):
         """
         self._end_lease(batch, "release")
         batch.attempt -= 1
-        batch._state = BatchState.QUEUED
+        batch._state = _QUEUED
         self._unleased_items += batch._count
         self._unleased_size += batch._size
         heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
@@ -332,7 +355,7 @@ class Buffer(Generic[T]):
         """
         self._end_lease(batch, "nack")
         batch.shrink()
-        batch._state = BatchState.DONE
+        batch._state = _DONE
         if not batch.data or batch._count == 0:
             return None
         if batch._retry is None:  # made on first use: most batches never fail
@@ -341,7 +364,7 @@ class Buffer(Generic[T]):
         if delay is None:
             return batch
         batch._next_send = now + delay
-        batch._state = BatchState.QUEUED
+        batch._state = _QUEUED
         self._unleased_items += batch._count
         self._unleased_size += batch._size
         heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
@@ -349,11 +372,24 @@ class Buffer(Generic[T]):
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _head(self) -> Batch[T] | None:
+        """The first batch of the queue (the smaller head of its two parts), if any."""
+        fresh, heap = self._fresh, self._heap
+        if fresh:
+            return heap[0][2] if heap and heap[0] < fresh[0] else fresh[0][2]
+        return heap[0][2] if heap else None
+
+    def _pop_head(self) -> Batch[T]:
+        fresh, heap = self._fresh, self._heap
+        if fresh and not (heap and heap[0] < fresh[0]):
+            return fresh.popleft()[2]
+        return heapq.heappop(heap)[2]
+
     def _new_batch(self, now: float) -> Batch[T]:
         self._last_id += 1
         b: Batch[T] = Batch([], id=self._last_id)
         b._next_send = now + self._age
-        b._state = BatchState.FILLING
+        b._state = _FILLING
         self._cur = b
         return b
 
@@ -402,7 +438,7 @@ class Buffer(Generic[T]):
         self._unleased_items += n
 
     def _lease(self, b: Batch[T]) -> Batch[T]:
-        b._state = BatchState.LEASED
+        b._state = _LEASED
         b.attempt += 1
         b._lease_count = b._count
         b._lease_size = b._size
@@ -425,9 +461,11 @@ class Buffer(Generic[T]):
 
     def _drop_oldest(self) -> Batch[T] | None:
         """Drop the oldest queued batch, else the one being filled; never one in flight (D4)."""
-        heap = self._heap
-        if heap:
-            idx = min(range(len(heap)), key=lambda i: heap[i][1])
+        heap, fresh = self._heap, self._fresh
+        idx = min(range(len(heap)), key=lambda i: heap[i][1]) if heap else -1
+        if fresh and (idx < 0 or fresh[0][1] < heap[idx][1]):
+            b = fresh.popleft()[2]  # ids only grow along the deque
+        elif idx >= 0:
             b = heap[idx][2]
             heap[idx] = heap[-1]
             heap.pop()
@@ -437,7 +475,11 @@ class Buffer(Generic[T]):
             self._cur = None
         else:
             return None
-        b._state = BatchState.DONE
+        b._state = _DONE
         self._unleased_items -= b._count
         self._unleased_size -= b._size
         return b
+
+
+def _by_id(b: Batch[T]) -> int:
+    return b.id

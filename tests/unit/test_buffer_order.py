@@ -1,0 +1,98 @@
+"""Lease order of the pure buffer against a reference queue, under Hypothesis.
+
+The buffer keeps its queue in two parts (cut batches in a deque, re-queued ones in a heap); the
+reference is one plain dict of queued batches, searched in full at every lease. With
+``batch_items_max=1`` every add cuts a batch at once, so the reference knows every key: the cut
+time for a new batch, ``now + delay`` after a nack, the old send time after a release.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from procdispatch.buffer import Batch, Buffer, BufferOptions, InfiniteGrowth
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "lease", "lease", "nack", "release", "ack"]),
+        st.sampled_from([0.0, 0.0, 0.25, 1.0, 3.0]),  # time advance
+        st.integers(min_value=0, max_value=10**6),  # which lease (modulo how many there are)
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fifo=st.booleans(),
+    max_leases=st.integers(min_value=1, max_value=4),
+    delays=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.5]), min_size=1, max_size=4),
+    script=ops,
+)
+def test_leases_come_in_send_time_then_id_order(
+    fifo: bool, max_leases: int, delays: list[float], script: list[tuple[str, float, int]]
+) -> None:
+    if fifo:
+        max_leases = 1  # what fifo requires
+
+    def retry_factory() -> Iterator[float]:
+        return itertools.cycle(delays)  # each batch's own iterator starts from the first
+
+    buf: Buffer[int] = Buffer(
+        BufferOptions(
+            max_leases=max_leases,
+            batch_items_max=1,
+            batch_age_max=1e9,
+            full_behavior=InfiniteGrowth(),
+            retry=retry_factory,
+            fifo=fifo,
+        )
+    )
+    now = 0.0
+    queued: dict[int, float] = {}  # id -> when it may be sent
+    leased: dict[int, tuple[Batch[int], float]] = {}  # id -> (batch, its send time)
+    nacks: dict[int, int] = {}
+    next_id = 1
+    for op, advance, pick in script:
+        now += advance
+        if op == "add":
+            assert buf.add(now, next_id) is None
+            queued[next_id] = now
+            next_id += 1
+            continue
+        if op == "lease":
+            if len(leased) >= max_leases or not queued:
+                expected = None
+            elif fifo:
+                first = min(queued)
+                expected = first if queued[first] <= now else None
+            else:
+                due = [(t, i) for i, t in queued.items() if t <= now]
+                expected = min(due)[1] if due else None
+            assert buf.ready(now) is (expected is not None)
+            b = buf.lease_one(now)
+            assert (b.id if b is not None else None) == expected
+            if b is not None:
+                leased[b.id] = (b, queued.pop(b.id))
+            continue
+        if not leased:
+            continue
+        bid = sorted(leased)[pick % len(leased)]
+        b, sent_at = leased.pop(bid)
+        if op == "ack":
+            buf.ack(b)
+        elif op == "release":
+            buf.release(b)
+            queued[bid] = sent_at
+        else:
+            assert buf.nack(now, b) is None  # a cycle never runs out
+            queued[bid] = now + delays[nacks.get(bid, 0) % len(delays)]
+            nacks[bid] = nacks.get(bid, 0) + 1
+        # The next send time: of the lowest id with fifo (it holds back the rest), else the
+        # earliest of all.
+        head = (queued[min(queued)] if fifo else min(queued.values())) if queued else None
+        assert buf.next_send_time() == head
