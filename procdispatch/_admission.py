@@ -60,7 +60,6 @@ class Admission:
         self._max_size = _int_or_none(fb.max_size) if blocking else None  # type: ignore[union-attr]
         self.admitted = 0
         self.admitted_size = 0
-        self.items_put = 0
         self.closed = False
         self.cancel_requested = False
         self.fatal: BaseException | None = None
@@ -106,17 +105,23 @@ class Admission:
         lock = self.lock
         lock.acquire()  # not `with`: 0.2 us less per item, and this runs once per item
         try:
-            if self.fatal is None and not self.closed:
+            if not self.closed:  # (a fatal error closes the channel too)
+                chunk = self._open
                 mi = self._max_items
-                ms = self._max_size
-                if (mi is None or self.admitted < mi) and (ms is None or self.admitted_size < ms):
-                    chunk = self._open
+                if chunk is not None and size is None and self._max_size is None:
+                    # The common case: the open chunk, for which a wake is already pending.
+                    if mi is None or self.admitted < mi:
+                        chunk.append(item)
+                        self.admitted += 1
+                        return
+                elif (mi is None or self.admitted < mi) and (
+                    self._max_size is None or self.admitted_size < self._max_size
+                ):
                     if chunk is None:
                         chunk = self._open = []
                         self._open_sizes = [] if size is not None else None
                         self.inbox.append((chunk, self._open_sizes))
                     chunk.append(item)
-                    self.items_put += 1
                     self.admitted += 1
                     if size is not None:
                         self._open_sizes.append(size)  # type: ignore[union-attr]
@@ -165,7 +170,6 @@ class Admission:
                     schunk = sizes[added : added + k] if sizes is not None else None
                 self._open = self._open_sizes = None  # keep this producer's order
                 self.inbox.append((chunk, schunk))
-                self.items_put += k
                 self.admitted += k
                 if schunk is not None:
                     self.admitted_size += sum(schunk)
@@ -205,7 +209,8 @@ class Admission:
     def snapshot(self) -> Stats:
         with self.lock:
             return Stats(
-                items_put=self.items_put,
+                # Every item put is admitted until it is published as delivered or dropped.
+                items_put=self.admitted + self._delivered + self._dropped,
                 items_delivered=self._delivered,
                 items_dropped=self._dropped,
                 items_buffered=self.admitted - self._in_flight,
