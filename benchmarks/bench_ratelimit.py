@@ -7,10 +7,6 @@ Workloads (targets P5 and P6 of the performance document), every system in the s
   divided by the calls of all four (the cost of one call to the whole system);
 * the lock alone: ``flock(LOCK_EX)`` + ``flock(LOCK_UN)`` on a limiter's page, from Python,
   in the process that measures the uncontended cost (what every acquire pays for the lock);
-* our acquire with every call going to the page: the cost runs' rate (a billion per second)
-  with a burst of 1, so that no call can take spare tokens for later ones. In the cost runs
-  proper (burst 10**6) a call that goes to the page claims a millisecond's worth of tokens, at
-  most 64, and the next calls in that process use them without the lock;
 * rate accuracy: 4 processes each calling a blocking acquire against 200 per second for 5 s;
   the most calls in any 1-second window (by the time acquire returned and, for ours, by the
   admission time the limiter booked) and the achieved rate.
@@ -195,18 +191,6 @@ def lock_floor(n: int) -> float:
     return elapsed / n * 1e6
 
 
-def page_every_call(n: int) -> float:
-    """Microseconds per uncontended ``try_acquire`` of ours when no call can take spares."""
-    lim = RateLimiter(10.0**9, burst=1)
-    if lim._sparing:
-        raise RuntimeError("a burst of 1 should leave nothing spare")
-    elapsed, refused = timed_calls(lim.try_acquire, n)
-    lim.close()
-    if refused:
-        raise RuntimeError(f"{refused} refusals at a billion per second")
-    return elapsed / n * 1e6
-
-
 def contended(system: str, n: int, procs: int = 4) -> float:
     shared = make(system, 10**9, 10**6)
     pipes, children = run_children(cost_child, [(system, shared, n)] * procs)
@@ -265,9 +249,7 @@ P5_TARGET = ">= 100x pyrate's Manager-based stores; <= 5 us uncontended"
 P6_TARGET = "no 1-s window of admissions above 200 + burst; achieved >= 98% of 200"
 
 
-def cost_rows(
-    cost: dict[str, dict[str, list[float]]], page_path: list[float], p5: bool
-) -> list[dict[str, Any]]:
+def cost_rows(cost: dict[str, dict[str, list[float]]], p5: bool) -> list[dict[str, Any]]:
     rows = []
     for kind in ("uncontended", "4 procs"):
         for system in SYSTEMS:
@@ -294,26 +276,6 @@ def cost_rows(
                 }
                 row["target"], row["met"] = P5_TARGET, p5
             rows.append(row)
-            if system == OURS and kind == "uncontended":  # shown beside, not judged
-                rows.append(
-                    {
-                        **row,
-                        "system": f"{OURS}, no spares",
-                        "label": f"{OURS} (burst 1: every call to the page)",
-                        "values": page_path,
-                        "median": statistics.median(page_path),
-                        "min": min(page_path),
-                        "max": max(page_path),
-                        "ratios": {
-                            other: statistics.median(
-                                a / b for a, b in zip(page_path, cost[other][kind], strict=True)
-                            )
-                            for other in (MPB, GCRA_MP)
-                        },
-                        "target": None,
-                        "met": None,
-                    }
-                )
     return rows
 
 
@@ -378,10 +340,8 @@ def main() -> int:
         s: {"uncontended": [], "4 procs": []} for s in SYSTEMS
     }
     floor: list[float] = []
-    page_path: list[float] = []
     for rep in range(reps):
         floor.append(lock_floor(n_ours))
-        page_path.append(page_every_call(n_ours))
         order = SYSTEMS if rep % 2 == 0 else tuple(reversed(SYSTEMS))
         for system in order:
             n = n_ours if system == OURS else n_theirs
@@ -430,12 +390,6 @@ def main() -> int:
             [f"{statistics.median(floor):.2f}", "-", "-"],
         )
     )
-    print(
-        line(
-            "P5 ours, every call to the page (us)",
-            [f"{statistics.median(page_path):.2f}", "-", "-"],
-        )
-    )
 
     worst = min(speedups.values())
     p5 = worst >= 100 and median[OURS]["uncontended"] <= 5.0
@@ -460,12 +414,11 @@ def main() -> int:
         with open(opts.json, "w") as f:
             json.dump(
                 {
-                    "rows": cost_rows(cost, page_path, p5) + accuracy_rows(acc, seconds, p6),
+                    "rows": cost_rows(cost, p5) + accuracy_rows(acc, seconds, p6),
                     "quick": opts.quick,
                     "repetitions": reps,
                     "cost_us_per_call": cost,
                     "flock_pair_us": floor,
-                    "page_every_call_us": page_path,
                     "accuracy": acc,
                     "P5_met": p5,
                     "P6_met": p6,

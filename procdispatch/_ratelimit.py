@@ -21,15 +21,6 @@ initialised, so a page whose creator died half-way is initialised again by the n
 *Time* is ``time.monotonic_ns()``: CLOCK_MONOTONIC on Linux and the boot-relative clock on
 macOS, one system-wide clock that every process reads alike; the TATs are absolute times on it.
 
-*Spare tokens*: at rates where a millisecond admits several tokens, a :meth:`try_acquire` or
-:meth:`acquire` that goes to the page takes up to a millisecond's worth (64 at most) and keeps the
-ones it did not need as this instance's spare, which later calls in this process use without the
-cross-process lock. Every spare token conformed when it was taken, and using it later only moves
-its arrival later, so no window limit is ever exceeded; what spares cost is that other processes
-cannot have them meanwhile (at most a millisecond of the rate per instance). ``close()`` gives
-unused spares back (exactly, when nothing else was admitted since). A forked child starts with
-none (the parent's are the parent's); a pickled copy starts with none.
-
 *Sharing*: the window parameters live in the page, so opening a name with other parameters is
 refused. An instance pickles by name (spawn, forkserver, ``copy``), so every copy shares the
 budget; an unrelated process of the same user opens it with ``name=``.
@@ -46,7 +37,6 @@ import os
 import secrets
 import struct
 import time
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -69,12 +59,6 @@ _FOREVER_NS = 2**62
 _now = time.monotonic_ns
 _flock = fcntl.flock
 _EX, _UN = fcntl.LOCK_EX, fcntl.LOCK_UN
-#: Spare tokens: a take from the page claims up to this much of the rate's time at once ...
-_CLAIM_NS = 1_000_000
-#: ... and at most this many tokens.
-_CLAIM_MAX = 64
-#: Limiters that may hold spare tokens, emptied in a forked child.
-_SPARING: weakref.WeakSet[RateLimiter] = weakref.WeakSet()
 
 
 def _describe(windows: Sequence[Window]) -> str:
@@ -168,18 +152,10 @@ class RateLimiter:
         self._take_state = self._gcra.take
         self._capacity = self._gcra.capacity
         w = parsed.windows[0]
-        #: (emission, tolerance, most spare tokens to claim) for the single-window fast path.
-        self._one: tuple[int, int, int] | None = None
-        if len(parsed.windows) == 1:
-            claim = max(1, min(_CLAIM_MAX, w.capacity, _CLAIM_NS // w.emission_ns))
-            self._one = (w.emission_ns, w.capacity * w.emission_ns, claim - 1)
-        #: Tokens this instance took from the page and has not handed out yet (under tlock),
-        #: the unit count after the latest claim and how many spares that claim added.
-        self._spare = 0
-        self._spare_claim = (0, 0)
-        self._sparing = self._one is not None and self._one[2] > 0
-        if self._sparing:
-            _SPARING.add(self)
+        #: (emission, tolerance) for the single-window fast path of try_acquire.
+        self._one = (
+            (w.emission_ns, w.capacity * w.emission_ns) if len(parsed.windows) == 1 else None
+        )
         slot = struct.Struct(f"{2 + len(parsed.windows)}q")  # one slot: native int64s
         self._unpack, self._pack = slot.unpack_from, slot.pack_into
         self._last_admit_ns = 0  # admission time of this instance's latest take (for tests)
@@ -263,19 +239,16 @@ class RateLimiter:
         one = self._one
         if one is None:
             return self._take(weight, 0)[1] is not None
-        # One window: Gcra.take spelled out on the page's words, taking spare tokens too (the
-        # cost of this path is the cost of the limiter; tests check it against Gcra.take).
+        # One window: Gcra.take spelled out on the page's words (the cost of this path is the
+        # cost of the limiter; tests check it against Gcra.take step by step).
+        cost = weight * one[0]
+        tolerance = one[1]
         page = self._page
         tlock = page.tlock
         tlock.acquire()
         try:
             if page.closed:
                 raise ValueError(f"{self!r} is closed")
-            spare = self._spare
-            if spare >= weight:
-                self._spare = spare - weight
-                return True
-            emission, tolerance, extra = one
             fd = page.fd
             _flock(fd, _EX)
             try:
@@ -284,24 +257,15 @@ class RateLimiter:
                 seq = mv[_W_SEQ]
                 src, dst = _SLOT_WORDS_BY_PARITY[seq & 1]
                 tat = mv[src + 2]
-                tat = tat if tat > now else now
-                cost = weight * emission
                 if tat + cost - tolerance > now:
                     return False
-                if extra:  # spares: as many more as conform now, up to the claim
-                    extra = min(extra, (now + tolerance - tat - cost) // emission)
-                    cost += extra * emission
                 last = mv[src + 1]
-                units = mv[src] + weight + extra
-                mv[dst] = units
+                mv[dst] = mv[src] + weight
                 mv[dst + 1] = last if last > now else now
-                mv[dst + 2] = tat + cost
+                mv[dst + 2] = (tat if tat > now else now) + cost
                 mv[_W_SEQ] = seq + 1  # the one 8-byte store that publishes the new state
             finally:
                 _flock(fd, _UN)
-            if extra:
-                self._spare = spare + extra
-                self._spare_claim = (units, extra)
         finally:
             tlock.release()
         self._last_admit_ns = now
@@ -314,10 +278,7 @@ class RateLimiter:
         The earliest slot is booked before sleeping, so waiters queue in order and no time is
         lost to oversleeping; an exception during the sleep gives the slot back.
         """
-        max_wait_ns = _seconds_ns(timeout, "timeout", none_ok=True)
-        if self._sparing and self.try_acquire(weight):  # now, with spares: no booking needed
-            return True
-        wait, new, now = self._take(weight, max_wait_ns)
+        wait, new, now = self._take(weight, _seconds_ns(timeout, "timeout", none_ok=True))
         if new is None:
             return False
         if wait:
@@ -369,16 +330,8 @@ class RateLimiter:
             stack[-1][1] = left - weight
 
     def close(self) -> None:
-        """Release this instance (giving back its spare tokens); the shared memory goes when its
-        last user closes (or dies)."""
-        page = self._page
-        with page.tlock:
-            spare, self._spare = self._spare, 0
-            units_at_take, claimed = self._spare_claim
-        if spare and not page.closed:
-            with contextlib.suppress(Exception):
-                self._give_back(min(spare, claimed), units_at_take)
-        page.close()
+        """Release this instance; the shared memory goes when its last user closes (or dies)."""
+        self._page.close()
 
     def __enter__(self) -> RateLimiter:
         return self
@@ -411,14 +364,6 @@ class RateLimiter:
         page = self._page
         with page.locked():
             return self._unpack(page.mm, _SLOTS[page.mv[_W_SEQ] & 1])
-
-
-def _after_fork_in_child() -> None:
-    for limiter in list(_SPARING):
-        limiter._spare = 0
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reopen(name: str, parsed: ParsedRate) -> RateLimiter:

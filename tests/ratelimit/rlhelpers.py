@@ -81,11 +81,6 @@ def hammer(limiter: RateLimiter, conn: Connection, mode: str) -> None:
                 limiter.refund()  # reserve-then-cancel: not an admission
             else:
                 got.append((limiter._last_admit_ns, 1))
-        elif mode == "try-now":  # the instant the call returned (spares have no admission time)
-            if limiter.try_acquire():
-                got.append((time.monotonic_ns(), 1))
-            else:
-                time.sleep(0.0005)
         elif limiter.try_acquire():
             got.append((limiter._last_admit_ns, 1))
         else:

@@ -10,13 +10,11 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from multiprocessing.connection import Connection
 
 import pytest
 from pyrate_limiter import Duration, Rate
 from rlhelpers import check_no_leftovers, count_tries, our_files, unique_name
 
-from procdispatch import _ratelimit
 from procdispatch._ratelimit import _SLOTS, _W_SEQ, RateLimiter
 from procdispatch._shmpage import paths
 from procdispatch.errors import OptionsError
@@ -125,25 +123,20 @@ def test_acquire_gives_up_at_once_when_the_slot_is_beyond_the_timeout() -> None:
 
 
 @pytest.mark.parametrize("weight", [0, -1, 4, 1.0, True, "1", None])
-@pytest.mark.parametrize("rate", [HOURLY, 1e6])  # the latter with spares
-def test_bad_weights_raise_options_error(weight: object, rate: float) -> None:
-    with RateLimiter(rate, burst=3) as lim:
-        assert lim.try_acquire()
+def test_bad_weights_raise_options_error(weight: object) -> None:
+    with RateLimiter(HOURLY, burst=3) as lim:
         for call in (lim.try_acquire, lim.acquire, lim.reserve, lim.refund):
             with pytest.raises(OptionsError, match=r"weight must be an int from 1 to 3 .*\(got "):
                 call(weight)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])
-@pytest.mark.parametrize(("rate", "burst"), [(HOURLY, 1), (1e6, 64)])  # the latter with spares
-def test_bad_timeouts_raise_options_error(timeout: object, rate: float, burst: int) -> None:
-    with RateLimiter(rate, burst=burst) as lim:
-        if burst > 1:
-            assert lim.try_acquire()
-            assert lim._spare == burst - 1
-        with pytest.raises(OptionsError, match="timeout must be None or a number of seconds >= 0"):
-            lim.acquire(timeout=timeout)  # type: ignore[arg-type]
-        assert lim._spare == burst - 1
+def test_bad_timeouts_raise_options_error(timeout: object) -> None:
+    with (
+        RateLimiter(HOURLY) as lim,
+        pytest.raises(OptionsError, match="timeout must be None or a number of seconds >= 0"),
+    ):
+        lim.acquire(timeout=timeout)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -230,46 +223,6 @@ def test_threads_sharing_an_instance_never_overdraw() -> None:
         assert sum(wins) == 50
 
 
-def test_threads_sharing_spare_tokens_never_overdraw(monkeypatch: pytest.MonkeyPatch) -> None:
-    """At a million per second a take claims the whole burst of 50 at once; with the clock
-    stopped nothing refills, so eight threads racing for the spares must get exactly 50."""
-    monkeypatch.setattr(_ratelimit, "_now", lambda: 10**12)
-    with RateLimiter(1e6, burst=50) as lim:
-        wins = [0] * 8
-        start = threading.Barrier(8)
-
-        def grab(i: int) -> None:
-            start.wait(10)
-            for _ in range(40):
-                wins[i] += lim.try_acquire(1 + i % 2)
-
-        threads = [threading.Thread(target=grab, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert sum(w * (1 + i % 2) for i, w in enumerate(wins)) + lim._spare == 50
-        assert lim._state_for_tests()[0] == 50
-
-
-def test_close_gives_unused_spares_back_and_ends_their_use() -> None:
-    name = unique_name()
-    with RateLimiter(1e6, burst=64, name=name) as observer:
-        lim = RateLimiter(1e6, burst=64, name=name)
-        assert lim.try_acquire() is True
-        assert lim._spare == 63
-        assert observer._state_for_tests()[0] == 64
-        tat = observer._state_for_tests()[2]
-        lim.close()
-        with pytest.raises(ValueError, match="is closed"):
-            lim.try_acquire()
-        with pytest.raises(ValueError, match="is closed"):
-            lim.acquire()
-        # Nothing else was admitted meanwhile, so the give-back is exact: the TAT is one token's
-        # worth after the claim, not 64 tokens' worth.
-        assert observer._state_for_tests()[2] == tat - 63 * 1000
-
-
 def test_closed_limiter_refuses_use_and_pickling() -> None:
     lim = RateLimiter(5.0)
     lim.close()
@@ -348,31 +301,3 @@ def test_fork_child_gets_its_own_lock_owner_and_shares_the_budget() -> None:
         child.join(30)
         assert child.exitcode == 0
         assert lim.try_acquire() is False
-
-
-def report_spares(limiter: RateLimiter, conn: Connection) -> None:
-    before = limiter._spare
-    took = limiter.try_acquire()
-    conn.send((before, took, limiter._spare, limiter._state_for_tests()[0]))
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="the fork start method is a Linux default")
-def test_fork_child_starts_without_the_parents_spare_tokens() -> None:
-    ctx = multiprocessing.get_context("fork")
-    with RateLimiter(1e6, burst=64) as lim:
-        assert lim.try_acquire() is True
-        assert lim._spare == 63
-        reader, writer = ctx.Pipe(duplex=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
-            child = ctx.Process(target=report_spares, args=(lim, writer))
-            child.start()
-        assert reader.poll(30)
-        before, took, after, units = reader.recv()
-        child.join(30)
-        assert child.exitcode == 0
-        # The child's try went to the page (claiming its own spares), not to the parent's.
-        assert (before, took) == (0, True)
-        assert units > 64
-        assert after == units - 64 - 1
-        assert lim._spare == 63
