@@ -104,7 +104,7 @@ class Outcomes(Admission):
     def _on_message(self, slot: Slot, msg: proto.WorkerMessage, now: float) -> None:
         m: proto.Done | proto.Failed
         failed: proto.Failed | None = None
-        if msg.__class__ is proto.Done:  # by far the most common: tested first
+        if type(msg) is proto.Done:  # by far the most common: tested first
             m = msg
         elif isinstance(msg, proto.Ready):
             if slot.state is WState.STARTING:

@@ -96,3 +96,46 @@ def test_leases_come_in_send_time_then_id_order(
         # earliest of all.
         head = (queued[min(queued)] if fifo else min(queued.values())) if queued else None
         assert buf.next_send_time() == head
+
+
+def test_a_cut_earlier_than_the_last_one_still_leases_in_order() -> None:
+    """A caller's clock that steps back: the later cut goes to the heap, and order holds."""
+    buf: Buffer[str] = Buffer(BufferOptions(max_leases=3, batch_items_max=1))
+    buf.add(5.0, "a")  # (5.0, 1)
+    buf.add(3.0, "b")  # (3.0, 2): earlier than the deque's tail
+    buf.add(4.0, "c")  # (4.0, 3)
+    assert buf.next_send_time() == 3.0
+    got = [buf.lease_one(6.0) for _ in range(3)]
+    assert [b.data for b in got if b is not None] == [["b"], ["c"], ["a"]]
+
+
+def test_an_aged_current_batch_goes_before_a_waiting_retry() -> None:
+    """The current batch, cut by age at lease time, passes a re-queued batch not yet due;
+    the retry then comes when due."""
+    buf: Buffer[str] = Buffer(
+        BufferOptions(
+            max_leases=2,
+            batch_items_max=2,
+            batch_age_max=1.0,
+            retry=lambda: iter([10.0]),
+        )
+    )
+    buf.add(0.0, "a")
+    buf.add(0.0, "b")  # batch 1, full: cut at 0.0
+    first = buf.lease_one(0.0)
+    assert first is not None
+    assert first.id == 1
+    assert buf.nack(0.0, first) is None  # due again at 10.0, in the heap
+    buf.add(0.5, "c")  # batch 2, the current one, due by age at 1.5
+    assert buf.next_send_time() == 1.5
+    assert not buf.ready(1.4)
+    assert buf.lease_one(1.4) is None
+    assert buf.ready(2.0)
+    second = buf.lease_one(2.0)
+    assert second is not None
+    assert second.data == ["c"]
+    assert buf.next_send_time() == 10.0
+    assert buf.lease_one(9.9) is None
+    again = buf.lease_one(10.0)
+    assert again is first
+    assert again.attempt == 2
