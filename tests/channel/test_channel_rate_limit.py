@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 
 from pyrate_limiter import Duration, Rate
 from workerfns import Log, Recorder
@@ -34,13 +35,42 @@ def test_qps_limit_holds_across_four_workers(tmp_path, make_channel):
     assert ch.close_and_drain(60)
     ts = starts(log)
     assert len(ts) == 130
-    assert max_in_window(ts) <= 50 + 1
+    # The limiter holds every 1 s window at admission, in the coordinator; a worker starts
+    # the send a pipe hop and a wake-up later, and on a loaded machine those vary by more
+    # than the 20 ms between tokens, so the start times are checked in windows 0.1 s short
+    # (each holds starts admitted within 1 s as long as no start lags by more than 0.1 s).
+    assert max_in_window(ts, 0.9) <= 50 + 1
     assert ch.stats().batches_sent == 130
+
+
+class AdmissionLog(pd.RateLimiter):
+    """A RateLimiter that records the admission time of every token taken by ``reserve``
+    and not given back by ``refund`` (the two calls a channel's coordinator makes)."""
+
+    def __init__(self, rate: float, *, burst: int) -> None:
+        super().__init__(rate, burst=burst)
+        self.entries: list[list[float]] = []  # [admission time ns, still counted]
+        self._mine = threading.local()
+
+    def reserve(self, weight: int = 1, *, within: float = 0.0) -> float:
+        delay = super().reserve(weight, within=within)
+        if delay <= within:
+            entry = [self._last_admit_ns, 1]
+            self.entries.append(entry)
+            self._mine.__dict__.setdefault("stack", []).append(entry)
+        return delay
+
+    def refund(self, weight: int = 1) -> None:
+        super().refund(weight)
+        self._mine.stack.pop()[1] = 0  # this thread's latest reserve, as refund documents
+
+    def admissions(self) -> list[float]:
+        return [t / 1e9 for t, counted in self.entries if counted]
 
 
 def test_two_channels_sharing_one_limiter_stay_under_it(tmp_path, make_channel):
     log = Log(tmp_path / "log")
-    with pd.RateLimiter(30, burst=2) as limiter:
+    with AdmissionLog(30, burst=2) as limiter:
         a = make_channel(Recorder(log), workers=2, batch_items_max=1, qps_limit=limiter)
         b = make_channel(Recorder(log), workers=2, batch_items_max=1, qps_limit=limiter)
         a.put_many(range(45))
@@ -48,9 +78,14 @@ def test_two_channels_sharing_one_limiter_stay_under_it(tmp_path, make_channel):
         assert a.close_and_drain(60)
         assert b.close_and_drain(60)
         assert not limiter.closed  # the user's limiter is left open for them
+        admitted = limiter.admissions()
+    # Exactly at admission (both coordinators drew on the one budget), and at the workers'
+    # start times with the slack explained above.
+    assert len(admitted) == 90
+    assert max_in_window(admitted) <= 30 + 2
     ts = starts(log)
     assert len(ts) == 90
-    assert max_in_window(ts) <= 30 + 2
+    assert max_in_window(ts, 0.9) <= 30 + 2
 
 
 def test_rate_windows_as_qps_limit(tmp_path, make_channel):
