@@ -285,7 +285,7 @@ class Buffer(Generic[T]):
         if len(self._leases) >= self._max_leases:
             return None
         fresh, heap = self._fresh, self._heap
-        if fresh:
+        if fresh:  # _head() and _pop_head(), spelled out: this runs once per batch
             if heap and heap[0] < fresh[0]:
                 if heap[0][2]._next_send <= now:
                     return self._lease(heapq.heappop(heap)[2])
