@@ -1,10 +1,11 @@
 """Wire messages between the coordinator (parent) and a worker, and their byte encoding.
 
-Every message is a small immutable tuple class; its docstring says its direction. On the pipe
-each message is one ``send_bytes`` frame whose first byte names its kind. Leases and results
-carry a fixed binary header (batch id, attempt) *outside* the pickle, so that a worker that
-cannot unpickle a lease's items can still say which batch failed, and the common result (Done)
-needs no pickling at all. A batch crosses the pipe as a plain list of items.
+Every message is a small slotted class, made once and never changed; its docstring says its
+direction. On the pipe each message is one ``send_bytes`` frame whose first byte names its
+kind. Leases and results carry a fixed binary header (batch id, attempt) *outside* the pickle,
+so that a worker that cannot unpickle a lease's items can still say which batch failed, and the
+common result (Done) needs no pickling at all. A batch crosses the pipe as a plain list of
+items.
 
 Pickling uses the standard pickler (protocol 5) and falls back to cloudpickle for what only
 cloudpickle can serialise (lambdas, local classes). What cannot be sent at all turns into a
