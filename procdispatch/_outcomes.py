@@ -16,12 +16,12 @@ import logging
 import math
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, cast
+from typing import Any
 
 from . import _protocol as proto
 from ._admission import Admission
 from ._options import ChannelOptions
-from ._pool import BUSY, DEAD, IDLE, Slot, WorkerPool, WState
+from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
 from .buffer import Batch, Buffer
 from .errors import (
     InternalError,
@@ -103,19 +103,19 @@ class Outcomes(Admission):
 
     def _on_message(self, slot: Slot, msg: proto.WorkerMessage, now: float) -> None:
         m: proto.Done | proto.Failed
-        failed: proto.Failed | None = None
-        if type(msg) is proto.Done:  # by far the most common: tested first
-            m = msg
+        failed: proto.Failed | None
+        if isinstance(msg, proto.Done):  # by far the most common: tested first
+            m, failed = msg, None
+        elif isinstance(msg, proto.Failed):
+            m = failed = msg
         elif isinstance(msg, proto.Ready):
-            if slot.state is WState.STARTING:
-                slot.move(WState.IDLE)
+            if slot.state is STARTING:
+                slot.move(IDLE)
             self._start_failures = 0
             return
-        elif isinstance(msg, proto.InitFailed):
-            slot.init_error = msg.error  # reported when the worker's death is seen
-            return
         else:
-            m = failed = cast(proto.Failed, msg)
+            slot.init_error = msg.error  # InitFailed: reported when the worker's death is seen
+            return
         b = slot.batches[0] if slot.batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
             raise InternalError(
@@ -186,7 +186,7 @@ class Outcomes(Admission):
         self._count_alive()
         batches = list(slot.batches)
         slot.batches.clear()
-        if was is WState.STARTING:
+        if was is STARTING:
             self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
         for i, b in enumerate(batches):
             if not b.synthetic:
@@ -212,7 +212,7 @@ class Outcomes(Admission):
                         slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
                     )
                 self._fail(b, exc, now, fault=True)
-        if was is not WState.STOPPING and not self._ending():
+        if was is not STOPPING and not self._ending():
             self._spawn()
             with self.lock:
                 self.worker_restarts += 1
@@ -247,7 +247,7 @@ class Outcomes(Admission):
         if reason is None or self._cancelled:
             return
         log.info("recycling worker %d (pid %s): %s", slot.wid, slot.handle.pid, reason)
-        slot.move(WState.STOPPING)
+        slot.move(STOPPING)
         slot.handle.stop()
         self._spawn()
         with self.lock:

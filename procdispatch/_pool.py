@@ -35,9 +35,9 @@ class WState(enum.Enum):
     DEAD = "dead"
 
 
-# The members as module constants. On Python 3.11 the Enum metaclass defines __getattr__, so
-# every `WState.IDLE` goes through a Python-level attribute hook (about 1,000 instructions);
-# the paths that run per batch use these names instead.
+# The members as module constants, which the package uses instead of `WState.X`: on Python 3.11
+# the Enum metaclass defines __getattr__, so every `WState.IDLE` goes through a Python-level
+# attribute hook (about 1,000 instructions), and states are tested and moved on every batch.
 STARTING, IDLE, BUSY, STOPPING, DEAD = (
     WState.STARTING,
     WState.IDLE,
@@ -50,10 +50,10 @@ STARTING, IDLE, BUSY, STOPPING, DEAD = (
 # hash is computed in Python, and this check runs twice per batch; `in` on a tuple compares
 # identity first.
 _ALLOWED: dict[str, tuple[WState, ...]] = {
-    "STARTING": (WState.IDLE, WState.STOPPING, WState.DEAD),
-    "IDLE": (WState.BUSY, WState.STOPPING, WState.DEAD),
-    "BUSY": (WState.IDLE, WState.STOPPING, WState.DEAD),
-    "STOPPING": (WState.DEAD,),
+    "STARTING": (IDLE, STOPPING, DEAD),
+    "IDLE": (BUSY, STOPPING, DEAD),
+    "BUSY": (IDLE, STOPPING, DEAD),
+    "STOPPING": (DEAD,),
     "DEAD": (),
 }
 
@@ -75,7 +75,7 @@ class Slot:
     def __init__(self, wid: int, handle: WorkerHandle) -> None:
         self.wid = wid
         self.handle = handle
-        self.state = WState.STARTING
+        self.state = STARTING
         self.batches: collections.deque[Batch[Any]] = collections.deque()
         self.deadline = math.inf  # send_timeout deadline of the running (head) batch
         self.done = 0
@@ -191,7 +191,7 @@ class WorkerPool:
         if code is None and slot.kill_reason is None and isinstance(handle, ProcessWorker):
             handle.kill()  # its pipe closed but it lingers: make sure it is gone
             code = handle.exitcode(1.0)
-        slot.move(WState.DEAD)
+        slot.move(DEAD)
         self._unwatch(slot)
         handle.close()
         self.slots.remove(slot)
@@ -216,6 +216,6 @@ class WorkerPool:
                 s.handle.exitcode(1.0)
             self._unwatch(s)
             s.handle.close()
-            s.state = WState.DEAD
+            s.state = DEAD
         self.slots = []
         self._selector.close()
