@@ -47,7 +47,7 @@ A state is a flat tuple of ints, the layout of a slot in shared memory::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
@@ -81,31 +81,47 @@ class Window:
 
 class Take(Protocol):
     def __call__(
-        self, state: State, now: int, weight: int, max_wait_ns: int = 0
+        self, state: State, now: int, weight: int, max_wait_ns: int = 0, reserved: int = 0
     ) -> tuple[int, State | None]: ...
 
 
 def _take_one(emission: int, tolerance: int) -> Take:
-    """:meth:`Gcra.take` for a single window, with its constants bound: the hot path."""
+    """:meth:`Gcra.take` for a single window, with its constants bound."""
 
-    def take(state: State, now: int, weight: int, max_wait_ns: int = 0) -> tuple[int, State | None]:
+    def take(
+        state: State, now: int, weight: int, max_wait_ns: int = 0, reserved: int = 0
+    ) -> tuple[int, State | None]:
         units, last, tat = state
         cost = weight * emission
-        wait = tat + cost - tolerance - now
+        # From max(tat, now): an idle window holds ``capacity``, and no more, for both.
+        wait = (tat if tat > now else now) + cost + reserved * emission - tolerance - now
         if wait > max_wait_ns:
             return wait, None
-        if wait > 0:  # booked in the future; then tat >= now + wait already
-            at = now + wait
-            return wait, (units + weight, last if last > at else at, tat + cost)
-        return 0, (units + weight, last if last > now else now, (tat if tat > now else now) + cost)
+        at = now + wait if wait > 0 else now
+        return wait if wait > 0 else 0, (
+            units + weight,
+            last if last > at else at,
+            (tat if tat > at else at) + cost,
+        )
 
     return take
+
+
+def _room_one(emission: int, tolerance: int, capacity: int) -> Callable[[State, int], int]:
+    """:meth:`Gcra.room` for a single window, with its constants bound."""
+
+    def room(state: State, now: int) -> int:
+        tat = state[2]
+        free = (now + tolerance - (tat if tat > now else now)) // emission
+        return capacity if free > capacity else (free if free > 0 else 0)
+
+    return room
 
 
 class Gcra:
     """GCRA over one or more windows. Immutable; every method is a pure function of its inputs."""
 
-    __slots__ = ("_pairs", "capacity", "take", "windows")
+    __slots__ = ("_pairs", "capacity", "room", "take", "windows")
 
     def __init__(self, windows: Sequence[Window]) -> None:
         if not windows:
@@ -114,11 +130,19 @@ class Gcra:
         #: The largest weight that can ever be admitted (every window must hold it at once).
         self.capacity: int = min(w.capacity for w in self.windows)
         self._pairs = tuple((w.emission_ns, w.capacity * w.emission_ns) for w in self.windows)
-        #: ``take(state, now, weight, max_wait_ns=0) -> (wait, new_state)``: admit ``weight``
-        #: units at the earliest conforming instant, ``now + wait``, if ``wait <= max_wait_ns``;
-        #: otherwise ``new_state`` is None and nothing is taken. ``weight`` must be between 1
-        #: and :attr:`capacity` (the caller checks).
+        #: ``take(state, now, weight, max_wait_ns=0, reserved=0) -> (wait, new_state)``: admit
+        #: ``weight`` units at the earliest conforming instant, ``now + wait``, if
+        #: ``wait <= max_wait_ns``; otherwise ``new_state`` is None and nothing is taken.
+        #: ``weight`` must be between 1 and :attr:`capacity` (the caller checks). ``reserved``
+        #: units are kept free: the instant is one at which ``weight + reserved`` would conform
+        #: (they are not taken).
         self.take: Take = _take_one(*self._pairs[0]) if len(self._pairs) == 1 else self._take_many
+        #: ``room(state, now) -> int``: how many units would conform at ``now`` under every
+        #: window, taken one by one (at most :attr:`capacity`; 0 while any window is booked
+        #: beyond its tolerance).
+        self.room: Callable[[State, int], int] = (
+            _room_one(*self._pairs[0], self.capacity) if len(self._pairs) == 1 else self._room
+        )
 
     def initial(self) -> State:
         """A limiter that has never admitted anything: full."""
@@ -131,12 +155,40 @@ class Gcra:
             worst = max(worst, tat + weight * emission - tolerance - now)
         return worst
 
+    def _room(self, state: State, now: int) -> int:
+        free = self.capacity
+        for tat, (emission, tolerance) in zip(state[2:], self._pairs, strict=True):
+            free = min(free, (now + tolerance - (tat if tat > now else now)) // emission)
+        return max(free, 0)
+
+    def charge(self, state: State, now: int, units: int) -> State:
+        """``units`` admitted at ``now`` without asking (they were taken already, elsewhere):
+        every TAT moves as for an admission, booked beyond the tolerance if need be."""
+        if units < 0:
+            raise ValueError(f"bad charge: units={units}")
+        if not units:
+            return state
+        last = state[1]
+        head = (state[0] + units, last if last > now else now)
+        if len(state) == 3:
+            tat = state[2]
+            return (*head, (tat if tat > now else now) + units * self._pairs[0][0])
+        tats = [
+            (tat if tat > now else now) + units * emission
+            for tat, (emission, _) in zip(state[2:], self._pairs, strict=True)
+        ]
+        return (*head, *tats)
+
     def _take_many(
-        self, state: State, now: int, weight: int, max_wait_ns: int = 0
+        self, state: State, now: int, weight: int, max_wait_ns: int = 0, reserved: int = 0
     ) -> tuple[int, State | None]:
         tats = state[2:]
         pairs = self._pairs
-        wait = max([t + weight * e - tol for t, (e, tol) in zip(tats, pairs, strict=True)]) - now
+        need = weight + reserved
+        wait = (
+            max([max(t, now) + need * e - tol for t, (e, tol) in zip(tats, pairs, strict=True)])
+            - now
+        )
         if wait > max_wait_ns:
             return wait, None
         wait = max(wait, 0)

@@ -2,15 +2,39 @@
 
 Theory of operation
 -------------------
-Every operation is one read-decide-write of a few integers, a few microseconds long, under the
-page's cross-process lock (flock: released by the kernel the instant a holder dies, so a
-SIGKILLed holder never wedges the others; see :mod:`._shmpage`). The decision is the pure
-:class:`._gcra.Gcra`; this module only moves its state in and out of shared memory.
+The budget is a GCRA state (units admitted, latest admission, one TAT per window) on a shared
+page, changed only under the page's cross-process lock (flock: released by the kernel the
+instant a holder dies, so a SIGKILLed holder never wedges the others; see :mod:`._shmpage`).
+The decisions are the pure :class:`._gcra.Gcra`; this module moves state in and out of shared
+memory and keeps the *pool*.
+
+*The pool* is the page's FIFO: one byte per token that conforms now and that nobody has taken.
+A take that finds enough bytes reads them, one atomic ``read`` without the lock, and is done;
+that is the common case and costs one system call. Only when the pool runs short does a taker
+lock the page, and then it
+
+1. *settles*: the page remembers how many bytes it left in the pool (``pool``); fewer are there
+   now, so the difference were taken since, and are charged to the GCRA as admitted *now*
+   (later than they were really taken, which can only make the limiter stricter);
+2. decides its own take with the pool's bytes kept free (``Gcra.take(reserved=...)``): a token
+   in the pool may be used at any moment, so nothing may be promised that leaves no room for it;
+3. *refills*: as many bytes as now conform beyond those already in the pool (``Gcra.room``),
+   recording the new count before writing them.
+
+So every token is charged once, at or after its use, and at any instant the pool holds no more
+than the GCRA lets through at that instant: the admissions in any span obey the GCRA bound, as
+if each had been decided under the lock at the moment of its settle. A process killed with
+tokens read is charged for them; one killed between recording a refill and writing it is
+charged for bytes that never existed: both err on the strict side. Tokens given back by a
+take that got too few, or by ``refund``, go back into the pool when the page shows that no
+settle charged them meanwhile. Otherwise a short take's stay spent (back in the pool they could
+outlast their charge, which the GCRA forgets once a window has refilled), and a refund's are
+taken off their charge by :meth:`._gcra.Gcra.refund`, which knows how.
 
 The page, in native int64 words::
 
     0 magic   1 window count   2 seq   3 -   4.. (emission ns, capacity) per window (32 max)
-    slot 0, slot 1: (units admitted, latest admission ns, TAT of each window)
+    slot 0, slot 1: (units admitted, latest admission ns, TAT of each window, pool)
 
 *No torn state*: ``seq``'s parity names the live slot. An update writes the whole new state into
 the idle slot, then publishes it by storing ``seq + 1``, one aligned 8-byte write. A writer
@@ -36,6 +60,7 @@ import mmap
 import os
 import secrets
 import struct
+import termios
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -49,16 +74,43 @@ if TYPE_CHECKING:
 
 __all__ = ["RateLimiter"]
 
-_MAGIC = 0x31_4C_52_44_50_43_52_50
+_MAGIC = 0x32_4C_52_44_50_43_52_50
 _W_MAGIC, _W_COUNT, _W_SEQ, _W_PARAMS = 0, 1, 2, 4  # word offsets
-_SLOT_WORDS = 2 + MAX_WINDOWS
+_SLOT_WORDS = 3 + MAX_WINDOWS
 _SLOTS = tuple(8 * (_W_PARAMS + 2 * MAX_WINDOWS + i * _SLOT_WORDS) for i in (0, 1))  # bytes
-#: (live slot, idle slot) as word offsets, by the parity of ``seq``.
-_SLOT_WORDS_BY_PARITY = ((_SLOTS[0] // 8, _SLOTS[1] // 8), (_SLOTS[1] // 8, _SLOTS[0] // 8))
 _FOREVER_NS = 2**62
 _now = time.monotonic_ns
 _flock = fcntl.flock
 _EX, _UN = fcntl.LOCK_EX, fcntl.LOCK_UN
+_read, _write = os.read, os.write
+_REFILL_MAX = 1 << 16  # bytes written to the pool at once
+_ZEROS = memoryview(bytes(_REFILL_MAX))
+_FIONREAD = termios.FIONREAD
+_INT = struct.Struct("i")
+
+
+def _pool_count(pipe: int) -> int:
+    """Bytes in the pool now."""
+    return int(_INT.unpack(fcntl.ioctl(pipe, _FIONREAD, b"\0\0\0\0"))[0])
+
+
+def _read_some(pipe: int, n: int) -> int:
+    """Take up to ``n`` bytes from the pool; how many were there."""
+    try:
+        return len(_read(pipe, n))
+    except BlockingIOError:
+        return 0
+
+
+def _write_some(pipe: int, n: int) -> int:
+    """Put up to ``n`` bytes into the pool (fewer if the pipe is full); how many went in."""
+    done = 0
+    while done < n:
+        try:
+            done += _write(pipe, _ZEROS[: min(n - done, _REFILL_MAX)])
+        except BlockingIOError:
+            break
+    return done
 
 
 def _describe(windows: Sequence[Window]) -> str:
@@ -99,7 +151,7 @@ def _init_or_check(
         mv[_W_PARAMS + 2 * i], mv[_W_PARAMS + 2 * i + 1] = w.emission_ns, w.capacity
     mv[_W_SEQ] = 0
     for offset in _SLOTS:
-        slot.pack_into(mm, offset, *initial)
+        slot.pack_into(mm, offset, *initial, 0)
     mv[_W_MAGIC] = _MAGIC
 
 
@@ -150,23 +202,66 @@ class RateLimiter:
         self._name, self._parsed, self._windows = name, parsed, parsed.windows
         self._gcra = Gcra(parsed.windows)
         self._take_state = self._gcra.take
+        self._room = self._gcra.room
+        #: Where each slot counts the pool's bytes (its last word), by the parity of seq.
+        self._pool_word = tuple(at // 8 + 2 + len(parsed.windows) for at in _SLOTS)
+        self._units_word = tuple(at // 8 for at in _SLOTS)
         self._capacity = self._gcra.capacity
-        w = parsed.windows[0]
-        #: (emission, tolerance) for the single-window fast path of try_acquire.
-        self._one = (
-            (w.emission_ns, w.capacity * w.emission_ns) if len(parsed.windows) == 1 else None
-        )
-        slot = struct.Struct(f"{2 + len(parsed.windows)}q")  # one slot: native int64s
+        slot = struct.Struct(f"{3 + len(parsed.windows)}q")  # one slot: native int64s
         self._unpack, self._pack = slot.unpack_from, slot.pack_into
-        self._last_admit_ns = 0  # admission time of this instance's latest take (for tests)
+        #: Admission time of this instance's latest take, when it was decided under the lock
+        #: (booked times included); None when it came from the pool (some instant during the
+        #: call). For tests and benchmarks.
+        self._last_admit_ns: int | None = 0
         # The setup must not refer to self: a cycle would keep a dropped limiter's page open.
         setup = functools.partial(_init_or_check, name, parsed.windows, self._gcra.initial(), slot)
         self._page = SharedPage(name, setup)
 
     # -- state access, under the page lock -------------------------------------------------
 
-    def _take(self, weight: int, max_wait_ns: int) -> tuple[int, State | None, int]:
-        """Admit at the earliest instant within ``max_wait_ns``: (wait, new state or None, now)."""
+    def _settled(self, now: int) -> tuple[int, State, int]:
+        """Under the lock: (seq, GCRA state with the pool's takes since charged, bytes in the
+        pool)."""
+        page = self._page
+        seq = page.mv[_W_SEQ]
+        slot = self._unpack(page.mm, _SLOTS[seq & 1])
+        pool = slot[-1]
+        if not pool:  # bytes go in only after being counted here: none can be there
+            return seq, slot[:-1], 0
+        there = _pool_count(page.pipe)
+        if pool > there:
+            return seq, self._gcra.charge(slot[:-1], now, pool - there), there
+        return seq, slot[:-1], there
+
+    def _publish(self, seq: int, state: State, pool: int, now: int) -> int:
+        """Under the lock: refill the pool with what now conforms beyond ``pool`` bytes, and
+        make ``state`` (with the pool's count) the live state. Returns the new seq."""
+        page = self._page
+        mm, mv = page.mm, page.mv
+        refill = min(self._room(state, now) - pool, _REFILL_MAX)
+        if refill > 0:
+            # Recorded before written: a writer killed in between is charged for bytes that
+            # never went in (strict), never the reverse.
+            self._pack(mm, _SLOTS[~seq & 1], *state, pool + refill)
+            seq += 1
+            mv[_W_SEQ] = seq
+            put = _write_some(page.pipe, refill)
+            if put == refill:
+                return seq
+            pool += put
+        self._pack(mm, _SLOTS[~seq & 1], *state, pool)
+        mv[_W_SEQ] = seq + 1  # the one 8-byte store that publishes the new state
+        return seq + 1
+
+    def _take(
+        self, weight: int, max_wait_ns: int, returned: int = 0, seq_read: int = -1
+    ) -> tuple[int, int, int]:
+        """Under the lock, after the pool fell short: admit ``weight`` at the earliest instant
+        within ``max_wait_ns``, from the GCRA with the pool's bytes kept free (after taking
+        what it needs of them back). ``returned`` bytes, read from the pool by the caller (after
+        it saw the page at ``seq_read``) and not enough, go back first. Returns (wait, ticket,
+        now): ticket 0 if nothing was taken, else ``units`` after the admission (what
+        :meth:`_give_back` needs; a take from the pool, outside, has ``-1 - seq``)."""
         if type(weight) is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
         page = self._page
@@ -175,37 +270,58 @@ class RateLimiter:
         try:
             if page.closed:
                 raise ValueError(f"{self!r} is closed")
-            fd, mm, mv = page.fd, page.mm, page.mv
+            fd = page.fd
             _flock(fd, _EX)
             try:
+                if returned and page.mv[_W_SEQ] == seq_read:
+                    # No settle since they were read: back in the pool, as if never taken.
+                    _write_some(page.pipe, returned)
+                # Else a settle has charged them (or this one will), as used: they stay spent.
+                # Given back, they could outlast their charge: a charge is forgotten once the
+                # window has refilled, and the pool would then hold more than conforms.
                 now = _now()
-                seq = mv[_W_SEQ]
-                state = self._unpack(mm, _SLOTS[seq & 1])
-                wait, new = self._take_state(state, now, weight, max_wait_ns)
-                if new is not None:
-                    self._pack(mm, _SLOTS[~seq & 1], *new)
-                    mv[_W_SEQ] = seq + 1  # the one 8-byte store that publishes the new state
-                    self._last_admit_ns = now + wait
+                seq, state, pool = self._settled(now)
+                if pool:
+                    # Bytes taken out of the pool under the lock are free capacity again (they
+                    # were never charged): so a take may use the pool and what conforms
+                    # beyond it together. The refill below puts back what is left over.
+                    pool -= _read_some(page.pipe, min(weight, pool))
+                wait, new = self._take_state(state, now, weight, max_wait_ns, pool)
+                if new is None:
+                    self._publish(seq, state, pool, now)
+                    return wait, 0, now
+                self._publish(seq, new, pool, now)
+                self._last_admit_ns = now + wait
+                return wait, new[0], now
             finally:
                 _flock(fd, _UN)
         finally:
             tlock.release()
-        return wait, new, now
 
-    def _give_back(self, weight: int, units_at_take: int) -> None:
+    def _give_back(self, weight: int, ticket: int, floor: int = 0) -> None:
+        """Undo ``weight`` tokens of a take that ``_take`` ticketed, or of a take from the pool
+        (ticket ``-1 - seq``) after which the unit count is at least ``floor`` once charged."""
         page = self._page
         with page.tlock:
             if page.closed:
                 raise ValueError(f"{self!r} is closed")
-            fd, mm, mv = page.fd, page.mm, page.mv
+            fd = page.fd
             try:
                 _flock(fd, _EX)
-                seq = mv[_W_SEQ]
-                state = self._unpack(mm, _SLOTS[seq & 1])
-                if state[0] >= units_at_take:  # else the limiter was recreated meanwhile
-                    new = self._gcra.refund(state, weight, units_at_take)
-                    self._pack(mm, _SLOTS[~seq & 1], *new)
-                    mv[_W_SEQ] = seq + 1
+                if ticket < 0 and page.mv[_W_SEQ] == -1 - ticket:
+                    # No settle since the take: back in the pool, it is as if never taken.
+                    _write_some(page.pipe, weight)
+                    ticket = 0
+                now = _now()
+                seq, state, pool = self._settled(now)
+                if ticket < 0:
+                    # A settle has charged them, with the pool's other takes, as one admission
+                    # after which the count was at least ``floor``: refunded as from that
+                    # admission, which can only be stricter than the truth (Gcra.refund).
+                    ticket = floor
+                if ticket > 0 and state[0] >= ticket:  # else the limiter was recreated
+                    state = self._gcra.refund(state, weight, ticket)
+                self._publish(seq, state, pool, now)
             finally:
                 _flock(fd, _UN)
 
@@ -236,40 +352,27 @@ class RateLimiter:
         microseconds for the lock)."""
         if weight.__class__ is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
-        one = self._one
-        if one is None:
-            return self._take(weight, 0)[1] is not None
-        # One window: Gcra.take spelled out on the page's words (the cost of this path is the
-        # cost of the limiter; tests check it against Gcra.take step by step).
-        cost = weight * one[0]
-        tolerance = one[1]
         page = self._page
         tlock = page.tlock
-        tlock.acquire()
+        tlock.acquire()  # a close() in another thread must not free the descriptor under us
         try:
             if page.closed:
                 raise ValueError(f"{self!r} is closed")
-            fd = page.fd
-            _flock(fd, _EX)
-            try:
-                now = _now()
-                mv = page.mv
-                seq = mv[_W_SEQ]
-                src, dst = _SLOT_WORDS_BY_PARITY[seq & 1]
-                tat = mv[src + 2]
-                if tat + cost - tolerance > now:
-                    return False
-                last = mv[src + 1]
-                mv[dst] = mv[src] + weight
-                mv[dst + 1] = last if last > now else now
-                mv[dst + 2] = (tat if tat > now else now) + cost
-                mv[_W_SEQ] = seq + 1  # the one 8-byte store that publishes the new state
-            finally:
-                _flock(fd, _UN)
+            mv = page.mv
+            seq = mv[_W_SEQ]
+            if mv[self._pool_word[seq & 1]]:  # else the pool is empty: no read, no exception
+                try:
+                    got = len(_read(page.pipe, weight))
+                except BlockingIOError:
+                    got = 0
+            else:
+                got = 0
         finally:
             tlock.release()
-        self._last_admit_ns = now
-        return True
+        if got == weight:  # from the pool: one read, no lock
+            self._last_admit_ns = None
+            return True
+        return self._take(weight, 0, got, seq)[1] != 0
 
     def acquire(self, weight: int = 1, timeout: float | None = None) -> bool:
         """Take ``weight`` tokens, sleeping until the rate allows it. False, at once and with
@@ -278,8 +381,12 @@ class RateLimiter:
         The earliest slot is booked before sleeping, so waiters queue in order and no time is
         lost to oversleeping; an exception during the sleep gives the slot back.
         """
-        wait, new, now = self._take(weight, _seconds_ns(timeout, "timeout", none_ok=True))
-        if new is None:
+        max_wait = _seconds_ns(timeout, "timeout", none_ok=True)
+        seq, _, got = self._from_pool(weight)
+        if got == weight:
+            return True
+        wait, ticket, now = self._take(weight, max_wait, got, seq)
+        if not ticket:
             return False
         if wait:
             try:
@@ -287,7 +394,7 @@ class RateLimiter:
                     time.sleep(left / NS_PER_S)
             except BaseException:
                 with contextlib.suppress(Exception):
-                    self._give_back(weight, new[0])
+                    self._give_back(weight, ticket)
                 raise
         return True
 
@@ -300,13 +407,18 @@ class RateLimiter:
         (then ``<= within``) says how long to wait before using them. A result ``> within``
         means nothing was taken. Booking avoids losing the time a sleep-and-retry oversleeps.
         """
-        wait, new, _ = self._take(weight, _seconds_ns(within, "within", none_ok=False))
-        if new is None:
-            return max(wait / NS_PER_S, math.nextafter(within, math.inf))
+        max_wait = _seconds_ns(within, "within", none_ok=False)
+        seq, units, got = self._from_pool(weight)
+        if got == weight:
+            wait, ticket = 0, -1 - seq
+        else:
+            wait, ticket, _ = self._take(weight, max_wait, got, seq)
+            if not ticket:
+                return max(wait / NS_PER_S, math.nextafter(within, math.inf))
         stack: list[list[int]] = self._page.local.__dict__.setdefault("reserved", [])
-        stack.append([new[0], weight])
+        stack.append([ticket, weight, units + weight])
         del stack[:-64]  # only recent reservations can be cancelled
-        return min(wait / NS_PER_S, within)
+        return min(wait / NS_PER_S, within) if wait > 0 else 0.0
 
     def refund(self, weight: int = 1) -> None:
         """Give back ``weight`` tokens of this thread's latest successful :meth:`reserve`.
@@ -323,11 +435,29 @@ class RateLimiter:
                 f"refund(weight={weight}) must not exceed the {left} token(s) left of this "
                 "thread's latest reserve()"
             )
-        self._give_back(weight, stack[-1][0])
+        self._give_back(weight, stack[-1][0], stack[-1][2])
         if left == weight:
             stack.pop()
         else:
             stack[-1][1] = left - weight
+
+    def _from_pool(self, weight: int) -> tuple[int, int, int]:
+        """Read up to ``weight`` tokens from the pool, without the page lock: (the page's seq
+        and unit count just before, how many came)."""
+        if weight.__class__ is not int or not 0 < weight <= self._capacity:
+            self._bad_weight(weight)
+        page = self._page
+        with page.tlock:
+            if page.closed:
+                raise ValueError(f"{self!r} is closed")
+            mv = page.mv
+            seq = mv[_W_SEQ]
+            # The count before the read: a settle that charges the read comes after it.
+            units = mv[self._units_word[seq & 1]]
+            got = _read_some(page.pipe, weight) if mv[self._pool_word[seq & 1]] else 0
+        if got == weight:
+            self._last_admit_ns = None
+        return seq, units, got
 
     def close(self) -> None:
         """Release this instance; the shared memory goes when its last user closes (or dies)."""
@@ -361,9 +491,19 @@ class RateLimiter:
         return self._page.locked()
 
     def _state_for_tests(self) -> State:
+        """The GCRA state with every take from the pool so far charged (a settle, published)."""
         page = self._page
         with page.locked():
-            return self._unpack(page.mm, _SLOTS[page.mv[_W_SEQ] & 1])
+            now = _now()
+            seq, state, pool = self._settled(now)
+            self._publish(seq, state, pool, now)
+            return state
+
+    def _pool_for_tests(self) -> tuple[int, int]:
+        """(bytes the page says are in the pool, bytes there now)."""
+        page = self._page
+        with page.locked():
+            return self._unpack(page.mm, _SLOTS[page.mv[_W_SEQ] & 1])[-1], _pool_count(page.pipe)
 
 
 def _reopen(name: str, parsed: ParsedRate) -> RateLimiter:

@@ -2,11 +2,16 @@
 
 Theory of operation
 -------------------
-A page is a pair of files named after it, in ``/dev/shm`` (RAM-backed) or, where that does not
+A page is three files named after it, in ``/dev/shm`` (RAM-backed) or, where that does not
 exist, the temporary directory::
 
     procdispatch-rl-<uid>-<key>.rl      the page itself, mmapped by every user
+    procdispatch-rl-<uid>-<key>.pool    a FIFO every user holds open (read-write, non-blocking)
     procdispatch-rl-<uid>-<key>.users   held with flock(LOCK_SH) by every user while it is open
+
+The FIFO is a kernel pipe shared by every user (:attr:`SharedPage.pipe`): the owner of the page
+keeps items in it that any process takes with one ``read``, atomically and without the lock.
+Its contents live as long as some user holds it open.
 
 *Mutual exclusion* is ``flock(LOCK_EX)`` on the ``.rl`` file (:meth:`SharedPage.locked`). The
 kernel drops a flock when the last descriptor of its open file description closes, and a dying
@@ -21,9 +26,9 @@ are Linux-only. flock has neither problem.)
 *Lifetime*: an opener creates the ``.users`` file if needed, takes LOCK_SH, then checks that the
 path still names the inode it locked (a closer may have unlinked it meanwhile; then it retries).
 A closer that can turn its LOCK_SH into LOCK_EX without blocking is the last user and unlinks
-both files, data first. A last user that died cannot clean up, so openers first remove leftovers
-that nobody holds (the same LOCK_EX test): :func:`sweep` for all of this user's pages, and each
-open for its own name, so a dead user's state is never inherited.
+all three files, the users file last. A last user that died cannot clean up, so openers first
+remove leftovers that nobody holds (the same LOCK_EX test): :func:`sweep` for all of this
+user's pages, and each open for its own name, so a dead user's state is never inherited.
 
 The page's contents belong to the caller: ``setup`` runs under the lock when the page is opened,
 to initialise a fresh page (all zero) or to check an existing one; if it raises, the open fails
@@ -38,6 +43,7 @@ import hashlib
 import mmap
 import os
 import re
+import stat
 import tempfile
 import threading
 import weakref
@@ -65,14 +71,14 @@ def prefix() -> str:
     return f"procdispatch-rl-{os.getuid()}-"
 
 
-def paths(name: str) -> tuple[str, str]:
-    """The (page, users) file paths for a page name."""
+def paths(name: str) -> tuple[str, str, str]:
+    """The (page, users, pool FIFO) file paths for a page name."""
     if _SAFE_NAME.fullmatch(name):
         key = "n" + name
     else:
         key = "h" + hashlib.sha256(name.encode()).hexdigest()[:40]
     base = os.path.join(segment_dir(), prefix() + key)
-    return base + ".rl", base + ".users"
+    return base + ".rl", base + ".users", base + ".pool"
 
 
 def _names_same_file(fd: int, path: str) -> bool:
@@ -89,26 +95,26 @@ def _check_owner(fd: int, path: str) -> None:
         raise PermissionError(f"{path} belongs to another user; refusing to share it")
 
 
-def _unlink_if_last(ufd: int, data_path: str, users_path: str) -> None:
-    """Unlink both files if ``ufd`` gets LOCK_EX on the users file: nobody else has it open.
-    The page goes first, so a crash in between leaves a users file that is still swept."""
+def _unlink_if_last(ufd: int, data_path: str, users_path: str, pool_path: str) -> None:
+    """Unlink the files if ``ufd`` gets LOCK_EX on the users file: nobody else has it open.
+    The users file goes last, so a crash in between leaves a users file that is still swept."""
     try:
         _flock(ufd, _EX | _NB)
     except BlockingIOError:
         return
     if _names_same_file(ufd, users_path):
-        for path in (data_path, users_path):
+        for path in (data_path, pool_path, users_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
 
-def _remove_if_unused(data_path: str, users_path: str) -> None:
+def _remove_if_unused(data_path: str, users_path: str, pool_path: str) -> None:
     try:
         fd = os.open(users_path, _OPEN_FLAGS)
     except OSError:
         return
     try:
-        _unlink_if_last(fd, data_path, users_path)
+        _unlink_if_last(fd, data_path, users_path, pool_path)
     finally:
         os.close(fd)
 
@@ -119,20 +125,45 @@ def sweep() -> None:
     with contextlib.suppress(OSError), os.scandir(segment_dir()) as entries:
         for entry in entries:
             if entry.name.startswith(mine) and entry.name.endswith(".users"):
-                _remove_if_unused(entry.path[: -len(".users")] + ".rl", entry.path)
+                base = entry.path[: -len(".users")]
+                _remove_if_unused(base + ".rl", entry.path, base + ".pool")
 
 
 Setup = Callable[[memoryview, mmap.mmap], None]
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
+_POOL_PIPE_BYTES = 1 << 20
+
+
+def _open_fifo(path: str) -> int:
+    """Create the FIFO if needed and open it read-write and non-blocking (so that opening never
+    waits for a peer); refuse anything but a FIFO of ours."""
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(path, 0o600)
+    fd = os.open(path, _OPEN_FLAGS | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a FIFO; refusing to use it")
+        _check_owner(fd, path)
+        if _F_SETPIPE_SZ is not None:  # elsewhere the pipe keeps its default size
+            with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _POOL_PIPE_BYTES)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class SharedPage:
-    """The named page, mapped: ``mm`` (bytes) and ``mv`` (native int64 words).
+    """The named page, mapped: ``mm`` (bytes) and ``mv`` (native int64 words), and its FIFO
+    (``pipe``, a non-blocking read-write descriptor).
 
-    Hot paths read ``tlock``, ``closed``, ``fd``, ``mm`` and ``mv`` directly and take the lock as
-    ``with tlock: flock(fd, LOCK_EX) ... flock(fd, LOCK_UN)``; :meth:`locked` does the same.
+    Hot paths read ``tlock``, ``closed``, ``fd``, ``pipe``, ``mm`` and ``mv`` directly and take
+    the lock as ``with tlock: flock(fd, LOCK_EX) ... flock(fd, LOCK_UN)``; :meth:`locked` does
+    the same.
     """
 
     fd: int
+    pipe: int
     mm: mmap.mmap
     mv: memoryview
 
@@ -148,8 +179,8 @@ class SharedPage:
         _LIVE.add(self)
 
     def _attach(self) -> None:
-        data_path, users_path = paths(self.name)
-        _remove_if_unused(data_path, users_path)  # a dead last user's state is not ours
+        data_path, users_path, pool_path = paths(self.name)
+        _remove_if_unused(data_path, users_path, pool_path)  # a dead last user's is not ours
         while True:
             ufd = os.open(users_path, _OPEN_FLAGS | os.O_CREAT, 0o600)
             try:
@@ -162,8 +193,14 @@ class SharedPage:
                 raise
             os.close(ufd)  # unlinked by a closer between our open and our lock: again
         try:
+            self.pipe = _open_fifo(pool_path)
+        except BaseException:
+            os.close(ufd)
+            raise
+        try:
             self.fd = os.open(data_path, _OPEN_FLAGS | os.O_CREAT, 0o600)
         except BaseException:
+            os.close(self.pipe)
             os.close(ufd)
             raise
         self._ufd = ufd
@@ -191,6 +228,7 @@ class SharedPage:
             self.mm.close()
             del self.mv, self.mm
         os.close(self.fd)
+        os.close(self.pipe)
         try:
             if unlink:
                 _unlink_if_last(self._ufd, *paths(self.name))
@@ -230,6 +268,7 @@ class SharedPage:
         self.mm.close()
         del self.mv, self.mm
         os.close(self.fd)
+        os.close(self.pipe)
         os.close(self._ufd)
         self._attach()
         self.closed = False

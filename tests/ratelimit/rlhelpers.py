@@ -3,7 +3,6 @@ children), unique names, the leftover-files check and the sliding-window count."
 
 from __future__ import annotations
 
-import bisect
 import os
 import random
 import secrets
@@ -37,17 +36,36 @@ def check_no_leftovers() -> Iterator[None]:
     assert not left, f"shared-memory files left behind: {left}"
 
 
-def max_in_window(events: list[tuple[int, int]], span_ns: int) -> int:
-    """Largest total weight of (time_ns, weight) events inside any closed [s, s + span_ns]."""
-    events = sorted(events)
-    times = [t for t, _ in events]
-    prefix = [0]
-    for _, w in events:
-        prefix.append(prefix[-1] + w)
+Event = tuple[int, int] | tuple[int, int, int]
+
+
+def max_in_window(events: list[Event], span_ns: int) -> int:
+    """Largest total weight of events certainly inside some closed [s, s + span_ns].
+
+    An event is (time_ns, weight), or (earliest, latest, weight) when only bounds of its
+    instant are known (a take from the pool happens at some instant during the call); it
+    counts in a window only if both bounds lie inside."""
+    spans = sorted((e[0], e[0], e[1]) if len(e) == 2 else e for e in events)
     best = 0
-    for i, t in enumerate(times):
-        best = max(best, prefix[bisect.bisect_right(times, t + span_ns)] - prefix[i])
+    for i, (start, _, _) in enumerate(spans):
+        end = start + span_ns
+        total = 0
+        for lo, hi, w in spans[i:]:
+            if lo > end:
+                break
+            if hi <= end:
+                total += w
+        best = max(best, total)
     return best
+
+
+def admission(limiter: RateLimiter, called_ns: int, weight: int) -> tuple[int, int, int]:
+    """The latest take's instant as (earliest, latest, weight): exact when the limiter decided
+    it under its lock, else somewhere between the call and now."""
+    at = limiter._last_admit_ns
+    if at is None:
+        return (called_ns, time.monotonic_ns(), weight)
+    return (at, at, weight)
 
 
 # ---- child-process bodies ---------------------------------------------------------------------
@@ -58,20 +76,20 @@ def hammer(limiter: RateLimiter, conn: Connection, mode: str) -> None:
     send back the admissions as (admission time ns, weight)."""
     conn.send("ready")
     end = conn.recv()
-    got: list[tuple[int, int]] = []
+    got: list[Event] = []
     rng = random.Random(os.getpid())
-    while (left := end - time.monotonic_ns()) > 0:
+    while (left := end - (called := time.monotonic_ns())) > 0:
         if mode == "acquire":
             if limiter.acquire(timeout=left / NS):
-                got.append((limiter._last_admit_ns, 1))
+                got.append(admission(limiter, called, 1))
         elif mode == "acquire2":
             if limiter.acquire(2, timeout=left / NS):
-                got.append((limiter._last_admit_ns, 2))
+                got.append(admission(limiter, called, 2))
         elif mode == "book":
             within = left / NS
             delay = limiter.reserve(within=within)
             if delay <= within:
-                got.append((limiter._last_admit_ns, 1))
+                got.append(admission(limiter, called, 1))
             time.sleep(min(delay, within))
         elif mode == "reserve":
             wait = limiter.reserve()
@@ -80,9 +98,9 @@ def hammer(limiter: RateLimiter, conn: Connection, mode: str) -> None:
             elif rng.random() < 0.2:
                 limiter.refund()  # reserve-then-cancel: not an admission
             else:
-                got.append((limiter._last_admit_ns, 1))
+                got.append(admission(limiter, called, 1))
         elif limiter.try_acquire():
-            got.append((limiter._last_admit_ns, 1))
+            got.append(admission(limiter, called, 1))
         else:
             time.sleep(0.0005)
     conn.send(got)

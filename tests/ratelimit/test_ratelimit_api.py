@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import stat
 import sys
 import threading
 import time
@@ -253,17 +254,16 @@ def test_repr_name_and_properties() -> None:
 
 def test_files_exist_while_open_and_go_with_the_last_user() -> None:
     name = unique_name()
-    data, users = paths(name)
+    files = paths(name)  # the page, the users file and the pool's FIFO
     a = RateLimiter(5.0, name=name)
     b = pickle.loads(pickle.dumps(a))
-    assert os.path.exists(data)
-    assert os.path.exists(users)
+    assert all(os.path.exists(f) for f in files)
+    assert stat.S_ISFIFO(os.stat(files[2]).st_mode)
     a.close()
-    assert os.path.exists(data)  # b still uses it
+    assert all(os.path.exists(f) for f in files)  # b still uses them
     assert b.try_acquire() is True
     b.close()
-    assert not os.path.exists(data)
-    assert not os.path.exists(users)
+    assert not any(os.path.exists(f) for f in files)
 
 
 def test_garbage_collected_limiter_releases_its_files() -> None:

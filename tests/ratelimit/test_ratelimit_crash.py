@@ -34,7 +34,9 @@ def _no_leftovers() -> Iterator[None]:
 
 
 def test_holder_killed_inside_the_lock_never_stops_the_others() -> None:
-    with RateLimiter(1000.0, burst=1000) as lim:
+    # burst=1: a take leaves nothing that conforms, so the pool stays empty and every try
+    # (50 ms or more apart, so every one succeeds) goes through the lock.
+    with RateLimiter(1000.0, burst=1) as lim:
         to_observer, observer_end = CTX.Pipe()
         observer = CTX.Process(target=answer_tries, args=(lim, observer_end))
         observer.start()

@@ -291,3 +291,72 @@ def test_float_rate_never_admits_more_than_rate_plus_burst_per_second(
             state = new
             events.append(Admitted(now, w, new[0]))
     assert max_units_in_span(events, NS_PER_S) <= rate + burst
+
+
+# ---- what the pool needs: room, charge, take with reserved units ------------------------------
+
+
+def test_room_is_what_conforms_now_one_by_one() -> None:
+    g = Gcra([Window(10, 4)])  # 4 at once, then one per 10 ns
+    s = g.initial()
+    assert g.room(s, 1000) == 4
+    s = admit(g, s, 1000, 1)  # TAT 1010
+    assert g.room(s, 1000) == 3
+    assert g.room(s, 1009) == 3
+    assert g.room(s, 1010) == 4
+    assert g.room(s, 10**9) == 4  # an idle window holds the burst, no more
+    assert g.room((1, 1000, 1100), 1000) == 0  # booked beyond the tolerance
+    two = Gcra([Window(10, 4), Window(100, 2)])
+    assert two.room(two.initial(), 0) == 2  # the tighter window decides
+    assert two.room((1, 0, 10, 100), 0) == 1
+
+
+def test_charge_moves_every_tat_as_an_admission_even_past_the_tolerance() -> None:
+    g = Gcra([Window(10, 4), Window(100, 2)])
+    s = g.initial()
+    assert g.charge(s, 1000, 0) is s
+    assert g.charge(s, 1000, 3) == (3, 1000, 1030, 1300)
+    assert g.charge((3, 1000, 1030, 1300), 1010, 10) == (13, 1010, 1130, 2300)
+    with pytest.raises(ValueError, match="bad charge"):
+        g.charge(s, 1000, -1)
+
+
+def test_take_keeps_reserved_units_free() -> None:
+    g = Gcra([Window(10, 4)])
+    s = g.initial()
+    assert g.take(s, 1000, 2, 0, 2) == (0, (2, 1000, 1020))  # 2 + 2 fit the burst of 4
+    assert g.take(s, 1000, 2, 0, 3) == (10, None)  # 2 + 3 do not: one emission later
+    assert g.take(s, 1000, 2, 10, 3) == (10, (2, 1010, 1030))  # booked there
+    # From an idle window: the burst, no more, however long it has been idle.
+    assert g.take((5, 0, 0), 10**9, 1, 0, 4) == (10, None)
+    two = Gcra([Window(10, 4), Window(100, 2)])
+    assert two.take(two.initial(), 0, 1, 0, 1) == (0, (1, 0, 10, 100))
+    assert two.take(two.initial(), 0, 1, 10**6, 2) == (100, (1, 100, 110, 200))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    windows=st.lists(st.tuples(st.integers(1, 50), st.integers(1, 6)), min_size=1, max_size=3),
+    steps=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 6)), max_size=20),
+    probe=st.integers(0, 400),
+)
+def test_room_agrees_with_take(
+    windows: list[tuple[int, int]], steps: list[tuple[int, int]], probe: int
+) -> None:
+    """room(now) units conform at now, one by one, with the rest of them kept free; one more
+    does not (unless room is the capacity, the most a take may ever ask)."""
+    g = Gcra([Window(e, b) for e, b in windows])
+    state, now = g.initial(), 1000
+    for step, weight in steps:
+        now += step
+        _, new = g.take(state, now, min(weight, g.capacity), 10**6)
+        if new is not None:
+            state = new
+    now += probe
+    room = g.room(state, now)
+    assert 0 <= room <= g.capacity
+    if room:
+        assert g.take(state, now, 1, 0, room - 1)[1] is not None
+        assert g.take(state, now, room)[1] is not None
+    if room < g.capacity:
+        assert g.take(state, now, 1, 0, room)[1] is None
