@@ -6,7 +6,8 @@ Workloads (targets P5 and P6 of the performance document), every system in the s
 * acquire cost, 4 processes contending: wall time from a common start until all are done,
   divided by the calls of all four (the cost of one call to the whole system);
 * the lock alone: ``flock(LOCK_EX)`` + ``flock(LOCK_UN)`` on a limiter's page, from Python,
-  in the process that measures the uncontended cost (what every acquire pays for the lock);
+  in the process that measures the uncontended cost (what a take pays for the lock when the
+  limiter's pool of conforming tokens is empty; a take from the pool takes no lock);
 * rate accuracy: 4 processes each calling a blocking acquire against 200 per second for 5 s;
   the most calls in any 1-second window (by the time acquire returned and, for ours, by the
   admission time the limiter booked) and the achieved rate.
@@ -181,8 +182,7 @@ def uncontended(system: str, n: int) -> float:
 
 def lock_floor(n: int) -> float:
     """Microseconds per ``flock(LOCK_EX)`` + ``flock(LOCK_UN)`` on a limiter's page, called from
-    Python: the robust lock every acquire takes, measured alone (the cost no acquire can go
-    below while it keeps that lock)."""
+    Python: the robust lock a take needs when the pool is empty, measured alone."""
     lim = RateLimiter(10.0**9, burst=10**6)
     fd, flock, ex, un = lim._page.fd, fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
     start = time.perf_counter()
