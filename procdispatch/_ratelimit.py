@@ -14,8 +14,9 @@ that is the common case and costs one system call. Only when the pool runs short
 lock the page, and then it
 
 1. *settles*: the page remembers how many bytes it left in the pool (``pool``); fewer are there
-   now, so the difference were taken since, and are charged to the GCRA as admitted *now*
-   (later than they were really taken, which can only make the limiter stricter);
+   now, so the difference were taken since, and are charged to the GCRA as admitted *now*,
+   the clock read after that count (so later than they were really taken, which can only make
+   the limiter stricter);
 2. decides its own take with the pool's bytes kept free (``Gcra.take(reserved=...)``): a token
    in the pool may be used at any moment, so nothing may be promised that leaves no room for it;
 3. *refills*: as many bytes as now conform beyond those already in the pool (``Gcra.room``),
@@ -29,7 +30,8 @@ charged for bytes that never existed: both err on the strict side. Tokens given 
 take that got too few, or by ``refund``, go back into the pool when the page shows that no
 settle charged them meanwhile. Otherwise a short take's stay spent (back in the pool they could
 outlast their charge, which the GCRA forgets once a window has refilled), and a refund's are
-taken off their charge by :meth:`._gcra.Gcra.refund`, which knows how.
+taken off their charge by :meth:`._gcra.Gcra.refund`, from a unit count read before the take
+(a lower bound of the count after the charge: never more generous than the truth).
 
 The page, in native int64 words::
 
@@ -219,19 +221,25 @@ class RateLimiter:
 
     # -- state access, under the page lock -------------------------------------------------
 
-    def _settled(self, now: int) -> tuple[int, State, int]:
+    def _settled(self, take: int = 0) -> tuple[int, State, int, int]:
         """Under the lock: (seq, GCRA state with the pool's takes since charged, bytes in the
-        pool)."""
+        pool, now). With ``take``, up to that many bytes are first taken out of the pool, as
+        free capacity again (they were never charged), and left out of the count.
+
+        ``now`` is read after the pool's last look: takes charged at it happened before it,
+        and bytes counted as there may be taken at it or later, never earlier."""
         page = self._page
         seq = page.mv[_W_SEQ]
         slot = self._unpack(page.mm, _SLOTS[seq & 1])
-        pool = slot[-1]
-        if not pool:  # bytes go in only after being counted here: none can be there
-            return seq, slot[:-1], 0
+        recorded = slot[-1]
+        if not recorded:  # bytes go in only after being counted here: none can be there
+            return seq, slot[:-1], 0, _now()
         there = _pool_count(page.pipe)
-        if pool > there:
-            return seq, self._gcra.charge(slot[:-1], now, pool - there), there
-        return seq, slot[:-1], there
+        pool = there - _read_some(page.pipe, min(take, there)) if take and there else there
+        now = _now()
+        if recorded > there:
+            return seq, self._gcra.charge(slot[:-1], now, recorded - there), pool, now
+        return seq, slot[:-1], pool, now
 
     def _publish(self, seq: int, state: State, pool: int, now: int) -> int:
         """Under the lock: refill the pool with what now conforms beyond ``pool`` bytes, and
@@ -259,9 +267,10 @@ class RateLimiter:
         """Under the lock, after the pool fell short: admit ``weight`` at the earliest instant
         within ``max_wait_ns``, from the GCRA with the pool's bytes kept free (after taking
         what it needs of them back). ``returned`` bytes, read from the pool by the caller (after
-        it saw the page at ``seq_read``) and not enough, go back first. Returns (wait, ticket,
-        now): ticket 0 if nothing was taken, else ``units`` after the admission (what
-        :meth:`_give_back` needs; a take from the pool, outside, has ``-1 - seq``)."""
+        it saw the page at ``seq_read``) and not enough, go back into the pool if the page is
+        still at ``seq_read`` and stay spent otherwise. Returns (wait, ticket, now): ticket 0
+        if nothing was taken, else ``units`` after the admission (what :meth:`_give_back`
+        needs; a take from the pool, outside, has ``-1 - seq``)."""
         if type(weight) is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
         page = self._page
@@ -279,13 +288,10 @@ class RateLimiter:
                 # Else a settle has charged them (or this one will), as used: they stay spent.
                 # Given back, they could outlast their charge: a charge is forgotten once the
                 # window has refilled, and the pool would then hold more than conforms.
-                now = _now()
-                seq, state, pool = self._settled(now)
-                if pool:
-                    # Bytes taken out of the pool under the lock are free capacity again (they
-                    # were never charged): so a take may use the pool and what conforms
-                    # beyond it together. The refill below puts back what is left over.
-                    pool -= _read_some(page.pipe, min(weight, pool))
+                # Bytes taken out of the pool under the lock are free capacity again, so a take
+                # may use the pool and what conforms beyond it together; the refill below puts
+                # back what is left over.
+                seq, state, pool, now = self._settled(weight)
                 wait, new = self._take_state(state, now, weight, max_wait_ns, pool)
                 if new is None:
                     self._publish(seq, state, pool, now)
@@ -298,9 +304,11 @@ class RateLimiter:
         finally:
             tlock.release()
 
-    def _give_back(self, weight: int, ticket: int, floor: int = 0) -> None:
+    def _give_back(self, weight: int, ticket: int, floor: int = 0) -> bool:
         """Undo ``weight`` tokens of a take that ``_take`` ticketed, or of a take from the pool
-        (ticket ``-1 - seq``) after which the unit count is at least ``floor`` once charged."""
+        (ticket ``-1 - seq``) after which the unit count is at least ``floor`` once charged.
+        True if they went back into the pool uncharged (then a settle has charged the rest of
+        that take, if any, and its floor is lower by ``weight``)."""
         page = self._page
         with page.tlock:
             if page.closed:
@@ -308,12 +316,12 @@ class RateLimiter:
             fd = page.fd
             try:
                 _flock(fd, _EX)
-                if ticket < 0 and page.mv[_W_SEQ] == -1 - ticket:
+                exact = ticket < 0 and page.mv[_W_SEQ] == -1 - ticket
+                if exact:
                     # No settle since the take: back in the pool, it is as if never taken.
                     _write_some(page.pipe, weight)
                     ticket = 0
-                now = _now()
-                seq, state, pool = self._settled(now)
+                seq, state, pool, now = self._settled()
                 if ticket < 0:
                     # A settle has charged them, with the pool's other takes, as one admission
                     # after which the count was at least ``floor``: refunded as from that
@@ -322,6 +330,7 @@ class RateLimiter:
                 if ticket > 0 and state[0] >= ticket:  # else the limiter was recreated
                     state = self._gcra.refund(state, weight, ticket)
                 self._publish(seq, state, pool, now)
+                return exact
             finally:
                 _flock(fd, _UN)
 
@@ -423,8 +432,9 @@ class RateLimiter:
     def refund(self, weight: int = 1) -> None:
         """Give back ``weight`` tokens of this thread's latest successful :meth:`reserve`.
 
-        Exact if nothing else was admitted since; tokens that later admissions already relied
-        on stay spent, so a refund can never let the rate be exceeded.
+        Exact if nothing else was admitted since (for tokens that came from the pool, if the
+        page was not updated since either); otherwise tokens that later admissions may have
+        relied on stay spent, so a refund can never let the rate be exceeded.
         """
         if type(weight) is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
@@ -435,11 +445,13 @@ class RateLimiter:
                 f"refund(weight={weight}) must not exceed the {left} token(s) left of this "
                 "thread's latest reserve()"
             )
-        self._give_back(weight, stack[-1][0], stack[-1][2])
+        entry = stack[-1]
+        if self._give_back(weight, entry[0], entry[2]):
+            entry[2] -= weight  # the rest was charged just now, without these
         if left == weight:
             stack.pop()
         else:
-            stack[-1][1] = left - weight
+            entry[1] = left - weight
 
     def _from_pool(self, weight: int) -> tuple[int, int, int]:
         """Read up to ``weight`` tokens from the pool, without the page lock: (the page's seq
@@ -452,7 +464,8 @@ class RateLimiter:
                 raise ValueError(f"{self!r} is closed")
             mv = page.mv
             seq = mv[_W_SEQ]
-            # The count before the read: a settle that charges the read comes after it.
+            # A count from before the read (perhaps newer than seq's): a lower bound of the
+            # count once the settle that charges the read has run.
             units = mv[self._units_word[seq & 1]]
             got = _read_some(page.pipe, weight) if mv[self._pool_word[seq & 1]] else 0
         if got == weight:
@@ -494,8 +507,7 @@ class RateLimiter:
         """The GCRA state with every take from the pool so far charged (a settle, published)."""
         page = self._page
         with page.locked():
-            now = _now()
-            seq, state, pool = self._settled(now)
+            seq, state, pool, now = self._settled()
             self._publish(seq, state, pool, now)
             return state
 

@@ -5,10 +5,11 @@ that the admissions never break the bound of any window."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pyrate_limiter import Rate
 from rlhelpers import check_no_leftovers, unique_name
@@ -62,6 +63,83 @@ def test_a_refunded_take_from_the_pool_goes_back_exactly(monkeypatch: pytest.Mon
         assert [lim.try_acquire() for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_pool_reserve_refunded_in_parts_never_frees_more_than_it_took(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first part goes back into the pool uncharged; the update that does so charges the
+    rest, so the second part is refunded from a count that leaves the first out."""
+    s = 10**9
+    clock = [100 * s]
+    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    with RateLimiter(1.0, burst=3) as lim:  # 1 s per token
+        lim._state_for_tests()  # an update: the pool holds the burst
+        assert lim.reserve(3) == 0.0  # all three from the pool at t=100
+        lim.refund(1)
+        clock[0] = 200 * s
+        assert lim.try_acquire()  # at t=200
+        lim.refund(2)
+        more = 0
+        while lim.try_acquire():
+            more += 1
+        assert 1 + more <= 3  # at most the burst at one instant
+
+
+@pytest.mark.parametrize("where", ["before the count", "between the count and the take"])
+def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Another process reads the pool while this one updates the page under its lock (here,
+    injected 1 ms into the update): the update's time is read after its last look at the pool,
+    so the booking it makes leaves room for that read."""
+    s = 10**9
+    clock = [100 * s]
+    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    name = unique_name()
+    with (
+        RateLimiter(1.0, burst=2, name=name) as a,
+        RateLimiter(1.0, burst=2, name=name) as other,
+    ):
+        taken: list[int] = []
+        armed = [False]
+
+        def meanwhile() -> None:
+            if armed[0]:
+                armed[0] = False
+                clock[0] += 1_000_000
+                taken.extend([clock[0]] * len(os.read(other._page.pipe, 2)))
+
+        real_count, real_read, real_flock = (
+            _ratelimit._pool_count,
+            _ratelimit._read_some,
+            _ratelimit._flock,
+        )
+
+        def count(pipe: int) -> int:
+            if where == "before the count":
+                meanwhile()
+            return real_count(pipe)
+
+        def read_some(pipe: int, n: int) -> int:
+            if where != "before the count":
+                meanwhile()
+            return real_read(pipe, n)
+
+        def flock(fd: int, op: int) -> None:
+            if op == _ratelimit._EX and fd == a._page.fd and not taken and not armed[0]:
+                other._state_for_tests()  # the other process filled the pool meanwhile
+                armed[0] = True
+            real_flock(fd, op)
+
+        monkeypatch.setattr(_ratelimit, "_pool_count", count)
+        monkeypatch.setattr(_ratelimit, "_read_some", read_some)
+        monkeypatch.setattr(_ratelimit, "_flock", flock)
+        assert a.reserve(1, within=5.0) > 0  # nothing in the pool when looked at: booked
+        assert taken == [100 * s + 1_000_000] * 2
+        booked = a._last_admit_ns
+        assert booked is not None
+        assert booked - taken[0] >= s  # 3 in a span shorter than 1 s would break burst 2
+
+
 def test_a_take_uses_the_pool_and_what_conforms_beyond_it_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -109,6 +187,19 @@ ops = st.lists(
 
 @settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@example(
+    rate=(1e6, 3),
+    script=[
+        (0, "try", 0, 1),
+        (0, "reserve", 0, 2),
+        (0, "refund", 0, 1),
+        (1, "try", 10_000, 1),
+        (0, "refund", 0, 1),
+        (1, "try", 0, 3),
+        (1, "try", 0, 1),
+        (1, "try", 0, 1),
+    ],
 )
 @given(
     rate=st.sampled_from(
