@@ -31,7 +31,9 @@ take that got too few, or by ``refund``, go back into the pool when the page sho
 settle charged them meanwhile. Otherwise a short take's stay spent (back in the pool they could
 outlast their charge, which the GCRA forgets once a window has refilled), and a refund's are
 taken off their charge by :meth:`._gcra.Gcra.refund`, from a unit count read before the take
-(a lower bound of the count after the charge: never more generous than the truth).
+(a lower bound of the count after the charge: never more generous than the truth; if the page
+moved while it was read, or for later parts of a reservation refunded in parts, the tokens
+stay spent).
 
 The page, in native int64 words::
 
@@ -304,11 +306,10 @@ class RateLimiter:
         finally:
             tlock.release()
 
-    def _give_back(self, weight: int, ticket: int, floor: int = 0) -> bool:
+    def _give_back(self, weight: int, ticket: int, floor: int = 0) -> None:
         """Undo ``weight`` tokens of a take that ``_take`` ticketed, or of a take from the pool
-        (ticket ``-1 - seq``) after which the unit count is at least ``floor`` once charged.
-        True if they went back into the pool uncharged (then a settle has charged the rest of
-        that take, if any, and its floor is lower by ``weight``)."""
+        (ticket ``-1 - seq``) after which the unit count is at least ``floor`` once charged
+        (0: unknown, the tokens stay spent)."""
         page = self._page
         with page.tlock:
             if page.closed:
@@ -316,8 +317,7 @@ class RateLimiter:
             fd = page.fd
             try:
                 _flock(fd, _EX)
-                exact = ticket < 0 and page.mv[_W_SEQ] == -1 - ticket
-                if exact:
+                if ticket < 0 and page.mv[_W_SEQ] == -1 - ticket:
                     # No settle since the take: back in the pool, it is as if never taken.
                     _write_some(page.pipe, weight)
                     ticket = 0
@@ -330,7 +330,6 @@ class RateLimiter:
                 if ticket > 0 and state[0] >= ticket:  # else the limiter was recreated
                     state = self._gcra.refund(state, weight, ticket)
                 self._publish(seq, state, pool, now)
-                return exact
             finally:
                 _flock(fd, _UN)
 
@@ -425,16 +424,17 @@ class RateLimiter:
             if not ticket:
                 return max(wait / NS_PER_S, math.nextafter(within, math.inf))
         stack: list[list[int]] = self._page.local.__dict__.setdefault("reserved", [])
-        stack.append([ticket, weight, units + weight])
+        stack.append([ticket, weight, units + weight if units >= 0 else 0])
         del stack[:-64]  # only recent reservations can be cancelled
         return min(wait / NS_PER_S, within) if wait > 0 else 0.0
 
     def refund(self, weight: int = 1) -> None:
         """Give back ``weight`` tokens of this thread's latest successful :meth:`reserve`.
 
-        Exact if nothing else was admitted since (for tokens that came from the pool, if the
-        page was not updated since either); otherwise tokens that later admissions may have
-        relied on stay spent, so a refund can never let the rate be exceeded.
+        Exact if nothing else was admitted since (for tokens that came from the pool: if the
+        page was not updated since either, and for the first part only of a reservation given
+        back in parts); otherwise tokens that later admissions may have relied on stay spent,
+        so a refund can never let the rate be exceeded.
         """
         if type(weight) is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
@@ -445,13 +445,17 @@ class RateLimiter:
                 f"refund(weight={weight}) must not exceed the {left} token(s) left of this "
                 "thread's latest reserve()"
             )
-        entry = stack[-1]
-        if self._give_back(weight, entry[0], entry[2]):
-            entry[2] -= weight  # the rest was charged just now, without these
+        ticket, _, floor = entry = stack[-1]
+        # The reservation is updated before the tokens go back, so that a refund interrupted
+        # (KeyboardInterrupt) and called again never gives back more than was taken. The
+        # update that gives back a first part of a take from the pool may charge the rest
+        # without it: later parts are refunded strictly (floor 0: they stay spent).
         if left == weight:
             stack.pop()
         else:
             entry[1] = left - weight
+            entry[2] = 0
+        self._give_back(weight, ticket, floor)
 
     def _from_pool(self, weight: int) -> tuple[int, int, int]:
         """Read up to ``weight`` tokens from the pool, without the page lock: (the page's seq
@@ -464,9 +468,13 @@ class RateLimiter:
                 raise ValueError(f"{self!r} is closed")
             mv = page.mv
             seq = mv[_W_SEQ]
-            # A count from before the read (perhaps newer than seq's): a lower bound of the
-            # count once the settle that charges the read has run.
+            # A count from before the read: a lower bound of the count once the settle that
+            # charges the read has run. Only if seq held while reading it: else the slot may
+            # have been packed by an update that never published (its writer killed): -1,
+            # unknown, makes a refund of this take strict.
             units = mv[self._units_word[seq & 1]]
+            if mv[_W_SEQ] != seq:
+                units = -1
             got = _read_some(page.pipe, weight) if mv[self._pool_word[seq & 1]] else 0
         if got == weight:
             self._last_admit_ns = None

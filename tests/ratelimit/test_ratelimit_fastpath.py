@@ -140,6 +140,71 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
         assert booked - taken[0] >= s  # 3 in a span shorter than 1 s would break burst 2
 
 
+def test_an_interrupted_refund_called_again_gives_back_nothing_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = 10**9
+    clock = [100 * s]
+    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    with RateLimiter(1.0, burst=3) as lim:
+        lim._state_for_tests()  # the pool holds the burst
+        assert lim.reserve(3) == 0.0
+        real = _ratelimit._pool_count
+
+        def interrupted(pipe: int) -> int:  # a Ctrl-C inside the refund's update
+            monkeypatch.setattr(_ratelimit, "_pool_count", real)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_ratelimit, "_pool_count", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lim.refund(3)
+        with pytest.raises(ValueError, match="must not exceed the 0 token"):
+            lim.refund(3)  # the caller tries again: the reservation is already used up
+        got = 0
+        while lim.try_acquire():
+            got += 1
+        assert got <= 3
+
+
+def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reserve reads seq, then the unit count of seq's slot. If the page moved on in between,
+    that slot may hold an update whose writer was killed before publishing it (a count of
+    takes that never happened): the refund must not trust it, so the tokens stay spent."""
+    s = 10**9
+    clock = [100 * s]
+    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    name = unique_name()
+    with (
+        RateLimiter(1.0, burst=3, name=name) as a,
+        RateLimiter(1.0, burst=3, name=name) as other,
+    ):
+        other._state_for_tests()  # the pool holds the burst
+        real = a._page.mv
+        reads = [0]
+
+        class Moving:  # the page as `a` sees it: another update publishes after seq is read
+            def __getitem__(self, i: int) -> int:
+                value = real[i]
+                reads[0] += 1
+                if reads[0] == 1:
+                    other._state_for_tests()
+                return int(value)
+
+            def __setitem__(self, i: int, v: int) -> None:
+                real[i] = v
+
+        monkeypatch.setattr(a._page, "mv", Moving())
+        assert a.reserve(1) == 0.0
+        monkeypatch.setattr(a._page, "mv", real)
+        assert a._page.local.reserved[-1][2] == 0  # floor unknown
+        before = a._state_for_tests()
+        clock[0] += 5 * s
+        a.refund(1)  # a settle has charged it (seq moved): it stays spent
+        assert a._state_for_tests()[2] == before[2]
+
+
 def test_a_take_uses_the_pool_and_what_conforms_beyond_it_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
