@@ -243,9 +243,9 @@ class RateLimiter:
             return seq, self._gcra.charge(slot[:-1], now, recorded - there), pool, now
         return seq, slot[:-1], pool, now
 
-    def _publish(self, seq: int, state: State, pool: int, now: int) -> int:
+    def _publish(self, seq: int, state: State, pool: int, now: int) -> None:
         """Under the lock: refill the pool with what now conforms beyond ``pool`` bytes, and
-        make ``state`` (with the pool's count) the live state. Returns the new seq."""
+        make ``state`` (with the pool's count) the live state."""
         page = self._page
         mm, mv = page.mm, page.mv
         refill = min(self._room(state, now) - pool, _REFILL_MAX)
@@ -257,11 +257,10 @@ class RateLimiter:
             mv[_W_SEQ] = seq
             put = _write_some(page.pipe, refill)
             if put == refill:
-                return seq
+                return
             pool += put
         self._pack(mm, _SLOTS[~seq & 1], *state, pool)
         mv[_W_SEQ] = seq + 1  # the one 8-byte store that publishes the new state
-        return seq + 1
 
     def _take(
         self, weight: int, max_wait_ns: int, returned: int = 0, seq_read: int = -1

@@ -23,11 +23,17 @@ def _no_leftovers() -> Iterator[None]:
     yield from check_no_leftovers()
 
 
+def literal_clock(monkeypatch: pytest.MonkeyPatch, start: int) -> list[int]:
+    """The limiter's clock, as ``clock[0]`` nanoseconds that only the test moves."""
+    clock = [start]
+    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    return clock
+
+
 def test_takes_from_the_pool_are_charged_at_the_next_settle(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [10**12]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 10**12)
     with RateLimiter(1000.0, burst=4) as lim:  # 1 ms per token
         assert lim.try_acquire()  # pool empty: decided under the lock, then the pool refilled
         assert lim._last_admit_ns == clock[0]
@@ -44,8 +50,7 @@ def test_takes_from_the_pool_are_charged_at_the_next_settle(
 
 
 def test_a_refunded_take_from_the_pool_goes_back_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [10**12]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    literal_clock(monkeypatch, 10**12)
     with RateLimiter(1000.0, burst=4) as lim:
         assert lim.try_acquire()
         before = lim._state_for_tests()
@@ -69,8 +74,7 @@ def test_a_pool_reserve_refunded_in_parts_never_frees_more_than_it_took(
     """The first part goes back into the pool uncharged; the update that does so charges the
     rest, so the second part is refunded from a count that leaves the first out."""
     s = 10**9
-    clock = [100 * s]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 100 * s)
     with RateLimiter(1.0, burst=3) as lim:  # 1 s per token
         lim._state_for_tests()  # an update: the pool holds the burst
         assert lim.reserve(3) == 0.0  # all three from the pool at t=100
@@ -92,8 +96,7 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
     injected 1 ms into the update): the update's time is read after its last look at the pool,
     so the booking it makes leaves room for that read."""
     s = 10**9
-    clock = [100 * s]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 100 * s)
     name = unique_name()
     with (
         RateLimiter(1.0, burst=2, name=name) as a,
@@ -144,8 +147,7 @@ def test_an_interrupted_refund_called_again_gives_back_nothing_twice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s = 10**9
-    clock = [100 * s]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    literal_clock(monkeypatch, 100 * s)
     with RateLimiter(1.0, burst=3) as lim:
         lim._state_for_tests()  # the pool holds the burst
         assert lim.reserve(3) == 0.0
@@ -173,8 +175,7 @@ def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
     that slot may hold an update whose writer was killed before publishing it (a count of
     takes that never happened): the refund must not trust it, so the tokens stay spent."""
     s = 10**9
-    clock = [100 * s]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 100 * s)
     name = unique_name()
     with (
         RateLimiter(1.0, burst=3, name=name) as a,
@@ -208,8 +209,7 @@ def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
 def test_a_take_uses_the_pool_and_what_conforms_beyond_it_together(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [10**12]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 10**12)
     with RateLimiter(1000.0, burst=4) as lim:  # 1 ms per token
         assert lim.try_acquire(2)
         assert lim._pool_for_tests() == (2, 2)
@@ -228,8 +228,7 @@ def test_a_take_uses_the_pool_and_what_conforms_beyond_it_together(
 def test_a_steady_caller_gets_the_full_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Charging takes from the pool late must not cost throughput: a caller trying every
     100 us at 1000/s gets the rate, plus the burst, to the token."""
-    clock = [10**12]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 10**12)
     with RateLimiter(1000.0, burst=3) as lim:
         got = 0
         for _ in range(20_000):  # 2 s
@@ -290,8 +289,7 @@ def test_instances_sharing_a_limiter_never_exceed_its_bound(
     any set of instants never exceed the burst plus the span at the rate (Window.max_units),
     checked over every span the admissions define. Booked tokens count at their booked time;
     refunded ones not at all."""
-    clock = [10**12]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, 10**12)
     name = unique_name()
     spec, burst = rate
     with (
@@ -340,8 +338,7 @@ def test_try_acquire_keeps_a_later_booked_admission_time(monkeypatch: pytest.Mon
     before that time must not move it back (later refunds rely on it)."""
     ms = 1_000_000
     t0 = 10**12
-    clock = [t0]
-    monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    clock = literal_clock(monkeypatch, t0)
     with RateLimiter(1000.0, burst=2) as lim:  # 1 ms per token
         assert lim.try_acquire(2)
         assert lim.reserve(2, within=0.01) == pytest.approx(0.002)  # booked at +2 ms
