@@ -272,9 +272,7 @@ class RateLimiter:
         still at ``seq_read`` and stay spent otherwise. Returns (wait, ticket, now): ticket 0
         if nothing was taken, else ``units`` after the admission (what :meth:`_give_back`
         needs; a take from the pool, outside, has ``-1 - seq``)."""
-        if type(weight) is not int or not 0 < weight <= self._capacity:
-            self._bad_weight(weight)
-        page = self._page
+        page = self._page  # (the weight was checked by the caller, before its pool read)
         tlock = page.tlock
         tlock.acquire()  # not `with`: this is a hot path, and `with` costs 0.3 us more
         try:
@@ -359,6 +357,7 @@ class RateLimiter:
         microseconds for the lock)."""
         if weight.__class__ is not int or not 0 < weight <= self._capacity:
             self._bad_weight(weight)
+        # _from_pool spelled out (without the unit count a refund needs): the hot path.
         page = self._page
         tlock = page.tlock
         tlock.acquire()  # a close() in another thread must not free the descriptor under us

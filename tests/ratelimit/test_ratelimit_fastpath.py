@@ -5,6 +5,7 @@ that the admissions never break the bound of any window."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -21,6 +22,14 @@ from procdispatch._ratelimit import RateLimiter
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
     yield from check_no_leftovers()
+
+
+@contextlib.contextmanager
+def sharing(rate: float | tuple[Rate, ...], burst: int, n: int) -> Iterator[list[RateLimiter]]:
+    """``n`` instances of one limiter (one name), as separate processes would hold it."""
+    name = unique_name()
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(RateLimiter(rate, burst=burst, name=name)) for _ in range(n)]
 
 
 def literal_clock(monkeypatch: pytest.MonkeyPatch, start: int) -> list[int]:
@@ -97,11 +106,7 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
     so the booking it makes leaves room for that read."""
     s = 10**9
     clock = literal_clock(monkeypatch, 100 * s)
-    name = unique_name()
-    with (
-        RateLimiter(1.0, burst=2, name=name) as a,
-        RateLimiter(1.0, burst=2, name=name) as other,
-    ):
+    with sharing(1.0, 2, 2) as (a, other):
         taken: list[int] = []
         armed = [False]
 
@@ -176,11 +181,7 @@ def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
     takes that never happened): the refund must not trust it, so the tokens stay spent."""
     s = 10**9
     clock = literal_clock(monkeypatch, 100 * s)
-    name = unique_name()
-    with (
-        RateLimiter(1.0, burst=3, name=name) as a,
-        RateLimiter(1.0, burst=3, name=name) as other,
-    ):
+    with sharing(1.0, 3, 2) as (a, other):
         other._state_for_tests()  # the pool holds the burst
         real = a._page.mv
         reads = [0]
@@ -290,13 +291,8 @@ def test_instances_sharing_a_limiter_never_exceed_its_bound(
     checked over every span the admissions define. Booked tokens count at their booked time;
     refunded ones not at all."""
     clock = literal_clock(monkeypatch, 10**12)
-    name = unique_name()
     spec, burst = rate
-    with (
-        RateLimiter(spec, burst=burst, name=name) as a,
-        RateLimiter(spec, burst=burst, name=name) as b,
-        RateLimiter(spec, burst=burst, name=name) as c,
-    ):
+    with sharing(spec, burst, 3) as (a, b, c):
         emission = min(w.emission_ns for w in a._windows)
         events: list[list[int]] = []  # [admission time, weight still counted]
         reserved: list[list[list[int]]] = [[], [], []]  # each instance's reserve() events
