@@ -78,6 +78,9 @@ class ChannelOptions:
     worker_init: Callable[[], object] | None
     send_timeout: float | None
     cancel_grace: float
+    start_timeout: float
+    delivery_timeout: float | None
+    raise_on_drop: bool
     max_batches_per_worker: int | None
     max_worker_memory: int | None
     start_method: str
@@ -105,6 +108,9 @@ class ChannelOptions:
         worker_init: Callable[[], object] | None,
         send_timeout: float | None,
         cancel_grace: float,
+        start_timeout: float,
+        delivery_timeout: float | None,
+        raise_on_drop: bool,
         max_batches_per_worker: int | None,
         max_worker_memory: int | None,
         start_method: str | None,
@@ -151,6 +157,10 @@ class ChannelOptions:
             _callable(name, fn)
         _number("send_timeout", send_timeout, minimum=0, strict=True, allow_none=True)
         _number("cancel_grace", cancel_grace, minimum=0, strict=False, allow_none=False)
+        _number("start_timeout", start_timeout, minimum=0, strict=True, allow_none=False)
+        _number("delivery_timeout", delivery_timeout, minimum=0, strict=True, allow_none=True)
+        if not isinstance(raise_on_drop, bool):
+            raise OptionsError(f"raise_on_drop must be a bool (got {raise_on_drop!r})")
         _int("max_batches_per_worker", max_batches_per_worker, allow_none=True)
         _int("max_worker_memory", max_worker_memory, allow_none=True)
         if backend not in BACKENDS:
@@ -174,6 +184,9 @@ class ChannelOptions:
             worker_init=worker_init,
             send_timeout=float(send_timeout) if send_timeout is not None else None,
             cancel_grace=float(cancel_grace),
+            start_timeout=float(start_timeout),
+            delivery_timeout=float(delivery_timeout) if delivery_timeout is not None else None,
+            raise_on_drop=raise_on_drop,
             max_batches_per_worker=max_batches_per_worker,
             max_worker_memory=max_worker_memory,
             start_method=start_method or default_start_method(),

@@ -14,6 +14,8 @@
           ├── SendTimeout (TimeoutError)        a send overran send_timeout; its worker was killed
           ├── RemoteError                       a worker-side exception that would not pickle back
           ├── WorkerStartFailed                 workers cannot start at all (worker_init fails...)
+          ├── DeliveryTimeout                   a batch outlived delivery_timeout; it was dropped
+          ├── ItemsDropped                      raise_on_drop: the drain ended with items dropped
           └── InternalError                     a broken invariant inside procdispatch (a bug)
 
 Classes that also subclass a builtin (``ValueError``, ``TimeoutError``) let callers keep the
@@ -27,9 +29,11 @@ import signal
 __all__ = [
     "BufferFull",
     "ChannelClosed",
+    "DeliveryTimeout",
     "InternalError",
     "ItemTooLarge",
     "ItemTooSmall",
+    "ItemsDropped",
     "OptionsError",
     "ProcDispatchError",
     "RemoteError",
@@ -214,3 +218,78 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+class DeliveryTimeout(ProcDispatchError):
+    """A batch was still undelivered ``delivery_timeout`` seconds after its first lease.
+
+    Handed to ``on_drop``'s log and to :class:`ItemsDropped` as the reason of the drop; the
+    batch goes to ``on_drop``. ``last_error`` is the failure of its latest attempt.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        *,
+        batch_id: int | None = None,
+        attempts: int | None = None,
+        age: float | None = None,
+        last_error: BaseException | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.batch_id = batch_id
+        self.attempts = attempts
+        self.age = age
+        self.last_error = last_error
+        super().__init__(timeout, batch_id, attempts, age)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_delivery_timeout,
+            (self.timeout, self.batch_id, self.attempts, self.age, self.last_error),
+        )
+
+    def __str__(self) -> str:
+        last = ""
+        if self.last_error is not None:
+            last = f"; last error: {type(self.last_error).__name__}: {self.last_error}"
+        age = f" ({self.age:.1f}s after its first lease)" if self.age is not None else ""
+        return (
+            f"batch {self.batch_id} was not delivered within delivery_timeout={self.timeout}s"
+            f"{age} after {self.attempts} attempt(s); dropped{last}"
+        )
+
+
+def _rebuild_delivery_timeout(
+    timeout: float,
+    batch_id: int | None,
+    attempts: int | None,
+    age: float | None,
+    last_error: BaseException | None,
+) -> DeliveryTimeout:
+    return DeliveryTimeout(
+        timeout, batch_id=batch_id, attempts=attempts, age=age, last_error=last_error
+    )
+
+
+class ItemsDropped(ProcDispatchError):
+    """``raise_on_drop=True``: the channel drained, but ``count`` items had been dropped.
+
+    ``first_error`` is why the first drop happened (the error ``on_error`` gave up on, a
+    :class:`DeliveryTimeout`, ...), or None when it was no failure: a ``DropOldestBatch``
+    eviction or a cancel.
+    """
+
+    def __init__(self, count: int, first_error: BaseException | None = None) -> None:
+        self.count = count
+        self.first_error = first_error
+        super().__init__(count, first_error)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (ItemsDropped, (self.count, self.first_error))
+
+    def __str__(self) -> str:
+        why = ""
+        if self.first_error is not None:
+            why = f"; the first drop was for {type(self.first_error).__name__}: {self.first_error}"
+        return f"{self.count} item(s) were dropped{why}"
