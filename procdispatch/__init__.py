@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import retry
     from ._admission import Stats
-    from ._callbacks import default_on_drop, default_on_error, drop_quiet, drop_summarized
+    from ._callbacks import (
+        default_on_drop,
+        default_on_error,
+        drop_quiet,
+        drop_summarized,
+        retry_on,
+    )
     from ._channel import ProcessChannel
+    from ._process_end import drain_on_sigterm
     from ._ratelimit import RateLimiter
     from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
     from .errors import (
@@ -67,6 +74,8 @@ _WHERE = {
     "drop_quiet": "._callbacks",
     "drop_summarized": "._callbacks",
     "retry": ".retry",
+    "retry_on": "._callbacks",
+    "drain_on_sigterm": "._process_end",
 }
 
 __all__ = [
@@ -96,7 +105,9 @@ __all__ = [
     "default_on_error",
     "drop_quiet",
     "drop_summarized",
+    "drain_on_sigterm",
     "retry",
+    "retry_on",
 ]
 
 

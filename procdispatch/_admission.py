@@ -1,35 +1,57 @@
-"""Admission: the state a channel's producers share with its coordinator, under one lock.
+"""Admission: the state a channel's producers share with its coordinator.
 
 Producers (``put``, ``put_many``, ``close``, ``cancel``, ``stats``) touch only what is here:
-the inbox of items not yet taken by the coordinator, the admission counters that implement
-BlockNewItems back-pressure without asking the coordinator thread, the closed / cancelled /
-fatal flags, and the wake pipe that rouses the coordinator. ``admitted`` -- items put and not
-yet delivered or dropped -- always equals the buffer's total plus what waits in the inbox, so
-``put`` can decide alone whether an item fits.
+the *pending* list of items not yet taken by the coordinator, the admission counters that
+implement BlockNewItems back-pressure without asking the coordinator thread, the lifecycle
+flags, and the wake pipe that rouses the coordinator. ``admitted`` -- items the coordinator has
+taken and not yet delivered or dropped -- plus ``len(pending)`` always equals everything put and
+not yet finished, so ``put`` can decide alone whether an item fits.
 
-The coordinator books its counter moves privately and publishes them here once per loop
-iteration (``_publish``), so a :class:`Stats` snapshot always adds up:
+Interrupts. A KeyboardInterrupt (or any exception a signal handler raises) can land in a
+producer between any two lines, so:
+
+* ``lock`` is a plain lock, only ever taken with ``with`` and never held across a wait: an
+  interrupted producer cannot keep it. Producers that must wait for room block on a lock of
+  their own (a *waiter*, released by whoever frees room), never on a Python-level
+  ``Condition``, whose ``wait`` can leave its lock in the wrong state when interrupted.
+* Every change a producer makes is one *commit*: appending to ``pending`` (one C call) after
+  everything it needs was computed. Counters are derived from it or kept by the coordinator,
+  whose thread never receives signals. An interrupt before the commit leaves nothing put; after
+  it, the item is put and accounted for.
+* ``close()`` and ``cancel()`` take no lock at all (a signal handler may call them while its
+  own thread is inside ``put``): each is one flag store and one byte on the wake pipe. The pipe
+  stays open until this object is collected, so the byte never goes to a reused descriptor.
+
+The coordinator books its counter moves privately and publishes them under the lock once per
+loop iteration (``_publish``), so a :class:`Stats` snapshot always adds up:
 ``items_put == items_delivered + items_dropped + items_buffered + items_in_flight``.
 """
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from .buffer import BlockNewItems, FullBehavior
-from .errors import BufferFull, ChannelClosed
+from .errors import BufferFull, ChannelClosed, ProcDispatchError
 
 monotonic = time.monotonic
+_allocate_lock = threading.Lock
+_TIMEOUT_MAX = threading.TIMEOUT_MAX
 
 
 @dataclass(frozen=True)
 class Stats:
-    """A consistent snapshot of a channel's counters (see API.md)."""
+    """A consistent snapshot of a channel's counters.
+
+    After a drain, ``items_put == items_delivered + items_dropped``; at any moment
+    ``items_put == items_delivered + items_dropped + items_buffered + items_in_flight``.
+    """
 
     items_put: int
     items_delivered: int
@@ -42,33 +64,85 @@ class Stats:
     batches_dropped: int
     workers_alive: int
     worker_restarts: int
+    #: Batches leased to workers now (sends under way or queued in a worker's pipe).
+    batches_in_flight: int = 0
+
+
+class Latch:
+    """A one-shot event that waiters can be interrupted out of without harm.
+
+    ``threading.Event.wait`` goes through a Python-level ``Condition``: an exception raised by
+    a signal handler at the wrong instant of it can leave the event's lock released twice or
+    held. Here each waiter blocks on a lock of its own, which only ``set`` releases.
+    """
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lock = _allocate_lock()
+        self._waiters: list[Any] = []
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._lock:
+            self._flag = True
+            waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        waiter = _allocate_lock()
+        waiter.acquire()
+        with self._lock:
+            if self._flag:
+                return True
+            self._waiters.append(waiter)
+        try:
+            waiter.acquire(True, _lock_timeout(timeout))
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return self._flag
 
 
 class Admission:
     """The producer-facing half of a coordinator (its base class); see the module docstring."""
 
     def __init__(self, fb: FullBehavior | None) -> None:
-        # Shared with producers, guarded by lock.
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.inbox: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
-        self._open: list[Any] | None = None  # the inbox's last chunk, open to single puts
-        self._open_sizes: list[int] | None = None
+        self.lock = _allocate_lock()
+        #: Items put and not yet taken by the coordinator, in put order. With item sizes, each
+        #: entry is an (item, size) pair, so that one append commits both.
+        self._pending: list[Any] = []
+        self._pending_sized = False  # set at construction by the channel when it measures
+        #: Sizes of the pending items, kept after each commit; the coordinator recounts it
+        #: exactly when it takes the list, so a producer interrupted between its commit and
+        #: this addition only makes the soft size cap late by one item for one iteration.
+        self._pending_size = 0
         # Admission limits for the put fast path (None: no limit on that dimension).
         blocking = isinstance(fb, BlockNewItems)
         self._max_items = _int_or_none(fb.max_items) if blocking else None  # type: ignore[union-attr]
         self._max_size = _int_or_none(fb.max_size) if blocking else None  # type: ignore[union-attr]
+        #: Taken by the coordinator and not yet delivered or dropped (and their sizes).
         self.admitted = 0
         self.admitted_size = 0
+        # Lifecycle flags, each set once and never cleared. Plain stores, readable anywhere.
         self.closed = False
         self.cancel_requested = False
+        self.kill_requested = False  # cancel, and kill the sends in flight without grace
         self.fatal: BaseException | None = None
+        #: Set in a child process forked while the channel was alive: it cannot be used there.
+        self.inherited_by_fork = False
         self._wake_pending = False
-        self._wake_closed = False  # set (under lock) when the coordinator has exited
-        self._waiters = 0
+        self._coordinator_gone = False  # set when the coordinator has exited
+        self._waiters: list[Any] = []  # producers waiting for room, one lock each
         self._delivered = 0
         self._dropped = 0
         self._in_flight = 0
+        self._batches_in_flight = 0
         self._alive = 0
         # Booked by the coordinator thread, published under the lock once per iteration.
         self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
@@ -77,15 +151,20 @@ class Admission:
         self.batches_retried = 0
         self.batches_dropped = 0
         self.worker_restarts = 0
-        self.drained = threading.Event()
+        self.drained = Latch()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
 
     # ---- thread-safe entry points ---------------------------------------------------------
 
-    def _wake_locked(self) -> None:
-        if not self._wake_pending and not self._wake_closed:
-            self._wake_pending = True
+    def _wake(self) -> None:
+        """Rouse the coordinator; no lock (safe from a signal handler)."""
+        if self._coordinator_gone:
+            return
+        # Full (a wake is pending anyway) or already closed: nothing to do either way.
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
     def put_one(
@@ -98,94 +177,93 @@ class Admission:
     ) -> None:
         """``put`` of one (already measured) item: one lock round on the fast path.
 
-        Single items share one inbox chunk until the coordinator takes it (or a ``put_many``
-        closes it, keeping each producer's order), so the coordinator adds them in bulk.
         Without ``item_size`` the channel's ``put`` is this very method.
         """
-        lock = self.lock
-        lock.acquire()  # not `with`: 0.2 us less per item, and this runs once per item
-        try:
+        with self.lock:
             if not self.closed:  # (a fatal error closes the channel too)
-                chunk = self._open
                 mi = self._max_items
-                if chunk is not None and size is None and self._max_size is None:
-                    # The common case: the open chunk, for which a wake is already pending.
-                    if mi is None or self.admitted < mi:
-                        chunk.append(item)
-                        self.admitted += 1
-                        return
-                elif (mi is None or self.admitted < mi) and (
-                    self._max_size is None or self.admitted_size < self._max_size
+                ms = self._max_size
+                pending = self._pending
+                if (mi is None or self.admitted + len(pending) < mi) and (
+                    ms is None or self.admitted_size + self._pending_size < ms
                 ):
-                    if chunk is None:
-                        chunk = self._open = []
-                        self._open_sizes = [] if size is not None else None
-                        self.inbox.append((chunk, self._open_sizes))
-                    chunk.append(item)
-                    self.admitted += 1
-                    if size is not None:
-                        self._open_sizes.append(size)  # type: ignore[union-attr]
-                        self.admitted_size += size
                     if not self._wake_pending:
-                        self._wake_locked()
+                        # Written before the flag is set and before the commit: an interrupt
+                        # between the three leaves a spare wake at worst, never a missing one.
+                        self._wake()
+                        self._wake_pending = True
+                    if size is None:
+                        pending.append(item)  # the commit
+                    else:
+                        pending.append((item, size))  # the commit
+                        self._pending_size += size
                     return
-        finally:
-            lock.release()
         deadline = None if timeout is None else monotonic() + timeout
         self.admit([item], None if size is None else [size], block=block, deadline=deadline)
 
     def admit(
         self, items: list[Any], sizes: list[int] | None, *, block: bool, deadline: float | None
     ) -> int:
-        """Hand items to the coordinator, waiting for room under BlockNewItems.
+        """Hand items to the coordinator in order, waiting for room under BlockNewItems.
 
-        Returns how many were added; raises (with ``added`` set on the exception) when it has to
-        stop early: ChannelClosed, BufferFull (``block=False``), TimeoutError, or a fatal error.
+        ``items`` is the caller's own list (it may be kept). Returns how many were added;
+        raises (with ``added`` set on the exception) when it has to stop early: ChannelClosed,
+        BufferFull (``block=False``), TimeoutError, or a fatal error.
         """
         n = len(items)
         added = 0
-        with self.cond:
-            while added < n:
-                if self.fatal is not None:
-                    raise _with_added(self.fatal, added)
-                if self.closed:
-                    raise _with_added(ChannelClosed("the channel is closed"), added)
+        entries: list[Any] = items if sizes is None else list(zip(items, sizes, strict=True))
+        while added < n:
+            with self.lock:
+                self._check_open(added)
                 k = self._room_locked(sizes, added, n - added)
-                if k == 0:
-                    if not block:
-                        raise _with_added(BufferFull("buffer is full"), added)
-                    remaining = None if deadline is None else deadline - monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise _with_added(TimeoutError("put timed out: buffer is full"), added)
-                    self._waiters += 1
-                    try:
-                        self.cond.wait(remaining)
-                    finally:
-                        self._waiters -= 1
+                if k:
+                    chunk = entries if added == 0 and k == n else entries[added : added + k]
+                    if not self._wake_pending:
+                        self._wake()
+                        self._wake_pending = True
+                    if self._pending:
+                        self._pending.extend(chunk)  # the commit
+                    else:
+                        self._pending = chunk  # the commit (the list is ours to keep)
+                    if sizes is not None:
+                        self._pending_size += sum(sizes[added : added + k])
+                    added += k
                     continue
-                if added == 0 and k == n:
-                    chunk, schunk = items, sizes
-                else:
-                    chunk = items[added : added + k]
-                    schunk = sizes[added : added + k] if sizes is not None else None
-                self._open = self._open_sizes = None  # keep this producer's order
-                self.inbox.append((chunk, schunk))
-                self.admitted += k
-                if schunk is not None:
-                    self.admitted_size += sum(schunk)
-                added += k
-                self._wake_locked()
+                if not block:
+                    raise _with_added(BufferFull("buffer is full"), added)
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise _with_added(TimeoutError("put timed out: buffer is full"), added)
+                waiter = _allocate_lock()
+                waiter.acquire()
+                self._waiters.append(waiter)
+            try:
+                waiter.acquire(True, _lock_timeout(remaining))
+            finally:
+                with self.lock:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
         return added
+
+    def _check_open(self, added: int) -> None:
+        """Under the lock: raise what a put must raise when the channel takes no items."""
+        if self.closed:
+            if self.inherited_by_fork:
+                raise _with_added(_forked_error(), added)
+            if self.fatal is not None:
+                raise _with_added(self.fatal, added)
+            raise _with_added(ChannelClosed("the channel is closed"), added)
 
     def _room_locked(self, sizes: list[int] | None, start: int, want: int) -> int:
         """How many of the next ``want`` items fit now (BlockNewItems; else all of them)."""
         room = want
         mi, ms = self._max_items, self._max_size
         if mi is not None:
-            room = max(0, min(room, mi - self.admitted))
+            room = max(0, min(room, mi - self.admitted - len(self._pending)))
         if ms is not None and room:
             # Soft cap, as in the reference: an item may go in while the total is below it.
-            total = self.admitted_size
+            total = self.admitted_size + self._pending_size
             k = 0
             while k < room and total < ms:
                 total += sizes[start + k] if sizes is not None else 0
@@ -194,26 +272,27 @@ class Admission:
         return room
 
     def request_close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-            self._wake_locked()
+        """No more items. No lock: a signal handler may call it while its thread holds one."""
+        self.closed = True
+        self._wake()
 
-    def request_cancel(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cancel_requested = True
-            self.cond.notify_all()
-            self._wake_locked()
+    def request_cancel(self, *, kill: bool = False) -> None:
+        """Cancel (and with ``kill``, end the sends in flight now). No lock, as for close."""
+        if kill:
+            self.kill_requested = True
+        self.cancel_requested = True
+        self.closed = True
+        self._wake()
 
     def snapshot(self) -> Stats:
         with self.lock:
+            pending = len(self._pending)
             return Stats(
-                # Every item put is admitted until it is published as delivered or dropped.
-                items_put=self.admitted + self._delivered + self._dropped,
+                # Every item put is pending or admitted until it is delivered or dropped.
+                items_put=self.admitted + pending + self._delivered + self._dropped,
                 items_delivered=self._delivered,
                 items_dropped=self._dropped,
-                items_buffered=self.admitted - self._in_flight,
+                items_buffered=self.admitted + pending - self._in_flight,
                 items_in_flight=self._in_flight,
                 batches_sent=self.batches_sent,
                 batches_failed=self.batches_failed,
@@ -221,35 +300,104 @@ class Admission:
                 batches_dropped=self.batches_dropped,
                 workers_alive=self._alive,
                 worker_restarts=self.worker_restarts,
+                batches_in_flight=self._batches_in_flight,
             )
 
-    def _publish(self) -> None:
+    # ---- the coordinator's side -----------------------------------------------------------
+
+    def _take_pending(self) -> tuple[list[Any], list[int] | None, bool, bool]:
+        """Coordinator: (items put since the last call, their sizes or None, closed, cancel)."""
+        with self.lock:
+            self._wake_pending = False
+            taken = self._pending
+            if taken:
+                # Moved to ``admitted`` in the same lock round: the producers' room check
+                # counts every item either here or there, never in neither.
+                self._pending = []
+                self.admitted += len(taken)
+                if self._pending_sized:
+                    self.admitted_size += sum([e[1] for e in taken])  # exact, unlike the estimate
+                self._pending_size = 0
+            closed = self.closed
+            cancel = self.cancel_requested
+            if closed and self._waiters:
+                self._release_waiters_locked()
+        sizes: list[int] | None = None
+        if taken and self._pending_sized:
+            sizes = [e[1] for e in taken]
+            taken = [e[0] for e in taken]
+        return taken, sizes, closed, cancel
+
+    def _release_waiters_locked(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.release()
+
+    def _publish(self, batches_in_flight: int) -> None:
         """Apply the booked moves under the lock at once: one lock round per loop iteration,
         and every snapshot sees whole iterations, so its counters always add up."""
         gone = self._d_delivered + self._d_dropped
-        if not (gone or self._d_in_flight or self._d_size):
+        if not (
+            gone
+            or self._d_in_flight
+            or self._d_size
+            or batches_in_flight != self._batches_in_flight
+        ):
             return
-        lock = self.lock  # the condition's lock; `with` would cost more once per iteration
-        lock.acquire()
-        try:
+        with self.lock:
             self._in_flight += self._d_in_flight
+            self._batches_in_flight = batches_in_flight
             self._delivered += self._d_delivered
             self._dropped += self._d_dropped
             self.admitted -= gone
             self.admitted_size -= self._d_size
             if self._waiters and (gone or self._d_size):
-                self.cond.notify_all()
-        finally:
-            lock.release()
+                self._release_waiters_locked()
         self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
 
     def _set_fatal(self, err: BaseException) -> None:
-        with self.cond:
+        with self.lock:
             if self.fatal is None:
                 self.fatal = err
             self.closed = True
             self.cancel_requested = True
-            self.cond.notify_all()
+            self._release_waiters_locked()
+
+    def _nothing_pending(self) -> bool:
+        """Coordinator: closed and nothing put since the last take, decided under the lock
+        (a producer that saw the channel open commits before this can run)."""
+        with self.lock:
+            return self.closed and not self._pending
+
+    def _after_fork_in_child(self) -> None:
+        """In a child forked from the process that owns this channel: the coordinator thread
+        and the workers do not exist here; every use raises a clear error."""
+        self.lock = _allocate_lock()
+        self._waiters = []
+        self.inherited_by_fork = True
+        self.closed = True
+        self._coordinator_gone = True
+
+
+def _forked_error() -> ProcDispatchError:
+    return ProcDispatchError(
+        "this channel was inherited through os.fork(): its coordinator and workers belong to "
+        "the parent process, so it cannot be used in the child; create the channel in the "
+        "child (e.g. in a gunicorn post_fork hook, not before the fork)"
+    )
+
+
+def _lock_timeout(timeout: float | None) -> float:
+    """A ``Lock.acquire`` timeout: -1 for ever, else capped to what the platform accepts."""
+    if timeout is None:
+        return -1
+    return min(max(0.0, timeout), _TIMEOUT_MAX)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _int_or_none(v: object) -> int | None:

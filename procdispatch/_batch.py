@@ -38,12 +38,15 @@ class Batch(Generic[T]):
 
     ``data`` holds the items in ``put`` order; ``send_fn`` may remove the ones it delivered.
     ``meta`` is free for the user and survives retries. ``id`` is 1-based and increases with
-    age (0 for a batch made outside the buffer); ``attempt`` is 1 for the first send.
+    age (0 for a batch made outside the buffer); ``attempt`` is 1 for the first send (and for
+    a batch dropped before its first send), 2 for the first retry, and so on.
     """
 
     __slots__ = (
         "_count",
         "_faults",
+        "_first_lease",
+        "_last_error",
         "_lease_count",
         "_lease_size",
         "_next_send",
@@ -81,6 +84,8 @@ class Batch(Generic[T]):
         self._lease_count = 0
         self._lease_size = 0
         self._faults = 0  # worker crashes / timeouts this batch caused (poison detection)
+        self._first_lease: float | None = None  # when it was first leased (delivery_timeout)
+        self._last_error: BaseException | None = None  # why its latest send failed
 
     @property
     def item_count(self) -> int:

@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._transient import TRANSIENT_NAMES, matches, qualified_name
 from .buffer import Batch, DropOldestBatch, FullBehavior
-from .errors import SendTimeout, TransientError, WorkerCrashed
+from .errors import OptionsError, SendTimeout, WorkerCrashed
 
 __all__ = [
     "POISON_FAULTS",
@@ -23,6 +24,7 @@ __all__ = [
     "default_on_error",
     "drop_quiet",
     "drop_summarized",
+    "retry_on",
 ]
 
 log = logging.getLogger("procdispatch")
@@ -35,18 +37,44 @@ current_full_behavior: contextvars.ContextVar[FullBehavior | None] = contextvars
     "procdispatch_full_behavior", default=None
 )
 
-TRANSIENT = (TransientError, ConnectionError, TimeoutError, WorkerCrashed)
-
 
 def default_on_error(batch: Batch[Any], exc: BaseException) -> bool:
     """Retry transient errors; give up on everything else and on poison batches.
 
-    Transient: :class:`TransientError`, ``ConnectionError``, ``TimeoutError`` (so
-    :class:`SendTimeout`) and :class:`WorkerCrashed`. A batch that has crashed or timed out a
-    worker ``POISON_FAULTS`` (3) times is dropped as poison. Logs INFO when retrying, ERROR when
-    giving up.
+    Transient: an error that is, or was raised from or while handling (its ``__cause__`` /
+    ``__context__`` chain), or has as its ``reason`` (``urllib``'s ``URLError``), a
+    :class:`TransientError`, a ``ConnectionError`` or a ``TimeoutError`` (so
+    :class:`SendTimeout`); and :class:`WorkerCrashed`. The chain is read in the worker, from
+    the live exception. A batch that has crashed or timed out a worker ``POISON_FAULTS`` (3)
+    times is dropped as poison. Logs INFO when retrying, ERROR when giving up.
     """
-    retry = isinstance(exc, TRANSIENT)
+    return _decide(batch, exc, TRANSIENT_NAMES)
+
+
+def retry_on(
+    *exception_types: type[BaseException],
+) -> Callable[[Batch[Any], BaseException], bool]:
+    """An ``on_error`` that also retries the given exception types (a library's own transient
+    errors, e.g. ``requests.ConnectionError``), found on the error's chain as
+    :func:`default_on_error` finds its own; everything else as :func:`default_on_error` does.
+
+    Types are matched by qualified name, so the parent need not import the library.
+    """
+    for t in exception_types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise OptionsError(f"retry_on takes exception classes (got {t!r})")
+    names = TRANSIENT_NAMES | {qualified_name(t) for t in exception_types}
+    listed = ", ".join(t.__qualname__ for t in exception_types)
+
+    def on_error(batch: Batch[Any], exc: BaseException) -> bool:
+        return _decide(batch, exc, names)
+
+    on_error.__qualname__ = on_error.__name__ = f"retry_on({listed})"
+    return on_error
+
+
+def _decide(batch: Batch[Any], exc: BaseException, names: frozenset[str]) -> bool:
+    retry = isinstance(exc, WorkerCrashed) or matches(exc, names)
     reason = "transient error, will retry" if retry else "not transient, giving up"
     if (
         retry

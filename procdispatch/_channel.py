@@ -1,33 +1,37 @@
 """ProcessChannel: the public facade. It validates, then hands everything to the coordinator.
 
 Producers call :meth:`ProcessChannel.put` from any thread; the call measures the item (when
-``item_size`` is set), waits for room under BlockNewItems, and leaves the item in the
-coordinator's inbox. Nothing here touches the buffer or the workers.
+``item_size`` is set), waits for room under BlockNewItems, and leaves the item with the
+coordinator (see :mod:`._admission`). Nothing here touches the buffer or the workers.
+
+Ending. Leaving a ``with`` block normally closes and drains. An exception closes and drains
+too (and is re-raised); a KeyboardInterrupt or SystemExit cancels: the first Ctrl-C logs how
+many sends it waits for and for how long (``cancel_grace``), a second one ends them at once.
+A channel left open at interpreter exit, or collected while open, is closed and drained (see
+:mod:`._process_end`).
 """
 
 from __future__ import annotations
 
-import atexit
+import logging
 import pickle
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from . import _process_end
 from ._admission import Stats
-from ._coordinator import STOP_JOIN_TIMEOUT, Coordinator
+from ._coordinator import Coordinator
 from ._options import ChannelOptions
 from .buffer import Batch, Buffer, FullBehavior
-from .errors import OptionsError
+from .errors import ItemsDropped, OptionsError
 
 __all__ = ["ProcessChannel", "Stats"]
 
 T = TypeVar("T")
-
-_live: weakref.WeakSet[ProcessChannel[Any]] = weakref.WeakSet()
-_live_lock = threading.Lock()
+log = logging.getLogger("procdispatch")
 
 
 class ProcessChannel(Generic[T]):
@@ -103,14 +107,16 @@ class ProcessChannel(Generic[T]):
         self._item_size = opts.item_size
         # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps_limit
-        self._coord = Coordinator(send_fn, opts, payload, limiter, owns_limiter=owned)
-        self._sizer: Buffer[Any] = self._coord.buffer  # check_size only reads its options
+        self._coord = coord = Coordinator(send_fn, opts, payload, limiter, owns_limiter=owned)
+        self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
         if self._item_size is None:
             # The hot path without item sizes: put goes straight to the coordinator's admission.
-            self.put = self._coord.put_one  # type: ignore[method-assign]
-        self._coord.start()
-        with _live_lock:
-            _live.add(self)
+            self.put = coord.put_one  # type: ignore[method-assign]
+        else:
+            coord._pending_sized = True
+        coord.start()
+        # Collected while open: the coordinator drains what it holds in the background.
+        weakref.finalize(self, coord.request_close)
 
     # ---- producing ------------------------------------------------------------------------
 
@@ -166,17 +172,31 @@ class ProcessChannel(Generic[T]):
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until every batch was delivered or dropped; False on timeout."""
+        self._check_not_inherited()
         return self._coord.drained.wait(timeout)
 
     def close_and_drain(self, timeout: float | None = None) -> bool:
-        """:meth:`close`, then :meth:`wait_drained`. Raises the error that killed the channel
-        (e.g. WorkerStartFailed) once it has drained."""
+        """:meth:`close`, then :meth:`wait_drained`. Once drained, raises the error that killed
+        the channel (e.g. WorkerStartFailed), and with ``raise_on_drop=True`` raises
+        :class:`ItemsDropped` if anything was dropped."""
         self.close()
         ok = self.wait_drained(timeout)
-        fatal = self._coord.fatal
-        if ok and fatal is not None:
-            raise fatal
+        if ok:
+            self._raise_after_drain()
         return ok
+
+    def _raise_after_drain(self) -> None:
+        coord = self._coord
+        if coord.fatal is not None:
+            raise coord.fatal
+        if coord.opts.raise_on_drop:
+            dropped = coord.snapshot().items_dropped
+            if dropped:
+                raise ItemsDropped(dropped, coord.first_drop_error)
+
+    def _check_not_inherited(self) -> None:
+        if self._coord.inherited_by_fork:
+            self._coord._check_open(0)  # raises the error that explains it
 
     @property
     def drained(self) -> bool:
@@ -196,20 +216,49 @@ class ProcessChannel(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._coord.inherited_by_fork:
+            return  # nothing of it runs in this process
         if exc_type is not None and not issubclass(exc_type, Exception):
-            self.cancel()
-            self.wait_drained()
+            deadline = _process_end.sigterm_deadline()
+            if issubclass(exc_type, SystemExit) and deadline is not None:
+                self._drain_until(deadline)  # SIGTERM under drain_on_sigterm
+            else:
+                self._cancel_and_wait(f"{exc_type.__name__} in the with block")
             return
         try:
-            if exc_type is None:
-                self.close_and_drain()
-            else:
-                self.close()
-                self.wait_drained()
-        except BaseException:
-            self.cancel()
+            self.close()
             self.wait_drained()
+        except BaseException as interrupt:
+            self._cancel_and_wait(f"{type(interrupt).__name__} while draining")
             raise
+        if exc_type is None:
+            self._raise_after_drain()
+
+    def _cancel_and_wait(self, why: str) -> None:
+        """Cancel, say what is waited for, and wait; a Ctrl-C during the wait ends the sends
+        still in flight at once (their batches still reach on_drop)."""
+        self.cancel()
+        n = self._coord.snapshot().batches_in_flight
+        if n:
+            log.warning(
+                "%s: channel cancelled; waiting up to %.1fs (cancel_grace) for %d send(s) in "
+                "flight; Ctrl-C again to stop them now (their batches are dropped)",
+                why,
+                self._coord.opts.cancel_grace,
+                n,
+            )
+        try:
+            self.wait_drained()
+        except KeyboardInterrupt:
+            n = self._coord.snapshot().batches_in_flight
+            log.warning("Ctrl-C again: stopping %d send(s) in flight now", n)
+            self._coord.request_cancel(kill=True)
+            self.wait_drained()
+
+    def _drain_until(self, deadline: float) -> None:
+        self.close()
+        if not self.wait_drained(max(0.0, deadline - time.monotonic())):
+            self._cancel_and_wait("SIGTERM drain timed out")
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -258,15 +307,3 @@ def _make_limiter(qps_limit: object, burst: int) -> Any:
     if isinstance(qps_limit, RateLimiter):
         return qps_limit
     return RateLimiter(qps_limit, burst=burst)  # type: ignore[arg-type]
-
-
-@atexit.register
-def _cancel_live_channels() -> None:
-    """At interpreter exit, cancel channels nobody closed, so no worker outlives us."""
-    with _live_lock:
-        channels = list(_live)
-    for ch in channels:
-        if not ch.drained:
-            ch.cancel()
-    for ch in channels:
-        ch.wait_drained(ch._coord.opts.cancel_grace + STOP_JOIN_TIMEOUT)

@@ -37,10 +37,12 @@ import collections
 import logging
 import math
 import os
+import pickle
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import _process_end
 from . import _protocol as proto
 from ._admission import Admission
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
@@ -106,6 +108,7 @@ class Coordinator(Outcomes):
         )
 
     def start(self) -> None:
+        _process_end.register(self)
         self._thread.start()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -123,8 +126,9 @@ class Coordinator(Outcomes):
             while True:
                 now = monotonic()
                 self._ingest(now, woke)
+                self._expire(now)
                 self._dispatch(now)
-                self._publish()
+                self._publish(self.buffer.leased)
                 if self._deferred and (self._backlog or self.buffer.total > 1):
                     self._spawn_deferred()  # more than one item: work for more than one worker
                 if self._to_respawn:
@@ -152,29 +156,21 @@ class Coordinator(Outcomes):
                     pass
             except BlockingIOError:
                 pass
-        lock = self.lock  # the condition's lock, taken directly: once per loop iteration
-        lock.acquire()
-        try:
-            self._wake_pending = False
-            inbox = self.inbox
-            if inbox:
-                self.inbox = collections.deque()
-                self._open = self._open_sizes = None
-            closed = self.closed
-            cancel = self.cancel_requested
-        finally:
-            lock.release()
+        taken, sizes, closed, cancel = self._take_pending()
         if cancel and not self._cancelled:
             self._cancelled = True
             self._cancel_deadline = now + self.opts.cancel_grace
             self.buffer.flush(now)
+        if self.kill_requested and self._cancel_deadline > now:
+            self._cancel_deadline = now  # a second Ctrl-C: the grace is over
         backlog = self._backlog
-        if inbox:
-            backlog.extend(inbox)
+        if taken:
+            backlog.append((taken, sizes))
         while backlog:
             items, sizes = backlog[0]
             if self._cancelled:
-                self._drop(Batch(items))
+                for b in self.buffer.make_batches(now, items, sizes):
+                    self._drop(b)
                 backlog.popleft()
                 continue
             n, dropped = self.buffer.add_many(now, items, sizes)
@@ -288,39 +284,34 @@ class Coordinator(Outcomes):
         return proto.encode_lease(b.id, b.attempt, b.synthetic, body)
 
     def _isolate_unpicklable(self, b: Batch[Any]) -> bool:
-        """Split out the items that will not pickle; return whether anything is left to send."""
-        keep: list[Any] = []
-        keep_sizes: list[int] = []
-        sizes = b._sizes
+        """Split out the items that will not pickle, each into a batch of its own that goes
+        to on_error (with its position in the batch and the pickling error) and on_drop;
+        return whether anything is left to send."""
+        bad: list[tuple[int, Exception]] = []
         for i, item in enumerate(b.data):
             try:
                 proto.dumps(item)
             except Exception as exc:
-                one = Batch([item], meta=b.meta)
-                one._size = sizes[i] if sizes is not None else 0
-                self._call_on_error(one, exc)
-                self._drop(one)
-                b._count -= 1
-                b._size -= one._size
-                continue
-            keep.append(item)
-            if sizes is not None:
-                keep_sizes.append(sizes[i])
-        b.data = keep
-        b._sizes = keep_sizes if sizes is not None else None
-        if not keep:
+                bad.append((i, exc))
+        id_, attempt = b.id, b.attempt
+        for pos, (i, why) in enumerate(bad):
+            one = self.buffer.split_off(b, i - pos)  # earlier ones are already out
+            err = pickle.PicklingError(
+                f"item {i} of batch {id_} (attempt {attempt}) cannot be pickled to reach a "
+                f"worker: {type(why).__name__}: {why}"
+            )
+            err.__cause__ = why
+            self._call_on_error(one, err)
+            self._drop(one, err)
+        if not b.data:
             self.buffer.ack(b)
             return False
         return True
 
     def _finished(self) -> bool:
-        if not self.closed:
-            with self.lock:
-                if not self.closed:
-                    return False
-        return (
-            not self._backlog and not self.inbox and self.buffer.total == 0 and not self.pool.busy()
-        )
+        if not self.closed or self._backlog or self.buffer.total or self.pool.busy():
+            return False
+        return self._nothing_pending()
 
     def _timeout(self, now: float) -> float | None:
         deadline = math.inf
@@ -343,6 +334,11 @@ class Coordinator(Outcomes):
             deadline = min(deadline, self._cancel_deadline)
         if self._to_respawn:
             deadline = min(deadline, self._respawn_at)
+        dt = self.opts.delivery_timeout
+        if dt is not None and not self._cancelled:
+            expiry = buf.next_expiry(dt)
+            if expiry is not None:
+                deadline = min(deadline, expiry)
         if deadline == math.inf:
             return None
         return max(0.0, deadline - now)
@@ -350,11 +346,12 @@ class Coordinator(Outcomes):
     def _drop_everything_left(self) -> None:
         """After a crash of this loop: report whatever is still held as dropped (D3)."""
         now = monotonic()
-        with self.cond:
-            self._backlog.extend(self.inbox)
-            self.inbox.clear()
-        for items, _ in self._backlog:
-            self._drop(Batch(items))
+        taken, sizes, _, _ = self._take_pending()
+        if taken:
+            self._backlog.append((taken, sizes))
+        for items, sizes in self._backlog:
+            for b in self.buffer.make_batches(now, items, sizes):
+                self._drop(b)
         self._backlog.clear()
         for slot in self.pool.slots:
             for b in slot.batches:
@@ -368,33 +365,31 @@ class Coordinator(Outcomes):
             self._drop(b)
 
     def _shutdown(self) -> None:
-        if self.fatal is not None and isinstance(self.fatal, InternalError):
-            try:
-                self._drop_everything_left()
-            except Exception:
-                log.exception("could not report what the failed coordinator held")
-        self._publish()
+        """End the channel: every step runs even if an earlier one raised, and ``drained`` is
+        set last whatever happens, so that no waiter can hang on a failed step."""
         try:
-            self.pool.shutdown(STOP_JOIN_TIMEOUT)
+            self._shutdown_steps()
         finally:
-            if self._owns_limiter and self._limiter is not None:
-                self._limiter.close()
-            with self.lock:
-                self._alive = 0
-                # Producers may still call close()/put(): they must never write to a closed
-                # (or reused) descriptor, so the pipe is closed under the lock, marked so.
-                self._wake_closed = True
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-            try:
-                self._on_drop(None, True)
-            except Exception:
-                log.exception("on_drop(None, True) raised; ignored")
-            if self.opts.on_drained is not None:
-                try:
-                    self.opts.on_drained()
-                except Exception:
-                    log.exception("on_drained raised; ignored")
-            with self.cond:
-                self.cond.notify_all()
+            self._coordinator_gone = True
             self.drained.set()
+            _process_end.unregister(self)
+
+    def _shutdown_steps(self) -> None:
+        if self.fatal is not None and isinstance(self.fatal, InternalError):
+            _guarded("report what the failed coordinator held", self._drop_everything_left)
+        self._publish(self.buffer.leased)
+        _guarded("stop the workers", self.pool.shutdown, STOP_JOIN_TIMEOUT)
+        if self._owns_limiter and self._limiter is not None:
+            _guarded("close the channel's rate limiter", self._limiter.close)
+        with self.lock:
+            self._alive = 0
+        _guarded("call on_drop(None, True)", self._on_drop, None, True)
+        if self.opts.on_drained is not None:
+            _guarded("call on_drained", self.opts.on_drained)
+
+
+def _guarded(what: str, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("procdispatch: could not %s; going on with the shutdown", what)

@@ -53,11 +53,17 @@ def _resolve_pair(
     size: Limit,
     batch_items_max: int | None,
     batch_size_max: int | None,
+    leases: int | None,
 ) -> tuple[int | None, int | None]:
-    if items is DERIVED:
-        items = max(1000, batch_items_max) if batch_items_max is not None else 1000
     if size is DERIVED:
         size = 5 * batch_size_max if batch_size_max is not None else None
+    if items is DERIVED:
+        if batch_items_max is not None:
+            items = max(1000, batch_items_max * (2 * leases if leases is not None else 1))
+        else:
+            # No count limit on batches: a size limit, if one remains, is the only cap (so a
+            # size-only buffer never blocks at 1,000 tiny items); with none, 1,000 items.
+            items = None if size is not None else 1000
     check_int_limit(f"{policy}.{items_name}", items)
     check_int_limit(f"{policy}.{size_name}", size)
     if items is not None and batch_items_max is not None and items < batch_items_max:
@@ -86,7 +92,15 @@ class FullBehavior:
     #: True when the policy can make ``put`` wait (BlockNewItems).
     blocks: bool = False
 
-    def resolve(self, batch_items_max: int | None, batch_size_max: int | None) -> FullBehavior:
+    def resolve(
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
+    ) -> FullBehavior:
+        """A copy with the derived limits filled in and checked against the batch limits.
+
+        ``leases`` is given by a channel: its derived item limit then leaves room for every
+        lease full plus as much queued (``max(1000, 2 * leases * batch_items_max)``) instead of
+        the pure buffer's ``max(1000, batch_items_max)``.
+        """
         raise NotImplementedError
 
     def compute_state(self, total: int, total_size: int) -> tuple[bool, bool]:
@@ -98,16 +112,21 @@ class FullBehavior:
 class BlockNewItems(FullBehavior):
     """Never drop; make ``put`` wait while the buffer holds ``max_items`` items or ``max_size``.
 
-    In-flight batches count until they are acknowledged. Defaults: ``max_items`` =
-    ``max(1000, batch_items_max)``; ``max_size`` = ``5 * batch_size_max`` (no limit without it).
-    ``None`` lifts a limit; at least one must remain.
+    In-flight batches count until they are acknowledged. Defaults: ``max_size`` =
+    ``5 * batch_size_max`` (no limit without it); ``max_items`` = ``max(1000, batch_items_max)``
+    in a pure :class:`~procdispatch.buffer.Buffer` and ``max(1000, 2 * max_leases *
+    batch_items_max)`` in a channel (every lease full, plus as much queued); with
+    ``batch_items_max=None`` no item limit when a size limit remains, else 1,000. ``None``
+    lifts a limit; at least one must remain.
     """
 
     max_items: Limit = DERIVED
     max_size: Limit = DERIVED
     blocks = True
 
-    def resolve(self, batch_items_max: int | None, batch_size_max: int | None) -> BlockNewItems:
+    def resolve(
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
+    ) -> BlockNewItems:
         items, size = _resolve_pair(
             "BlockNewItems",
             "max_items",
@@ -116,6 +135,7 @@ class BlockNewItems(FullBehavior):
             self.max_size,
             batch_items_max,
             batch_size_max,
+            leases,
         )
         return replace(self, max_items=items, max_size=size)
 
@@ -136,7 +156,9 @@ class DropOldestBatch(FullBehavior):
     max_live_items: Limit = DERIVED
     max_live_size: Limit = DERIVED
 
-    def resolve(self, batch_items_max: int | None, batch_size_max: int | None) -> DropOldestBatch:
+    def resolve(
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
+    ) -> DropOldestBatch:
         items, size = _resolve_pair(
             "DropOldestBatch",
             "max_live_items",
@@ -145,6 +167,7 @@ class DropOldestBatch(FullBehavior):
             self.max_live_size,
             batch_items_max,
             batch_size_max,
+            leases,
         )
         return replace(self, max_live_items=items, max_live_size=size)
 
@@ -158,7 +181,9 @@ class DropOldestBatch(FullBehavior):
 class InfiniteGrowth(FullBehavior):
     """Never block, never drop: memory is the limit."""
 
-    def resolve(self, batch_items_max: int | None, batch_size_max: int | None) -> InfiniteGrowth:
+    def resolve(
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
+    ) -> InfiniteGrowth:
         return self
 
     def compute_state(self, total: int, total_size: int) -> tuple[bool, bool]:

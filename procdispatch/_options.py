@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .buffer import BufferOptions, FullBehavior
+from ._fullbehavior import check_int_limit
+from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
 __all__ = ["BACKENDS", "ChannelOptions", "default_start_method"]
@@ -122,6 +123,14 @@ class ChannelOptions:
         _int("workers", workers, allow_none=False)
         _int("max_leases", max_leases, allow_none=True)
         leases = max_leases if max_leases is not None else workers
+        if full_behavior is None:
+            full_behavior = BlockNewItems()
+        if isinstance(full_behavior, FullBehavior):
+            check_int_limit("batch_items_max", batch_items_max)  # before they are used here
+            check_int_limit("batch_size_max", batch_size_max)
+            # A channel's derived item limit leaves room for every lease full plus as much
+            # queued; the pure buffer's smaller default would keep workers idle.
+            full_behavior = full_behavior.resolve(batch_items_max, batch_size_max, leases=leases)
         buf = BufferOptions(
             max_leases=leases,
             batch_items_max=batch_items_max,
@@ -201,6 +210,8 @@ def check_qps_limit(qps_limit: object) -> None:
     from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
 
     if isinstance(qps_limit, RateLimiter):
+        if qps_limit.closed:
+            raise OptionsError(f"qps_limit must be an open RateLimiter (got {qps_limit!r})")
         return
     if isinstance(qps_limit, bool):
         raise OptionsError(

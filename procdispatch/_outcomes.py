@@ -24,6 +24,7 @@ from ._options import ChannelOptions
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
 from .buffer import Batch, Buffer
 from .errors import (
+    DeliveryTimeout,
     InternalError,
     ProcDispatchError,
     SendTimeout,
@@ -38,6 +39,10 @@ log = logging.getLogger("procdispatch")
 START_FAILURES_FATAL = 3
 #: Seconds before a worker whose start raised (no process was made) is started again.
 SPAWN_RETRY_DELAY = 0.05
+#: A batch about to be sent for this many times (and each doubling after) logs a WARNING.
+REPEATED_RETRY_WARNING = 5
+#: A user callback that runs longer than this on the coordinator thread logs a WARNING.
+SLOW_CALLBACK = 1.0
 
 
 class Outcomes(Admission):
@@ -54,6 +59,9 @@ class Outcomes(Admission):
     _deferred: int
     _to_respawn: int
     _respawn_at: float
+    #: Why the first item was dropped (None: an eviction or a cancel); for ItemsDropped.
+    first_drop_error: BaseException | None = None
+    _dropped_any = False
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -67,18 +75,28 @@ class Outcomes(Admission):
         self._d_size += size
 
     def _call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
+        t0 = monotonic()
         try:
             return bool(self._on_error(batch, exc))
         except Exception:
             log.exception("on_error raised for batch %d; treating it as 'do not retry'", batch.id)
             return False
+        finally:
+            _warn_if_slow("on_error", self._on_error, t0)
 
-    def _drop(self, batch: Batch[Any]) -> None:
-        """Report a batch that is no longer leased nor queued as dropped."""
+    def _drop(self, batch: Batch[Any], error: BaseException | None = None) -> None:
+        """Report a batch that is no longer leased nor queued as dropped; ``error`` is why
+        (None for an eviction by DropOldestBatch or a cancel)."""
+        if not batch.synthetic and not self._dropped_any:
+            self._dropped_any = True
+            self.first_drop_error = error
+        t0 = monotonic()
         try:
             self._on_drop(batch, False)
         except Exception:
             log.exception("on_drop raised for batch %d; ignored", batch.id)
+        finally:
+            _warn_if_slow("on_drop", self._on_drop, t0)
         self.batches_dropped += 1
         if not batch.synthetic:
             self._book(dropped=batch._count, size=batch._size)
@@ -161,10 +179,16 @@ class Outcomes(Admission):
         self._shrink(b)
 
     def _fail(self, b: Batch[Any], exc: BaseException, now: float, *, fault: bool = False) -> None:
-        """A leased batch failed: ask on_error, then retry (nack) or drop it."""
+        """A leased batch failed: ask on_error, then retry (nack) or drop it.
+
+        Every way out ends the lease once: delivered by removal, dropped (on_error said no, the
+        channel is cancelled, delivery_timeout has passed, the retry policy gave up or
+        misbehaved), or queued again for a retry.
+        """
         self.batches_failed += 1
         if fault:
             b._faults += 1
+        b._last_error = exc
         retry = self._call_on_error(b, exc)
         self._shrink(b)
         if not b.data:
@@ -172,13 +196,70 @@ class Outcomes(Admission):
             return
         if self._cancelled or not retry:
             self.buffer.ack(b)
-            self._drop(b)
+            self._drop(b, exc)
             return
-        exhausted = self.buffer.nack(now, b, exc)
+        dt = self.opts.delivery_timeout
+        if dt is not None and b._first_lease is not None and now - b._first_lease >= dt:
+            self.buffer.ack(b)
+            self._drop_expired(b, now)
+            return
+        t0 = monotonic()
+        try:
+            exhausted = self.buffer.nack(now, b, exc)
+        except Exception as policy_error:
+            # The retry policy is user code: whatever it does, the batch ends in on_drop.
+            log.error(
+                "the retry policy failed for batch %d (attempt %d): %s: %s; dropping the batch",
+                b.id,
+                b.attempt,
+                type(policy_error).__name__,
+                policy_error,
+                exc_info=policy_error,
+            )
+            self.buffer.ack(b)
+            self._drop(b, policy_error)
+            return
+        finally:
+            _warn_if_slow("the retry policy", self.opts.buffer.retry, t0)
         if exhausted is not None:
-            self._drop(exhausted)
-        else:
-            self.batches_retried += 1
+            self._drop(exhausted, exc)
+            return
+        self.batches_retried += 1
+        nxt = b.attempt + 1
+        if nxt >= REPEATED_RETRY_WARNING and _doubling(nxt // REPEATED_RETRY_WARNING, nxt):
+            age = now - b._first_lease if b._first_lease is not None else 0.0
+            log.warning(
+                "batch %d has failed %d times in %.1fs and will be sent again (attempt %d); "
+                "last error: %s: %s. It is retried until the retry policy gives up: set "
+                "delivery_timeout= or retry= to bound this",
+                b.id,
+                b.attempt,
+                age,
+                nxt,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _drop_expired(self, b: Batch[Any], now: float) -> None:
+        """Drop a batch (no longer leased nor queued) that outlived ``delivery_timeout``."""
+        assert self.opts.delivery_timeout is not None
+        first = b._first_lease if b._first_lease is not None else now
+        err = DeliveryTimeout(
+            self.opts.delivery_timeout,
+            batch_id=b.id,
+            attempts=b.attempt,
+            age=now - first,
+            last_error=b._last_error,
+        )
+        log.warning("%s", err)
+        self._drop(b, err)
+
+    def _expire(self, now: float) -> None:
+        """Drop the batches that wait for a retry past ``delivery_timeout``."""
+        dt = self.opts.delivery_timeout
+        if dt is not None:
+            for b in self.buffer.expire(now, dt):
+                self._drop_expired(b, now)
 
     def _on_death(self, slot: Slot, now: float) -> None:
         was = slot.state
@@ -195,7 +276,7 @@ class Outcomes(Admission):
                 self.buffer.release(b)  # never started: back in the queue, no attempt used
             elif slot.kill_reason == "cancel":
                 self.buffer.ack(b)
-                self._drop(b)
+                self._drop(b, None)
             else:
                 exc: ProcDispatchError
                 if slot.kill_reason == "timeout":
@@ -310,6 +391,24 @@ class Outcomes(Admission):
         n = self.pool.alive()
         with self.lock:
             self._alive = n
+
+
+def _doubling(ratio: int, attempt: int) -> bool:
+    """True when ``attempt`` is REPEATED_RETRY_WARNING times a power of two."""
+    return attempt % REPEATED_RETRY_WARNING == 0 and ratio & (ratio - 1) == 0
+
+
+def _warn_if_slow(what: str, fn: object, t0: float) -> None:
+    took = monotonic() - t0
+    if took > SLOW_CALLBACK:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        log.warning(
+            "%s (%s) took %.1fs on the coordinator thread; while a callback runs no batch is "
+            "leased, acknowledged or retried",
+            what,
+            name,
+            took,
+        )
 
 
 def _rss(pid: int) -> int | None:

@@ -19,6 +19,7 @@ import pickle
 import struct
 from typing import Any
 
+from ._transient import Chain, attach, chain_names
 from .errors import RemoteError, RemoteTraceback
 
 __all__ = [
@@ -45,7 +46,9 @@ K_DONE = 0x44  # "D"
 K_FAILED = 0x46  # "F"
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
+PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
 STOP_FRAME = bytes([K_STOP])
+_REMOTE_ERROR = "procdispatch.errors.RemoteError"
 
 
 def dumps(obj: object) -> bytes:
@@ -155,6 +158,45 @@ def encode_lease(batch_id: int, attempt: int, synthetic: bool, payload: bytes) -
     return HEADER.pack(K_LEASE, batch_id, attempt, synthetic) + payload
 
 
+def _decode_failed(buf: bytes) -> Failed:
+    """A Failed frame: header, part sizes, then the error, the data change and the meta
+    change, each pickled alone. A part that cannot be unpickled here (a ``__reduce__`` that
+    raises in the parent, a class the parent cannot import) fails the batch with a RemoteError
+    that names it, and its change is not applied; it never reaches the coordinator as an
+    exception."""
+    _, bid, attempt, _ = HEADER.unpack_from(buf)
+    err_size, data_size = PARTS.unpack_from(buf, HEADER.size)
+    at = HEADER.size + PARTS.size
+    blob, type_name, message, tb, chain = pickle.loads(buf[at : at + err_size])
+    exc = _exception_from(blob, type_name, message, tb)
+    attach(exc, chain)
+    at += err_size
+    kept: list[int] | None = None
+    new_data: list[Any] | None = None
+    meta: object = None
+    meta_sent = False
+    undecodable: list[str] = []
+    try:
+        kept, new_data = pickle.loads(buf[at : at + data_size])
+    except Exception as e:
+        undecodable.append(f"batch.data ({type(e).__name__}: {e})")
+    try:
+        meta_sent, meta = pickle.loads(buf[at + data_size :])
+    except Exception as e:
+        undecodable.append(f"batch.meta ({type(e).__name__}: {e})")
+    if undecodable:
+        err = RemoteError(
+            type_name,
+            f"the send failed ({type_name}: {message}) and its change to "
+            f"{' and '.join(undecodable)} could not be unpickled in the parent; the batch is "
+            "kept as it was sent",
+            tb,
+        )
+        attach(err, chain)
+        return Failed(bid, attempt, err, None, None, False, None)
+    return Failed(bid, attempt, exc, kept, new_data, meta_sent, meta)
+
+
 def _exception_from(blob: bytes | None, type_name: str, message: str, tb: str) -> BaseException:
     exc: BaseException
     if blob is not None:
@@ -177,12 +219,7 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
         _, bid, attempt, _ = HEADER.unpack_from(buf)
         return Done(bid, attempt)
     if kind == K_FAILED:
-        _, bid, attempt, _ = HEADER.unpack_from(buf)
-        blob, type_name, message, tb, kept, new_data, meta_sent, meta = pickle.loads(
-            buf[HEADER.size :]
-        )
-        exc = _exception_from(blob, type_name, message, tb)
-        return Failed(bid, attempt, exc, kept, new_data, meta_sent, meta)
+        return _decode_failed(buf)
     if kind == K_READY:
         return Ready(pickle.loads(buf[1:]))
     if kind == K_INIT_FAILED:
@@ -202,7 +239,7 @@ def encode_done(batch_id: int, attempt: int) -> bytes:
     return HEADER.pack(K_DONE, batch_id, attempt, 0)
 
 
-def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str]:
+def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str, Chain]:
     import traceback  # only when a send fails: a worker starts faster without it
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -215,11 +252,11 @@ def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str]:
         blob: bytes | None = dumps(exc)
     except Exception:
         blob = None
-    return blob, type_name, message, tb
+    return blob, type_name, message, tb, chain_names(exc)
 
 
 def encode_init_failed(exc: BaseException) -> bytes:
-    return bytes([K_INIT_FAILED]) + pickle.dumps(_describe(exc), PROTOCOL)
+    return bytes([K_INIT_FAILED]) + pickle.dumps(_describe(exc)[:4], PROTOCOL)
 
 
 def encode_failed(
@@ -233,28 +270,21 @@ def encode_failed(
 ) -> bytes:
     """Frame a failure; a mutation that will not pickle becomes a RemoteError instead."""
     head = HEADER.pack(K_FAILED, batch_id, attempt, 0)
-    desc = _describe(exc)
+    blob, type_name, message, tb, chain = _describe(exc)
     try:
-        return head + dumps((*desc, kept, new_data, meta_sent, meta))
+        data_part = dumps((kept, new_data))
+        meta_part = dumps((meta_sent, meta))
     except Exception as pickling_error:
         what = "batch.data" if new_data is not None else "batch.meta"
         err = RemoteError(
             type(pickling_error).__name__,
-            f"the send failed ({desc[1]}: {desc[2]}) and its change to {what} could not be "
+            f"the send failed ({type_name}: {message}) and its change to {what} could not be "
             f"pickled back to the parent: {pickling_error}",
-            desc[3],
+            tb,
         )
-        blob = pickle.dumps(err, PROTOCOL)
-        return head + pickle.dumps(
-            (
-                blob,
-                "procdispatch.errors.RemoteError",
-                err.message,
-                desc[3],
-                None,
-                None,
-                False,
-                None,
-            ),
-            PROTOCOL,
-        )
+        blob, type_name, message = pickle.dumps(err, PROTOCOL), _REMOTE_ERROR, err.message
+        data_part = pickle.dumps((None, None), PROTOCOL)
+        meta_part = pickle.dumps((False, None), PROTOCOL)
+    err_part = pickle.dumps((blob, type_name, message, tb, chain), PROTOCOL)
+    sizes = PARTS.pack(len(err_part), len(data_part))
+    return b"".join((head, sizes, err_part, data_part, meta_part))

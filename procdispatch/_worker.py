@@ -67,7 +67,17 @@ def run_lease(
     try:
         send_fn(batch)
     except BaseException as exc:
-        kept, new = diff_data(orig, batch.data)
+        data = batch.data
+        if not isinstance(data, list):
+            # Not a change we can apply: the batch fails as it was sent, and says why.
+            bad = TypeError(
+                f"send_fn set batch.data to a {type(data).__name__} and then raised "
+                f"{type(exc).__name__}: {exc}; batch.data must stay a list (remove from it the "
+                "items that were delivered)"
+            )
+            bad.__cause__ = exc
+            return proto.Failed(lease.batch_id, lease.attempt, bad, None, None, True, batch.meta)
+        kept, new = diff_data(orig, data)
         return proto.Failed(lease.batch_id, lease.attempt, exc, kept, new, True, batch.meta)
     return proto.Done(lease.batch_id, lease.attempt)
 

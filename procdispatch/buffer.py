@@ -121,8 +121,7 @@ class BufferOptions:
             )
         fb = fb.resolve(self.batch_items_max, self.batch_size_max)
         retry = self.retry if self.retry is not None else exponential()
-        if not callable(retry):
-            raise OptionsError(f"retry must be a callable returning an iterator (got {retry!r})")
+        _check_retry_factory(retry)
         return BufferOptions(
             max_leases=self.max_leases,
             batch_items_max=self.batch_items_max,
@@ -288,15 +287,15 @@ class Buffer(Generic[T]):
         if fresh:  # _head() and _pop_head(), spelled out: this runs once per batch
             if heap and heap[0] < fresh[0]:
                 if heap[0][2]._next_send <= now:
-                    return self._lease(heapq.heappop(heap)[2])
+                    return self._lease(heapq.heappop(heap)[2], now)
             elif fresh[0][2]._next_send <= now:
-                return self._lease(fresh.popleft()[2])
+                return self._lease(fresh.popleft()[2], now)
         elif heap and heap[0][2]._next_send <= now:
-            return self._lease(heapq.heappop(heap)[2])
+            return self._lease(heapq.heappop(heap)[2], now)
         cur = self._cur
         if cur is not None and cur._next_send <= now and not (self._fifo and (fresh or heap)):
             self.flush(now)
-            return self._lease(self._pop_head())
+            return self._lease(self._pop_head(), now)
         return None
 
     def ready(self, now: float) -> bool:
@@ -352,15 +351,20 @@ class Buffer(Generic[T]):
         Returns the batch when it must be dropped instead (its retry iterator is exhausted);
         a batch whose data was emptied by the send is finished (nothing left to send) and None
         is returned. ``exc`` is accepted for symmetry with ``on_error`` and not used.
+
+        The retry policy is user code: if its factory or iterator raises, or gives something
+        other than a number of seconds >= 0, that error is raised here and the batch stays
+        leased, so that the caller can end the lease (``ack``) and drop it.
         """
-        self._end_lease(batch, "nack")
+        self._check_leased(batch, "nack")
         batch.shrink()
-        batch._state = _DONE
         if not batch.data or batch._count == 0:
+            self._end_lease(batch, "nack")
+            batch._state = _DONE
             return None
-        if batch._retry is None:  # made on first use: most batches never fail
-            batch._retry = iter(self._retry_factory())
-        delay = next(batch._retry, None)
+        delay = self._next_delay(batch)
+        self._end_lease(batch, "nack")
+        batch._state = _DONE
         if delay is None:
             return batch
         batch._next_send = now + delay
@@ -369,6 +373,104 @@ class Buffer(Generic[T]):
         self._unleased_size += batch._size
         heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
         return None
+
+    def _next_delay(self, batch: Batch[T]) -> float | None:
+        """The batch's next retry delay from its own iterator; None when it is exhausted."""
+        it = batch._retry
+        if it is None:  # made on first use: most batches never fail
+            made = self._retry_factory()
+            try:
+                it = iter(made)
+            except TypeError:
+                raise TypeError(
+                    f"retry must return an iterator of delays in seconds (it returned {made!r})"
+                ) from None
+            batch._retry = it
+        delay = next(it, None)
+        if delay is None:
+            return None
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or not math.isfinite(delay)
+            or delay < 0
+        ):
+            raise ProcDispatchError(
+                f"retry delays must be finite numbers of seconds >= 0 (got {delay!r} for batch "
+                f"{batch.id}, attempt {batch.attempt})"
+            )
+        return float(delay)
+
+    # ---- batches outside the queue ----------------------------------------------------------
+
+    def split_off(self, batch: Batch[T], index: int) -> Batch[T]:
+        """Take item ``index`` out of a leased batch into a batch of its own, with a fresh id
+        and the same attempt and meta, outside the queue (to report it alone, e.g. an item
+        that cannot be pickled). The lease's accounting no longer counts it."""
+        self._check_leased(batch, "split_off")
+        item = batch.data.pop(index)
+        sizes = batch._sizes
+        size = sizes.pop(index) if sizes is not None else 0
+        self._last_id += 1
+        one: Batch[T] = Batch([item], batch.meta, self._last_id, batch.attempt)
+        one._size = size
+        if size:
+            one._sizes = [size]
+        one._first_lease = batch._first_lease
+        batch._count -= 1
+        batch._size -= size
+        batch._lease_count -= 1
+        batch._lease_size -= size
+        self._leased_items -= 1
+        self._leased_size -= size
+        return one
+
+    def make_batches(
+        self, now: float, items: Sequence[T], sizes: Sequence[int] | None = None
+    ) -> list[Batch[T]]:
+        """Cut ``items`` into batches as :meth:`add` would (batch limits, fresh ids, attempt
+        1), outside the queue and the accounting: for items that will never be queued, such
+        as those a cancelled channel still receives, to be reported as dropped."""
+        out: list[Batch[T]] = []
+        cur: Batch[T] | None = None
+        for i, item in enumerate(items):
+            size = sizes[i] if sizes is not None else 0
+            if cur is None or (
+                (self._items_max > 0 and cur._count >= self._items_max)
+                or (self._size_max > 0 and cur._size + size > self._size_max)
+            ):
+                self._last_id += 1
+                cur = Batch([], id=self._last_id, attempt=1)
+                out.append(cur)
+            if size or cur._sizes is not None:
+                if cur._sizes is None:
+                    cur._sizes = [0] * len(cur.data)
+                cur._sizes.append(size)
+            cur.data.append(item)
+            cur._count += 1
+            cur._size += size
+        return out
+
+    def expire(self, now: float, max_age: float) -> list[Batch[T]]:
+        """Remove and return the queued batches first leased ``max_age`` or more before
+        ``now`` (they wait for a retry), oldest first; the caller drops them."""
+        heap = self._heap
+        gone = [e[2] for e in heap if _expired(e[2], now, max_age)]
+        if not gone:
+            return []
+        self._heap = [e for e in heap if not _expired(e[2], now, max_age)]
+        heapq.heapify(self._heap)
+        for b in gone:
+            b._state = _DONE
+            self._unleased_items -= b._count
+            self._unleased_size -= b._size
+        gone.sort(key=_by_id)
+        return gone
+
+    def next_expiry(self, max_age: float) -> float | None:
+        """When :meth:`expire` with ``max_age`` will next remove a batch (None: no candidate)."""
+        firsts = [e[2]._first_lease for e in self._heap if e[2]._first_lease is not None]
+        return min(firsts) + max_age if firsts else None
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -437,9 +539,11 @@ class Buffer(Generic[T]):
                 self.flush(now)
         self._unleased_items += n
 
-    def _lease(self, b: Batch[T]) -> Batch[T]:
+    def _lease(self, b: Batch[T], now: float | None = None) -> Batch[T]:
         b._state = _LEASED
         b.attempt += 1
+        if b._first_lease is None:
+            b._first_lease = now
         b._lease_count = b._count
         b._lease_size = b._size
         self._leases[b.id] = b
@@ -449,12 +553,17 @@ class Buffer(Generic[T]):
         self._leased_size += b._size
         return b
 
-    def _end_lease(self, batch: Batch[T], what: str) -> None:
+    def _check_leased(self, batch: Batch[T], what: str) -> None:
+        if not isinstance(batch, Batch):
+            raise ProcDispatchError(f"{what} needs a leased Batch (got {batch!r})")
         if self._leases.get(batch.id) is not batch:
             raise ProcDispatchError(
                 f"{what} of batch {batch.id}, which is not leased (state {batch._state.value}); "
                 "every lease ends with exactly one ack or nack"
             )
+
+    def _end_lease(self, batch: Batch[T], what: str) -> None:
+        self._check_leased(batch, what)
         del self._leases[batch.id]
         self._leased_items -= batch._lease_count
         self._leased_size -= batch._lease_size
@@ -476,6 +585,7 @@ class Buffer(Generic[T]):
         else:
             return None
         b._state = _DONE
+        b.attempt = max(1, b.attempt)  # a batch dropped before its first send: attempt 1
         self._unleased_items -= b._count
         self._unleased_size -= b._size
         return b
@@ -483,3 +593,15 @@ class Buffer(Generic[T]):
 
 def _by_id(b: Batch[T]) -> int:
     return b.id
+
+
+def _expired(b: Batch[T], now: float, max_age: float) -> bool:
+    return b._first_lease is not None and b._first_lease + max_age <= now
+
+
+def _check_retry_factory(retry: object) -> None:
+    """Raise OptionsError unless ``retry`` is callable. It is not called here: a factory may
+    hand out its iterators in order (one per failing batch), so a trial call would use one up;
+    what it returns is checked when a batch first fails (:meth:`Buffer.nack`)."""
+    if not callable(retry):
+        raise OptionsError(f"retry must be a callable returning an iterator (got {retry!r})")

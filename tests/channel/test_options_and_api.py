@@ -40,7 +40,9 @@ DOCUMENTED = {
     "default_on_error",
     "drop_quiet",
     "drop_summarized",
+    "drain_on_sigterm",
     "retry",
+    "retry_on",
 }
 
 
