@@ -42,7 +42,8 @@ from .errors import BufferFull, ChannelClosed, ProcDispatchError
 
 monotonic = time.monotonic
 _allocate_lock = threading.Lock
-_TIMEOUT_MAX = threading.TIMEOUT_MAX
+#: Longest stretch a waiting producer or drainer sleeps before a pending signal handler runs.
+WAIT_SLICE = 0.05
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Latch:
                 return True
             self._waiters.append(waiter)
         try:
-            waiter.acquire(True, _lock_timeout(timeout))
+            _acquire_in_slices(waiter, timeout)
         finally:
             with self._lock:
                 if waiter in self._waiters:
@@ -239,7 +240,7 @@ class Admission:
                 waiter.acquire()
                 self._waiters.append(waiter)
             try:
-                waiter.acquire(True, _lock_timeout(remaining))
+                _acquire_in_slices(waiter, remaining)
             finally:
                 with self.lock:
                     if waiter in self._waiters:
@@ -387,11 +388,20 @@ def _forked_error() -> ProcDispatchError:
     )
 
 
-def _lock_timeout(timeout: float | None) -> float:
-    """A ``Lock.acquire`` timeout: -1 for ever, else capped to what the platform accepts."""
-    if timeout is None:
-        return -1
-    return min(max(0.0, timeout), _TIMEOUT_MAX)
+def _acquire_in_slices(lock: Any, timeout: float | None) -> bool:
+    """``lock.acquire`` with ``timeout`` (None: for ever), waking every WAIT_SLICE seconds.
+
+    Python runs signal handlers in the main thread only, and a signal the kernel delivers to
+    another thread does not interrupt a wait of the main thread: without the slices, a Ctrl-C
+    could go unanswered until the wait ends. Each slice's return lets a pending handler run.
+    """
+    deadline = None if timeout is None else monotonic() + timeout
+    while True:
+        step = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - monotonic())
+        if step <= 0:
+            return bool(lock.acquire(False))
+        if lock.acquire(True, step):
+            return True
 
 
 def _close_fds(*fds: int) -> None:

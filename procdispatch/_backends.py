@@ -74,6 +74,10 @@ class WorkerHandle:
         """Release the handle's resources (pipes); the worker is already gone or killed."""
         raise NotImplementedError
 
+    def disown(self) -> None:
+        """In a child forked from the coordinator's process: forget the worker, which belongs
+        to the parent, without touching it."""
+
 
 class ProcessWorker(WorkerHandle):
     """A worker process with two one-way pipes: leases go down one, results come up the other.
@@ -201,6 +205,14 @@ class ProcessWorker(WorkerHandle):
             self._proc.join(0)
             if self._proc.exitcode is not None:
                 self._proc.close()
+
+    def disown(self) -> None:
+        # multiprocessing's exit hook terminates and joins every daemon process in its table
+        # of children, and a forked child inherits the table: it would SIGTERM our workers.
+        from multiprocessing import process
+
+        if self._proc is not None:
+            process._children.discard(self._proc)  # type: ignore[attr-defined]
 
 
 class ThreadWorker(WorkerHandle):

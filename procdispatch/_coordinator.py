@@ -107,6 +107,11 @@ class Coordinator(Outcomes):
             target=self._run, name="procdispatch-coordinator", daemon=True
         )
 
+    def _after_fork_in_child(self) -> None:
+        super()._after_fork_in_child()
+        for slot in self.pool.slots:
+            slot.handle.disown()
+
     def start(self) -> None:
         _process_end.register(self)
         self._thread.start()
