@@ -243,8 +243,10 @@ class Coordinator(Outcomes):
                     delay = limiter.reserve(within=QPS_BOOK_AHEAD)
                     if delay > 0:
                         # Booked for now + delay when delay <= QPS_BOOK_AHEAD: sleeping until
-                        # then and reserving again would lose each wake-up's lateness.
-                        self._qps_wait_until = now + delay
+                        # then and reserving again would lose each wake-up's lateness. The
+                        # delay counts from reserve's own reading of the clock, later than the
+                        # loop's ``now``: measured from ``now`` the send could come early.
+                        self._qps_wait_until = monotonic() + delay
                         self._qps_booked = delay <= QPS_BOOK_AHEAD
                         return False
             if synth:

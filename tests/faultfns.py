@@ -99,3 +99,84 @@ class FailingInit:
 
     def __call__(self) -> None:
         raise RuntimeError("init cannot reach the database")
+
+
+# ---- misbehaving send functions and policies, for the user-callable tests ----------------------
+
+
+class LibraryError(Exception):
+    """Stands for a library's own transient error type (requests.ConnectionError, say)."""
+
+
+def _not_a_number() -> Any:
+    return int("not-a-number")
+
+
+class UnpicklesBadly:
+    """Pickles in the worker; unpickling it (in the parent) raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (int, ("not-a-number",))
+
+
+class FailsFirst:
+    """Fails the first ``attempts`` sends of the batch holding ``trigger`` in a chosen way,
+    then records like Recorder."""
+
+    def __init__(self, log: Log, how: str, trigger: Any = 0, attempts: int = 1) -> None:
+        self.rec = Recorder(log)
+        self.how = how
+        self.trigger = trigger
+        self.attempts = attempts
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        if self.trigger in batch.data and batch.attempt <= self.attempts:
+            self.fail(batch)
+        self.rec(batch)
+
+    def fail(self, batch: pd.Batch[Any]) -> None:
+        import urllib.error
+
+        h = self.how
+        if h == "transient":
+            raise pd.TransientError("try again")
+        if h == "url_refused":
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        if h == "runtime_from_connection":
+            try:
+                raise ConnectionResetError("peer reset")
+            except ConnectionResetError as exc:
+                raise RuntimeError("the client gave up") from exc
+        if h == "runtime_while_timeout":
+            try:
+                raise TimeoutError("slow")
+            except TimeoutError:
+                raise RuntimeError("while handling a timeout") from None
+        if h == "runtime_in_handler":
+            try:
+                raise TimeoutError("slow")
+            except TimeoutError:
+                raise RuntimeError("while handling a timeout")  # noqa: B904
+        if h == "runtime":
+            raise RuntimeError("permanent")
+        if h == "library":
+            raise LibraryError("the library says: retry")
+        if h == "data_none":
+            batch.data = None  # type: ignore[assignment]
+            raise ValueError("after setting data to None")
+        if h == "data_tuple":
+            batch.data = tuple(batch.data)  # type: ignore[assignment]
+            raise ValueError("after setting data to a tuple")
+        if h == "meta_undecodable":
+            batch.meta = UnpicklesBadly()
+            raise ValueError("failed with a meta the parent cannot unpickle")
+        if h == "data_undecodable":
+            batch.data.append(UnpicklesBadly())
+            raise ValueError("failed with an item the parent cannot unpickle")
+        if h == "slow_then_ok":
+            time.sleep(0.5)
+            return
+        if h == "slow_then_fail":
+            time.sleep(0.5)
+            raise pd.TransientError("late failure")
+        raise AssertionError(h)  # pragma: no cover
