@@ -132,3 +132,49 @@ def test_the_standard_start_still_serves_a_guarded_script(tmp_path, method):
 def test_the_standard_start_with_fork_serves_an_unguarded_script(tmp_path):
     source = STANDARD_START + _fill(README_EXAMPLE, tmp_path, "fork")
     assert run_program(source, "file", tmp_path).result["delivered"] == 40
+
+
+ITEMS_OF_MAIN = """
+import dataclasses, json
+import procdispatch as pd
+
+@dataclasses.dataclass
+class Row:
+    n: int
+
+class Retry(Exception):
+    pass
+
+def send(batch):
+    if batch.attempt == 1:
+        batch.data[0] = Row(100)  # the mutation travels back, and so does the exception
+        raise Retry("once more")
+    with open(LOG_PATH, "a") as f:
+        for row in batch.data:
+            f.write(f"{type(row).__name__} {row.n}\\n")
+
+errors = []
+
+def on_error(batch, exc):
+    errors.append(type(exc) is Retry)
+    return type(exc) is Retry
+
+if __name__ == "__main__":
+    with pd.ProcessChannel(send, workers=1, batch_items_max=3, on_error=on_error,
+                           on_drop=pd.drop_quiet, start_method=METHOD) as ch:
+        ch.put_many([Row(1), Row(2), Row(3)])
+    print(json.dumps({"delivered": ch.stats().items_delivered, "errors": errors}))
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="leases are pickled by reference to __main__, which workers do not have: "
+    "_protocol.dumps must send what names the main module by value (_shipping.dumps)",
+)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_items_of_classes_defined_in_the_main_module_reach_the_workers(tmp_path, method):
+    ran = run_program(_fill(ITEMS_OF_MAIN, tmp_path, method), "file", tmp_path)
+    assert ran.result == {"delivered": 3, "errors": [True]}, ran.describe()
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert sorted(lines) == ["Row 100", "Row 2", "Row 3"]
