@@ -45,7 +45,8 @@ _CacheEntry = tuple[int, None, list[str], str]
 
 
 def pickle_payload(send_fn: Any, worker_init: Any, start_method: str) -> bytes:
-    """Pickle what the workers run; OptionsError names what cannot be pickled."""
+    """Pickle what the workers run; OptionsError names what cannot be pickled. First, a channel
+    whose workers could not start (see check_main_guard) fails here, before anything starts."""
     check_main_guard(start_method)
     payload = (send_fn, worker_init)
     by_value = _registered_by_value()
@@ -154,14 +155,14 @@ def _value_pickler() -> Any:
 
 def _pseudo_file(filename: str) -> _CacheEntry | None:
     """The parent's linecache entry for a file that is not on disk (interactive input, a
-    notebook cell), if it has one; a worker reads real files itself."""
+    notebook cell), if it has one; a worker reads real files itself. The entry itself is
+    returned, so that a pickle holding many functions of one cell carries its lines once."""
     import linecache
 
     entry = linecache.cache.get(filename)
     if entry is None or len(entry) != 4 or entry[1] is not None:
         return None
-    size, _, lines, fullname = entry
-    return (size, None, list(lines), fullname)
+    return entry  # type: ignore[return-value]
 
 
 def _load_code(blob: bytes, source: _CacheEntry | None) -> types.CodeType:
