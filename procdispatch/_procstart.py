@@ -11,9 +11,10 @@ none of it: their target is :func:`procdispatch._worker.worker_main`, and what `
 
 So our processes launch through Popen subclasses that drop the ``init_main_*`` keys from the
 preparation data (sys.path, the working directory, argv and the authkey still travel), and
-forkserver workers fork from a server of our own that preloads the worker module, never
-``__main__``. The user's own forkserver, Pools and Processes stay exactly as multiprocessing
-makes them. fork children copy the parent and run nothing again: they start the standard way.
+forkserver workers fork from a server of our own that preloads the worker module and what the
+user asked multiprocessing's forkserver to preload, never ``__main__``. The user's own
+forkserver, Pools and Processes stay exactly as multiprocessing makes them. fork children copy
+the parent and run nothing again: they start the standard way.
 
 The two launch methods repeat the steps of CPython's ``popen_spawn_posix`` and
 ``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data and the server
@@ -161,16 +162,25 @@ def _preparation_data(name: str) -> dict[str, Any]:
 
 
 def _forkserver() -> Any:
-    """Our forkserver (started on first use): it preloads the worker, never ``__main__``."""
+    """Our forkserver (started on first use; one per process, since a forked child cannot wait
+    on its parent's server)."""
     global _server, _server_pid
     from multiprocessing import forkserver
 
     with _server_lock:
         if _server is None or _server_pid != os.getpid():
             server = forkserver.ForkServer()
-            server.set_forkserver_preload(list(_PRELOAD))
+            server.set_forkserver_preload(_preload_list(forkserver))
             _server, _server_pid = server, os.getpid()
         return _server
+
+
+def _preload_list(forkserver: Any) -> list[str]:
+    """What our server imports: what the user asked multiprocessing's forkserver to preload
+    (so workers still share it), less ``__main__``, and the worker."""
+    standard = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None)
+    modules = [m for m in standard or () if isinstance(m, str) and m != "__main__"]
+    return modules + [m for m in _PRELOAD if m not in modules]
 
 
 def _popen_classes() -> dict[str, Any]:

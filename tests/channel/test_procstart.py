@@ -116,3 +116,28 @@ def test_an_unreadable_script_is_not_judged(tmp_path):
     assert _guarded(str(tmp_path / "missing.py"), 1) is None
     (tmp_path / "broken.py").write_text("def (:\n")
     assert _guarded(str(tmp_path / "broken.py"), 1) is None
+
+
+PRELOADED = """
+import json, multiprocessing, sys
+import procdispatch as pd
+
+def send(batch):
+    with open(LOG, "a") as f:
+        f.write(json.dumps("preloaded_probe" in sys.modules) + "\\n")
+
+if __name__ == "__main__":
+    multiprocessing.set_forkserver_preload(["preloaded_probe"])
+    with pd.ProcessChannel(send, workers=1, start_method="forkserver") as ch:
+        ch.put(1)
+    print(json.dumps({"parent_imported_it": "preloaded_probe" in sys.modules}))
+"""
+
+
+def test_what_the_user_preloads_in_the_forkserver_is_in_the_workers(tmp_path):
+    # The server imports it (it runs in this directory), the parent never does.
+    (tmp_path / "preloaded_probe.py").write_text("IMPORTED = True\n")
+    log = tmp_path / "log"
+    ran = run_program(PRELOADED.replace("LOG", repr(str(log))), "file", tmp_path)
+    assert ran.result == {"parent_imported_it": False}, ran.describe()
+    assert log.read_text().split() == ["true"]
