@@ -97,10 +97,10 @@ def on_error(batch, exc):
     tracebacks.append(exc.__cause__.tb)
     return False
 
-if __name__ == "__main__":
-    with pd.ProcessChannel(send, workers=1, on_error=on_error, on_drop=pd.drop_quiet) as ch:
-        ch.put(1)
-    print(json.dumps({"tb": tracebacks[0]}))
+# At module level, without a main guard: workers never run this script.
+with pd.ProcessChannel(send, workers=1, on_error=on_error, on_drop=pd.drop_quiet) as ch:
+    ch.put(1)
+print(json.dumps({"tb": tracebacks[0]}))
 """
 
 
