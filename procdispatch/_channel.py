@@ -14,7 +14,6 @@ A channel left open at interpreter exit, or collected while open, is closed and 
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +24,7 @@ from . import _process_end
 from ._admission import Stats
 from ._coordinator import Coordinator
 from ._options import ChannelOptions
+from ._shipping import pickle_payload
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import ItemsDropped, OptionsError
 
@@ -102,7 +102,7 @@ class ProcessChannel(Generic[T]):
         )
         payload = b""
         if opts.backend == "process":
-            payload = _pickle_payload(send_fn, opts.worker_init)
+            payload = pickle_payload(send_fn, opts.worker_init, opts.start_method)
         limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
         self._item_size = opts.item_size
         # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
@@ -267,36 +267,6 @@ class ProcessChannel(Generic[T]):
             f"<ProcessChannel {state} workers={s.workers_alive} put={s.items_put} "
             f"delivered={s.items_delivered} dropped={s.items_dropped}>"
         )
-
-
-def _pickle_payload(send_fn: Any, worker_init: Any) -> bytes:
-    """Pickle what the workers run. Functions of importable modules go by reference with the
-    standard pickler (as cloudpickle would send them too), so neither side has to import
-    cloudpickle; the rest (``__main__``, lambdas, closures) goes by value with cloudpickle."""
-    by_ref = all(
-        getattr(fn, "__module__", None) not in (None, "__main__", "__mp_main__")
-        for fn in (send_fn, worker_init)
-        if fn is not None
-    )
-    if by_ref:
-        try:
-            payload: bytes = pickle.dumps((send_fn, worker_init), protocol=5)
-        except Exception:
-            pass
-        else:
-            return payload
-    import cloudpickle
-
-    for name, fn in (("send_fn", send_fn), ("worker_init", worker_init)):
-        try:
-            cloudpickle.dumps(fn)
-        except Exception as exc:
-            raise OptionsError(
-                f"{name} must be picklable with cloudpickle to reach the workers "
-                f"(got {fn!r}: {type(exc).__name__}: {exc})"
-            ) from exc
-    payload = cloudpickle.dumps((send_fn, worker_init), protocol=5)
-    return payload
 
 
 def _make_limiter(qps_limit: object, burst: int) -> Any:

@@ -13,14 +13,13 @@ import collections
 import contextlib
 import enum
 import math
-import multiprocessing
-import multiprocessing.forkserver
 import selectors
 from typing import Any
 
 from . import _protocol as proto
 from ._backends import ProcessWorker, ThreadWorker, WorkerHandle
 from ._options import ChannelOptions
+from ._procstart import WorkerContext
 from .buffer import Batch
 from .errors import InternalError
 
@@ -90,21 +89,6 @@ class Slot:
         self.state = to
 
 
-def _preload_worker_in_forkserver() -> None:
-    """Have the forkserver import the worker module once, before it forks any worker.
-
-    Only when the server has not started yet (the list is read when it starts), and only
-    adding to what is preloaded: every worker forked from it then starts without importing.
-    """
-    server = getattr(multiprocessing.forkserver, "_forkserver", None)
-    if server is None or getattr(server, "_forkserver_pid", None) is not None:
-        return
-    modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if __name__.rpartition(".")[0] + "._worker" not in modules:
-        modules.append(__name__.rpartition(".")[0] + "._worker")
-        server.set_forkserver_preload(modules)
-
-
 class WorkerPool:
     def __init__(self, opts: ChannelOptions, send_fn: Any, payload: bytes, wake_fd: int) -> None:
         self.opts = opts
@@ -116,9 +100,7 @@ class WorkerPool:
         self._selector.register(wake_fd, selectors.EVENT_READ, None)
         self._ctx: Any = None
         if opts.backend == "process":
-            self._ctx = multiprocessing.get_context(opts.start_method)
-            if opts.start_method == "forkserver":
-                _preload_worker_in_forkserver()
+            self._ctx = WorkerContext(opts.start_method)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
 

@@ -1,0 +1,273 @@
+"""Starting worker processes without running the user's main module in them.
+
+multiprocessing's spawn and forkserver children rebuild ``__main__`` before they run their
+target: the parent's preparation data names the main script (``init_main_from_path``) or module
+(``init_main_from_name``), and the child runs it again as ``__mp_main__``; the forkserver also
+preloads ``__main__`` in the server. A script that makes a channel at module level without
+``if __name__ == "__main__":`` would then make another channel during every worker's start-up
+(and fail), and a slow or side-effecting main module would run once per worker. Our workers need
+none of it: their target is :func:`procdispatch._worker.worker_main`, and what ``send_fn`` and
+``worker_init`` take from ``__main__`` travels by value (:mod:`procdispatch._shipping`).
+
+So our processes launch through Popen subclasses that drop the ``init_main_*`` keys from the
+preparation data (sys.path, the working directory, argv and the authkey still travel), and
+forkserver workers fork from a server of our own that preloads the worker module and what the
+user asked multiprocessing's forkserver to preload, never ``__main__``. The user's own
+forkserver, Pools and Processes stay exactly as multiprocessing makes them. fork children copy
+the parent and run nothing again: they start the standard way.
+
+The two launch methods repeat the steps of CPython's ``popen_spawn_posix`` and
+``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data and the server
+changed. What they use is checked once (:func:`avoids_main`); where something is missing
+(another platform, a future Python), workers start the standard way, and a channel made by a
+script's top-level code outside the main guard fails at once with the fix
+(:func:`check_main_guard`) instead of failing in every worker.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import threading
+from multiprocessing import process
+from typing import TYPE_CHECKING, Any
+
+from .errors import OptionsError
+
+if TYPE_CHECKING:
+    import ast
+
+__all__ = ["WorkerContext", "avoids_main", "check_main_guard"]
+
+#: What our forkserver imports before it forks: the worker, and this module (the class of the
+#: process object each worker unpickles).
+_PRELOAD = [__name__.rpartition(".")[0] + "._worker", __name__]
+
+_lock = threading.Lock()  # guards _launchers
+_server_lock = threading.Lock()  # guards _server and _server_pid
+_launchers: dict[str, Any] | None = None  # start method -> Popen class; {} where unsupported
+_server: Any = None
+_server_pid = 0  # the process that started _server (a forked child needs its own)
+
+
+class WorkerProcess(process.BaseProcess):
+    """A worker process; ``_start_method`` is set per instance (the child reads it back)."""
+
+    _start_method: str | None = None
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _popen_classes()[process_obj._start_method](process_obj)
+
+
+class WorkerContext:
+    """What the pool needs of a multiprocessing context: ``Pipe`` and ``Process``."""
+
+    def __init__(self, method: str) -> None:
+        import multiprocessing
+
+        self._ctx: Any = multiprocessing.get_context(method)
+        self.Pipe: Any = self._ctx.Pipe
+        # fork children run nothing again: they start the standard way.
+        self._method = method if method in _popen_classes() else None
+
+    def Process(self, **kwargs: Any) -> Any:
+        if self._method is None:
+            return self._ctx.Process(**kwargs)
+        proc = WorkerProcess(**kwargs)
+        proc._start_method = self._method
+        return proc
+
+
+def avoids_main(method: str) -> bool:
+    """Whether workers started with ``method`` never run the user's main module."""
+    return method == "fork" or method in _popen_classes()
+
+
+def check_main_guard(method: str) -> None:
+    """Raise OptionsError when ``method``'s workers would run the main module again, and the
+    channel is being made by that module's top-level code outside the main guard (every worker
+    would then make a channel of its own while it starts)."""
+    if avoids_main(method):
+        return
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or (spec_name or "").endswith("__main__"):
+        return  # nothing of it is run again (python -c, stdin, a package's __main__)
+    line = _top_level_line(vars(main))
+    if line is None or _guarded(str(path), line) is not False:
+        return
+    raise OptionsError(
+        f"start_method must be 'fork' for a channel made by the top-level code of a script "
+        f"without 'if __name__ == \"__main__\":' on this platform, where {method} workers run "
+        f"the script again (got {method!r} at {path}, line {line}): put the code that makes "
+        f"the channel under that guard, or pass start_method='fork'"
+    )
+
+
+def _top_level_line(main_globals: dict[str, Any]) -> int | None:
+    """The line the main module's top-level code is running, when it is on this stack."""
+    frame = sys._getframe(1)
+    line = None
+    while frame is not None:
+        if frame.f_globals is main_globals and frame.f_code.co_name == "<module>":
+            line = frame.f_lineno
+        frame = frame.f_back  # type: ignore[assignment]
+    return line
+
+
+def _guarded(path: str, line: int) -> bool | None:
+    """Whether ``line`` of the script lies in the body of an ``if __name__ == "__main__":``
+    (None when the source cannot be read or parsed)."""
+    import ast
+
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
+            end = node.body[-1].end_lineno or node.body[-1].lineno
+            if node.body[0].lineno <= line <= end:
+                return True
+    return False
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    import ast
+
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return False
+    if not isinstance(test.ops[0], ast.Eq):
+        return False
+    sides = [test.left, test.comparators[0]]
+    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
+    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
+    return len(names) == 1 and len(consts) == 1
+
+
+# ---- launching ------------------------------------------------------------------------------
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    from multiprocessing import spawn
+
+    data: dict[str, Any] = spawn.get_preparation_data(name)
+    for key in [k for k in data if k.startswith("init_main")]:
+        del data[key]
+    return data
+
+
+def _forkserver() -> Any:
+    """Our forkserver (started on first use; one per process, since a forked child cannot wait
+    on its parent's server)."""
+    global _server, _server_pid
+    from multiprocessing import forkserver
+
+    with _server_lock:
+        if _server is None or _server_pid != os.getpid():
+            server = forkserver.ForkServer()
+            server.set_forkserver_preload(_preload_list(forkserver))
+            _server, _server_pid = server, os.getpid()
+        return _server
+
+
+def _preload_list(forkserver: Any) -> list[str]:
+    """What our server imports: what the user asked multiprocessing's forkserver to preload
+    (so workers still share it), less ``__main__``, and the worker."""
+    standard = getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", None)
+    modules = [m for m in standard or () if isinstance(m, str) and m != "__main__"]
+    return modules + [m for m in _PRELOAD if m not in modules]
+
+
+def _popen_classes() -> dict[str, Any]:
+    """The Popen classes of our launch methods, built once; {} where they cannot work."""
+    global _launchers
+    if _launchers is not None:
+        return _launchers
+    with _lock:
+        if _launchers is None:
+            try:
+                _launchers = _build_popen_classes()
+            except (ImportError, AttributeError):
+                _launchers = {}
+        return _launchers
+
+
+def _build_popen_classes() -> dict[str, Any]:
+    from multiprocessing import context, forkserver, popen_forkserver, popen_spawn_posix, spawn
+    from multiprocessing import resource_tracker as tracker
+    from multiprocessing import util as mp_util
+
+    # Private parts of multiprocessing, typed loosely; every one is looked up now, so that a
+    # missing piece means the standard start (and the main-guard check), never a failure
+    # while a worker starts.
+    util: Any = mp_util
+    reduction: Any = context.reduction  # type: ignore[attr-defined]
+    set_spawning_popen: Any = context.set_spawning_popen
+    spawn_base: Any = popen_spawn_posix.Popen
+    forkserver_base: Any = popen_forkserver.Popen
+    for obj, attr in [
+        (spawn, "get_preparation_data"),
+        (spawn, "get_command_line"),
+        (spawn, "get_executable"),
+        (util, "spawnv_passfds"),
+        (util, "close_fds"),
+        (util, "Finalize"),
+        (tracker, "getfd"),
+        (reduction, "dump"),
+        (forkserver, "read_signed"),
+        (forkserver.ForkServer, "connect_to_new_process"),
+        (forkserver.ForkServer, "set_forkserver_preload"),
+        (forkserver_base, "_launch"),
+        (spawn_base, "_launch"),
+    ]:
+        getattr(obj, attr)
+
+    def dump(popen: Any, process_obj: Any) -> io.BytesIO:
+        buf = io.BytesIO()
+        set_spawning_popen(popen)
+        try:
+            reduction.dump(_preparation_data(process_obj._name), buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        return buf
+
+    class SpawnPopen(spawn_base):  # type: ignore[misc]
+        def _launch(self, process_obj: Any) -> None:
+            tracker_fd = tracker.getfd()
+            self._fds.append(tracker_fd)
+            buf = dump(self, process_obj)
+            parent_r = child_w = child_r = parent_w = None
+            try:
+                parent_r, child_w = os.pipe()
+                child_r, parent_w = os.pipe()
+                cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+                self._fds.extend([child_r, child_w])
+                self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+                self.sentinel = parent_r
+                with open(parent_w, "wb", closefd=False) as f:
+                    f.write(buf.getbuffer())
+            finally:
+                ours = [fd for fd in (parent_r, parent_w) if fd is not None]
+                self.finalizer = util.Finalize(self, util.close_fds, ours)
+                for fd in (child_r, child_w):
+                    if fd is not None:
+                        os.close(fd)
+
+    class ForkServerPopen(forkserver_base):  # type: ignore[misc]
+        def _launch(self, process_obj: Any) -> None:
+            buf = dump(self, process_obj)
+            self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
+            # The child learns of our death from its copy of the data pipe's write end.
+            parent_w = os.dup(w)
+            self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as f:
+                f.write(buf.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
+
+    return {"spawn": SpawnPopen, "forkserver": ForkServerPopen}
