@@ -15,8 +15,11 @@ message rather than a dead pipe: an exception that will not pickle travels as te
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
+import threading
+from types import FunctionType
 from typing import Any
 
 from ._transient import Chain, attach, chain_names
@@ -51,15 +54,61 @@ STOP_FRAME = bytes([K_STOP])
 _REMOTE_ERROR = "procdispatch.errors.RemoteError"
 
 
-def dumps(obj: object) -> bytes:
-    """Pickle with the standard pickler, falling back to cloudpickle (lambdas, local classes)."""
-    try:
-        return pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        import cloudpickle  # only when needed: it is slow to import, and workers start often
+_MAIN_NAMES = ("__main__", "__mp_main__")
 
-        data: bytes = cloudpickle.dumps(obj, PROTOCOL)
-        return data
+
+class _MustGoByValue(Exception):
+    """Raised inside the pickler at the first object that only the sender's main module has."""
+
+
+class _ByReference(pickle.Pickler):
+    """The standard pickler, refusing what names the sender's main module.
+
+    Workers never run the user's main module (see ``_procstart``), and a worker's ``__main__``
+    is not the user's, so a class, function or instance of one defined there must travel by
+    value. ``reducer_override`` is never called for the atoms and builtin containers that make
+    up most data, so it costs nothing there; it is called once per other object.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, FunctionType)):
+            module = getattr(obj, "__module__", None)
+        else:
+            module = type(obj).__module__
+        if module in _MAIN_NAMES:
+            raise _MustGoByValue
+        return NotImplemented
+
+
+_reuse = threading.local()
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle a lease, a result or an error: the standard pickler, or cloudpickle by value for
+    what names the main module or what only cloudpickle can pickle (lambdas, local classes).
+
+    One pickler per thread is reused: making one per call costs more than a small lease's
+    pickling, and writing to its buffer spares large ``bytes`` items a copy.
+    """
+    try:
+        pickler, buf = _reuse.pickler, _reuse.buf
+    except AttributeError:
+        buf = io.BytesIO()
+        pickler = _ByReference(buf, PROTOCOL)
+        _reuse.pickler, _reuse.buf = pickler, buf
+    try:
+        pickler.dump(obj)
+        data: bytes = buf.getvalue()
+    except Exception:
+        del _reuse.pickler  # a pickler whose dump failed half-way is not reused
+        from ._shipping import dumps_by_value  # only when needed: cloudpickle is slow to import
+
+        return dumps_by_value(obj)
+    finally:
+        buf.seek(0)
+        buf.truncate()
+        pickler.clear_memo()
+    return data
 
 
 class _Message:

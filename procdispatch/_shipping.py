@@ -35,7 +35,7 @@ from typing import Any
 from ._procstart import check_main_guard
 from .errors import OptionsError
 
-__all__ = ["dumps", "pickle_payload"]
+__all__ = ["dumps_by_value", "pickle_payload"]
 
 PROTOCOL = 5
 _MAIN_NAMES = ("__main__", "__mp_main__")
@@ -64,18 +64,9 @@ def pickle_payload(send_fn: Any, worker_init: Any, start_method: str) -> bytes:
     return _by_value(payload)
 
 
-def dumps(obj: object) -> bytes:
-    """Pickle anything else bound for a worker or back (a lease, a result): the standard pickler,
-    unless the pickle names the main module or only cloudpickle can pickle it (lambdas, local
-    classes). Only the name search runs per call: a scan of the pickle's bytes, not a Python
-    call per pickled object."""
-    try:
-        data = pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        pass
-    else:
-        if _names_main(data) is None:
-            return data
+def dumps_by_value(obj: object) -> bytes:
+    """Pickle with cloudpickle, sending code with its file name: for a lease, a result or an
+    error that names the main module or that only cloudpickle can pickle."""
     buf = io.BytesIO()
     _value_pickler()(buf, PROTOCOL).dump(obj)
     return buf.getvalue()

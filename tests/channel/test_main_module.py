@@ -167,11 +167,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leases are pickled by reference to __main__, which workers do not have: "
-    "_protocol.dumps must send what names the main module by value (_shipping.dumps)",
-)
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
 def test_items_of_classes_defined_in_the_main_module_reach_the_workers(tmp_path, method):
     ran = run_program(_fill(ITEMS_OF_MAIN, tmp_path, method), "file", tmp_path)

@@ -15,7 +15,8 @@ from scriptrun import modes, run_program
 from workerfns import Log, Recorder, noop
 
 import procdispatch as pd
-from procdispatch._shipping import dumps, pickle_payload
+from procdispatch._protocol import dumps
+from procdispatch._shipping import pickle_payload
 
 CALLABLES = """
 import functools, json
