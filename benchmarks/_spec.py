@@ -1,4 +1,4 @@
-"""The workloads of PERFORMANCE.md as data: systems, metrics, sizes and targets.
+"""The benchmark workloads as data: systems, metrics, sizes and targets.
 
 A *system* is one way of doing a workload (procdispatch with some options, or an anchor: the
 stdlib pools, loky, pebble, the raw pipe). Each system runs once per *mode* per repetition, in a

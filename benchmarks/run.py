@@ -1,4 +1,4 @@
-"""procdispatch's benchmark suite: every workload of PERFORMANCE.md, side by side, one table.
+"""procdispatch's benchmark suite: every workload, side by side, one table.
 
     python benchmarks/run.py                      # everything, 5 repetitions (5-9 minutes)
     python benchmarks/run.py --quick              # smaller sizes: a smoke run

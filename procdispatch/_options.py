@@ -64,7 +64,7 @@ def _callable(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class ChannelOptions:
-    """The validated options of one channel (see API.md for what each means)."""
+    """The validated options of one channel (the README's options table says what each means)."""
 
     workers: int
     max_leases: int
