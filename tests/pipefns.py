@@ -97,3 +97,53 @@ class CountingSender:
 
     def __call__(self, batch: pd.Batch[Any]) -> None:
         self.log.write(ev="start", worker=worker_key(), id=batch.id, data=list(batch.data))
+
+
+# Item kinds of RandomFaults, by priority: the first kind found in a batch decides what its
+# send does. "once" kinds act on a batch's first attempt only; "poison" acts on every attempt.
+KINDS = ("hang", "exit", "poison", "raise", "reverse", "remove", "ok")
+
+
+class RandomFaults:
+    """send_fn of the randomized pipelining test. Items are ``(id, kind, result size,
+    padding)``. Logs ``start`` for every lease it runs, and ``delivered`` with the ids it
+    delivered: all of them when it returns, the removed ones when it removes some and raises.
+
+    * ``hang`` (first attempt): waits for ``gate`` without logging (killed by send_timeout,
+      or abandoned by a thread worker), then raises;
+    * ``exit`` (first attempt): ends the process at once (WorkerCrashed);
+    * ``poison`` (every attempt) and ``raise`` (first attempt): raise a ValueError whose
+      message is ``result size`` characters long;
+    * ``reverse`` (first attempt): reverses ``data`` (it comes back whole, by value) and raises;
+    * ``remove`` (first attempt): removes the first half of ``data`` and raises;
+    * ``ok``: returns.
+    """
+
+    def __init__(self, log: Log, gate: Gate) -> None:
+        self.log = log
+        self.gate = gate
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        first = batch.attempt == 1
+        kinds = {item[1] for item in batch.data}
+        kind = next((k for k in KINDS if k in kinds and (first or k == "poison")), "ok")
+        rec = {"worker": worker_key(), "id": batch.id, "attempt": batch.attempt}
+        self.log.write(ev="start", **rec)
+        if kind == "hang":
+            self.gate.wait(300)
+            raise RuntimeError("released after the round")
+        if kind == "exit":
+            os._exit(6)
+        if kind in ("poison", "raise"):
+            size = max(item[2] for item in batch.data if item[1] == kind)
+            raise ValueError("z" * size)
+        if kind == "reverse":
+            batch.data.reverse()
+            raise ValueError("reversed")
+        if kind == "remove":
+            half = max(1, len(batch.data) // 2)
+            removed = batch.data[:half]
+            del batch.data[:half]
+            self.log.write(ev="delivered", items=[item[0] for item in removed], **rec)
+            raise ValueError("removed some")
+        self.log.write(ev="delivered", items=[item[0] for item in batch.data], **rec)
