@@ -9,7 +9,9 @@ for a deadline is delivered, not failed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import pickle
 import select
 import signal
 from pathlib import Path
@@ -20,6 +22,8 @@ from pipefns import Scripted
 from workerfns import Log, wait_for
 
 import procdispatch as pd
+from procdispatch import _protocol as proto
+from procdispatch._backends import ProcessWorker
 from procdispatch._pool import IDLE
 
 BIG = 300_000  # several times a pipe's capacity
@@ -225,3 +229,44 @@ def test_a_worker_retired_with_a_large_lease_pending_runs_it_then_is_replaced(ma
     assert recs[0]["worker"] == recs[1]["worker"] != recs[2]["worker"]
     s = _check_accounting(ch)
     assert (s.items_delivered, s.worker_restarts) == (3, 1)
+
+
+def test_the_stop_frame_waits_behind_a_lease_the_pipe_cannot_take_yet(tmp_path, script):
+    """At the handle: neither a large lease nor the stop frame behind it blocks the caller; both
+    go out as the worker makes room, and the worker runs the lease, then exits."""
+    payload = pickle.dumps((script, None), protocol=5)
+    h = ProcessWorker(multiprocessing.get_context("forkserver"), payload, 1)
+    h.start()
+    h.nonblocking()
+    try:
+        received: list[Any] = []
+
+        def read_until(n: int) -> None:
+            while len(received) < n:
+                readable, _, _ = select.select([h.waitables()[0]], [], [], 20)
+                assert readable, f"waiting for message {n}, got {received}"
+                msgs, gone = h.receive()
+                received.extend(msgs)
+                assert not gone or len(received) >= n
+
+        read_until(1)
+        assert isinstance(received[0], proto.Ready)
+        first = proto.encode_lease(1, 1, False, proto.dumps((["wait:b"], None)))
+        big = proto.encode_lease(2, 1, False, proto.dumps(([b"y" * BIG], None)))
+        assert h.send_lease(pd.Batch(["wait:b"]), first) is False  # fits: written at once
+        script.log.wait_count(1, ev="start")
+        assert h.send_lease(pd.Batch([b"y" * BIG]), big) is True  # the worker is busy
+        assert h.unsent() == 1
+        assert h.stop() is True  # queued behind the lease
+        script.gate("b").open()
+        while not h.flush():
+            _, writable, _ = select.select([], [h.write_fd()], [], 20)
+            assert writable, "the worker stopped reading"
+        assert h.unsent() == 0
+        read_until(3)
+        assert [(type(m), m.batch_id) for m in received[1:]] == [(proto.Done, 1), (proto.Done, 2)]
+        assert h.exitcode(20) == 0  # it read the stop frame
+    finally:
+        h.kill()
+        h.exitcode(5)
+        h.close()
