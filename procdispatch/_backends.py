@@ -170,49 +170,50 @@ class ProcessWorker(WorkerHandle):
         if n > _COPY_MAX:
             # Large: the size and the payload go out in one writev, without copying the payload.
             head = _SIZE.pack(n) if n <= _SMALL_LIMIT else _SIZE.pack(-1) + _BIG.pack(n)
-            return self._write_lease((head, payload))
+            return self._put((head, payload), True)
         # Connection.send_bytes's framing, written directly: one write call and none of its
         # per-call checks (this runs once per batch on the coordinator thread).
         frame = _SIZE.pack(n) + payload
-        if self._out is not None:
-            return self._queue(memoryview(frame), 0, True)
-        try:
-            written = _write(self._lease_fd, frame)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            self._unsent += 1  # it never reached the worker
-            raise
-        if written == len(frame):
-            return False
-        return self._queue(memoryview(frame), written, True)
-
-    def _write_lease(self, parts: tuple[bytes, bytes]) -> bool:
-        head, body = parts
         if self._out is None:
             try:
-                written = os.writev(self._lease_fd, parts)
+                written = _write(self._lease_fd, frame)
             except BlockingIOError:
                 written = 0
             except OSError:
-                self._unsent += 1
+                self._unsent += 1  # it never reached the worker
                 raise
-        else:
-            written = 0
-        if written >= len(head) + len(body):
-            return False
-        if written < len(head):
-            self._queue(memoryview(head), written, False)
-            return self._queue(memoryview(body), 0, True)
-        return self._queue(memoryview(body), written - len(head), True)
+            if written == len(frame):
+                return False
+            frame = frame[written:]
+        return self._put((frame,), True)
 
-    def _queue(self, frame: memoryview, written: int, ends_lease: bool) -> bool:
-        if self._out is None:
-            self._out = collections.deque()
-        self._out.append((frame[written:], ends_lease))
-        if ends_lease:
+    def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
+        """Write one frame's parts without blocking (none if frames already wait); queue what
+        does not fit. True when something waits."""
+        written = 0
+        if self._out is None and len(parts) > 1:
+            try:
+                written = os.writev(self._lease_fd, parts)
+            except BlockingIOError:
+                pass
+            except OSError:
+                if ends_lease:
+                    self._unsent += 1
+                raise
+        waits = False
+        for i, part in enumerate(parts):
+            if written >= len(part):
+                written -= len(part)
+                continue
+            if self._out is None:
+                self._out = collections.deque()
+            last = ends_lease and i == len(parts) - 1
+            self._out.append((memoryview(part)[written:], last))
+            written = 0
+            waits = True
+        if waits and ends_lease:
             self._unsent += 1
-        return True
+        return waits
 
     def flush(self) -> bool:
         out = self._out
@@ -288,17 +289,17 @@ class ProcessWorker(WorkerHandle):
     def stop(self) -> bool:
         if self._lease_w is None or self._lease_w.closed:
             return False
-        if self._out is not None:
-            return self._queue(memoryview(_STOP), 0, False)
-        try:
-            written = _write(self._lease_fd, _STOP)
-        except BlockingIOError:
-            written = 0  # shorter than PIPE_BUF: written whole or not at all
-        except OSError:
-            return False  # the worker is gone: nothing to stop
-        if written == len(_STOP):
-            return False
-        return self._queue(memoryview(_STOP), written, False)
+        written = 0
+        if self._out is None:
+            try:
+                written = _write(self._lease_fd, _STOP)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # the worker is gone: nothing to stop
+            if written == len(_STOP):
+                return False
+        return self._put((_STOP[written:],), False)
 
     def close(self) -> None:
         self._out = None
