@@ -23,7 +23,7 @@ from workerfns import Log, wait_for
 
 import procdispatch as pd
 from procdispatch import _protocol as proto
-from procdispatch._backends import ProcessWorker
+from procdispatch._backends import ProcessWorker, ThreadWorker
 from procdispatch._pool import IDLE
 
 BIG = 300_000  # several times a pipe's capacity
@@ -270,3 +270,38 @@ def test_the_stop_frame_waits_behind_a_lease_the_pipe_cannot_take_yet(tmp_path, 
         h.kill()
         h.exitcode(5)
         h.close()
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_an_answer_that_arrives_as_the_worker_is_killed_is_delivered(
+    make_channel, script, backend, monkeypatch
+):
+    """The send finishes between the last read and the kill: what the dead worker said is
+    read before its batch is judged."""
+    cls = ProcessWorker if backend == "process" else ThreadWorker
+    real_kill = cls.kill
+    first = [True]
+
+    def kill_after_the_answer(self: Any) -> None:
+        if first.pop() if first else False:
+            script.gate("b").open()
+            readable, _, _ = select.select([self.waitables()[0]], [], [], 20)
+            assert readable, "the send did not answer"
+        real_kill(self)
+
+    monkeypatch.setattr(cls, "kill", kill_after_the_answer)
+    errors: list[BaseException] = []
+    ch = make_channel(
+        script,
+        backend=backend,
+        workers=1,
+        batch_items_max=1,
+        send_timeout=0.5,
+        on_error=lambda b, e: errors.append(e) or True,
+    )
+    ch.put("wait:b")
+    assert ch.close_and_drain(20)
+    assert errors == []
+    assert [(r["item"], r["attempt"]) for r in _sent(script.log)] == [("wait:b", 1)]
+    s = _check_accounting(ch)
+    assert (s.items_delivered, s.batches_failed) == (1, 0)
