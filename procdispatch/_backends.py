@@ -188,8 +188,9 @@ class ProcessWorker(WorkerHandle):
         return self._put((frame,), True)
 
     def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
-        """Write one frame's parts without blocking (none if frames already wait); queue what
-        does not fit. True when something waits."""
+        """Queue what of a frame is not written yet; True when something waits. A frame in
+        parts (a large lease) is first written with one writev, unless frames already wait; a
+        frame in one part comes from a caller that already wrote what the pipe took."""
         written = 0
         if self._out is None and len(parts) > 1:
             try:
