@@ -2,10 +2,18 @@
 
 A handle starts its worker, hands it a lease, gives the coordinator the objects to wait on (the
 result pipe, and for a process its sentinel), returns the messages that arrived, and can kill the
-worker. The process backend pickles leases and results over one duplex pipe per worker (so a
-death identifies exactly the batch that worker held). The thread backend runs ``send_fn`` in a
+worker. The process backend pickles leases and results over two one-way pipes per worker (so a
+death identifies exactly the batches that worker held). The thread backend runs ``send_fn`` in a
 thread of the parent with no pickling at all -- for stepping through ``send_fn`` in a debugger --
 and wakes the coordinator through a socket pair; a thread cannot be killed, so "kill" abandons it.
+
+Neither pipe ever blocks the coordinator. Results are read without blocking. Leases and the stop
+frame are written without blocking: a frame that fits in the pipe goes in with one write; what
+does not fit waits in the handle's outgoing queue, and the coordinator's selector watches the
+pipe for room and calls :meth:`WorkerHandle.flush`. So a worker blocked writing a large result
+while a large lease waits for it cannot deadlock the two, and a worker busy with one batch cannot
+hold up the coordinator's timers by not reading the next. The handle counts the leases not yet
+wholly in the pipe: the worker never saw those, so its death does not count against them.
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ __all__ = ["ProcessWorker", "ThreadWorker", "WorkerHandle"]
 READ_SIZE = 1 << 16
 _SIZE = struct.Struct("!i")  # Connection.send_bytes framing: size, or -1 then a !Q size
 _BIG = struct.Struct("!Q")
-#: Leases up to this size are framed here, in one write of a copy; larger ones go through
-#: Connection.send_bytes, which writes the size and the payload apart (as it does above 16 KiB).
+#: Leases up to this size are framed here, in one write of a copy; larger ones go out with one
+#: writev of the size and the payload, which is not copied.
 _COPY_MAX = 16384
+#: Frames above this size carry a -1 and an 8-byte size, as in Connection.send_bytes.
+_SMALL_LIMIT = 0x7FFFFFFF
+_STOP = _SIZE.pack(len(proto.STOP_FRAME)) + proto.STOP_FRAME
 _write = os.write
 
 
@@ -43,10 +54,27 @@ class WorkerHandle:
     def start(self) -> None:
         raise NotImplementedError
 
-    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> bool:
         """Hand the worker a lease: the framed, pickled lease for processes; the batch's
-        fields as they are for threads."""
+        fields as they are for threads. Never blocks; True when part of it waits in the
+        outgoing queue (the caller then watches :meth:`write_fd` and calls :meth:`flush`)."""
         raise NotImplementedError
+
+    def nonblocking(self) -> None:
+        """Make writes to the worker non-blocking; called once, right after :meth:`start`."""
+
+    def write_fd(self) -> int:
+        """The descriptor to watch for room while the outgoing queue is not empty."""
+        raise NotImplementedError
+
+    def flush(self) -> bool:
+        """Write what the outgoing queue holds, without blocking; True once it is empty.
+        Raises OSError when the worker's end of the pipe is gone."""
+        return True
+
+    def unsent(self) -> int:
+        """Leases handed to :meth:`send_lease` and not yet wholly written to the worker."""
+        return 0
 
     def waitables(self) -> tuple[Any, Any]:
         """(the result pipe, the death sentinel or None) for the coordinator's selector."""
@@ -66,8 +94,9 @@ class WorkerHandle:
     def kill(self) -> None:
         raise NotImplementedError
 
-    def stop(self) -> None:
-        """Ask the worker to exit once idle."""
+    def stop(self) -> bool:
+        """Ask the worker to exit once idle, without blocking; True when the request waits in
+        the outgoing queue (as for :meth:`send_lease`)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -124,22 +153,92 @@ class ProcessWorker(WorkerHandle):
         self._proc = proc
         self.pid = proc.pid
 
-    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
-        assert self._lease_w is not None
+    #: Frames (or their unwritten tails) waiting for room in the lease pipe, oldest first,
+    #: each with whether it ends a lease; None while nothing waits (the usual case). Class
+    #: defaults, so that the queue exists only for a worker that ever had to wait.
+    _out: collections.deque[tuple[memoryview, bool]] | None = None
+    _unsent = 0
+
+    def nonblocking(self) -> None:
+        os.set_blocking(self._lease_fd, False)
+
+    def write_fd(self) -> int:
+        return self._lease_fd
+
+    def unsent(self) -> int:
+        return self._unsent
+
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> bool:
         assert payload is not None
         n = len(payload)
         if n > _COPY_MAX:
-            # Large: Connection writes the size and the payload apart, without copying it.
-            self._lease_w.send_bytes(payload)
-            return
+            # Large: the size and the payload go out in one writev, without copying the payload.
+            head = _SIZE.pack(n) if n <= _SMALL_LIMIT else _SIZE.pack(-1) + _BIG.pack(n)
+            return self._put((head, payload), True)
         # Connection.send_bytes's framing, written directly: one write call and none of its
         # per-call checks (this runs once per batch on the coordinator thread).
         frame = _SIZE.pack(n) + payload
-        written = _write(self._lease_fd, frame)
-        if written < len(frame):
-            view = memoryview(frame)
-            while written < len(frame):
-                written += _write(self._lease_fd, view[written:])
+        if self._out is None:
+            try:
+                written = _write(self._lease_fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._unsent += 1  # it never reached the worker
+                raise
+            if written == len(frame):
+                return False
+            frame = frame[written:]
+        return self._put((frame,), True)
+
+    def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
+        """Queue what of a frame is not written yet; True when something waits. A frame in
+        parts (a large lease) is first written with one writev, unless frames already wait; a
+        frame in one part comes from a caller that already wrote what the pipe took."""
+        written = 0
+        if self._out is None and len(parts) > 1:
+            try:
+                written = os.writev(self._lease_fd, parts)
+            except BlockingIOError:
+                pass
+            except OSError:
+                if ends_lease:
+                    self._unsent += 1
+                raise
+        waits = False
+        for i, part in enumerate(parts):
+            if written >= len(part):
+                written -= len(part)
+                continue
+            if self._out is None:
+                self._out = collections.deque()
+            last = ends_lease and i == len(parts) - 1
+            self._out.append((memoryview(part)[written:], last))
+            written = 0
+            waits = True
+        if waits and ends_lease:
+            self._unsent += 1
+        return waits
+
+    def flush(self) -> bool:
+        out = self._out
+        if out is None:
+            return True
+        fd = self._lease_fd
+        while out:
+            view, ends_lease = out[0]
+            try:
+                written = _write(fd, view)
+            except BlockingIOError:
+                return False
+            if written < len(view):
+                out[0] = (view[written:], ends_lease)
+                return False
+            out.popleft()
+            if ends_lease:
+                self._unsent -= 1
+        self._out = None
+        return True
 
     def waitables(self) -> tuple[Any, Any]:
         return self._result_r, self._proc.sentinel
@@ -192,12 +291,23 @@ class ProcessWorker(WorkerHandle):
         if self._proc is not None and self._proc.exitcode is None:
             self._proc.kill()
 
-    def stop(self) -> None:
-        if self._lease_w is not None:
-            with contextlib.suppress(OSError):
-                self._lease_w.send_bytes(proto.STOP_FRAME)
+    def stop(self) -> bool:
+        if self._lease_w is None or self._lease_w.closed:
+            return False
+        written = 0
+        if self._out is None:
+            try:
+                written = _write(self._lease_fd, _STOP)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # the worker is gone: nothing to stop
+            if written == len(_STOP):
+                return False
+        return self._put((_STOP[written:],), False)
 
     def close(self) -> None:
+        self._out = None
         for c in (self._lease_w, self._result_r):
             if c is not None:
                 c.close()
@@ -264,11 +374,15 @@ class ThreadWorker(WorkerHandle):
                 return
             self._post(run_lease(self._send_fn, lease))
 
-    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> None:
+    def send_lease(self, batch: Batch[Any], payload: bytes | None) -> bool:
         lease = proto.Lease(batch.id, batch.attempt, batch.synthetic, batch.data, batch.meta)
         with self._ready:
             self._inbox.append(lease)
             self._ready.notify()
+        return False
+
+    def write_fd(self) -> int:
+        return self._w.fileno()  # never watched: nothing waits to be written
 
     def waitables(self) -> tuple[Any, Any]:
         return self._r, None
@@ -298,10 +412,11 @@ class ThreadWorker(WorkerHandle):
         self._abandoned = True
         self.stop()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         with self._ready:
             self._inbox.append(None)
             self._ready.notify()
+        return False
 
     def close(self) -> None:
         self._r.close()

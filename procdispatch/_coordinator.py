@@ -48,7 +48,7 @@ from ._admission import Admission
 from ._callbacks import current_full_behavior, default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import BUSY, DEAD, Slot, WorkerPool
+from ._pool import BUSY, DEAD, STARTING, Slot, WorkerPool
 from .buffer import Batch, Buffer
 from .errors import (
     InternalError,
@@ -127,6 +127,7 @@ class Coordinator(Outcomes):
             self._deferred = o.workers - first
             for _ in range(first):
                 self._spawn()
+            recycling = o.max_batches_per_worker is not None or o.max_worker_memory is not None
             woke = False
             while True:
                 now = monotonic()
@@ -145,6 +146,8 @@ class Coordinator(Outcomes):
                 for slot, sentinel in ready:
                     if slot.state is not DEAD:
                         self._handle(slot, sentinel, now)
+                        if recycling and slot.state is not DEAD:
+                            self._maybe_recycle(slot)  # limits hold under pipelining too
                 self._check_deadlines(now)
         except BaseException as exc:
             log.critical("procdispatch coordinator failed; the channel is dead", exc_info=True)
@@ -271,8 +274,13 @@ class Coordinator(Outcomes):
         self.batches_sent += 1
         if not b.synthetic:
             self._d_in_flight += b._count  # _book(in_flight=...), spelled out: once per batch
+        slot.leased += 1
+        cap = self.opts.max_batches_per_worker
+        if cap is not None and slot.leased >= cap:  # it gets no more: count what it was handed
+            self._retire(slot, f"it was handed {slot.leased} batches")
         try:
-            slot.handle.send_lease(b, payload)
+            if slot.handle.send_lease(b, payload):
+                self.pool.watch_writes(slot)  # the rest goes out when the pipe has room
         except OSError:
             self._on_death(slot, monotonic())
 
@@ -335,7 +343,7 @@ class Coordinator(Outcomes):
                 if min_qps is not None and not self.closed and buf.total == 0:
                     deadline = min(deadline, self._last_send + 1.0 / min_qps)
         for s in pool.slots:
-            if s.batches:
+            if s.batches or s.state is STARTING:  # send_timeout, or start_timeout
                 deadline = min(deadline, s.deadline)
         if self._cancelled:
             deadline = min(deadline, self._cancel_deadline)

@@ -4,10 +4,15 @@ The coordinator's outcome half (a base class of :class:`~procdispatch._coordinat
 run only on its thread): Done acks a batch; Failed applies the worker's mutation and asks
 ``on_error``, then retries (nack) or drops; a dead worker fails only the batch it was running
 (``WorkerCrashed``, or ``SendTimeout`` when we killed it for overrunning), puts back the batches
-it never started, and is replaced; a worker that cannot start counts towards
-``WorkerStartFailed``; a worker past ``max_batches_per_worker`` or ``max_worker_memory`` is
-recycled. Counter moves are booked here and published by the admission base once per
-iteration.
+it never started (those queued behind the running one, and any lease not yet wholly written to
+its pipe), and is replaced. Before a worker is killed for a deadline (``send_timeout``, the end
+of ``cancel_grace``, ``start_timeout``) what it already answered is read, and read again once it
+is dead: a batch whose answer was in the pipe is not failed. A worker that cannot start, or is
+not ready within ``start_timeout``, counts towards ``WorkerStartFailed``. A worker that reached
+``max_batches_per_worker`` (counted in leases handed to it, so that pipelining cannot take it
+past the limit) or is above ``max_worker_memory`` gets no new lease (STOPPING), and is stopped
+and replaced once it answered what it holds. Counter moves are booked here and published by the
+admission base once per iteration.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ SPAWN_RETRY_DELAY = 0.05
 REPEATED_RETRY_WARNING = 5
 #: A user callback that runs longer than this on the coordinator thread logs a WARNING.
 SLOW_CALLBACK = 1.0
+#: Seconds to wait for a killed worker to be gone before reading the last of its pipe.
+KILL_WAIT = 1.0
 
 
 class Outcomes(Admission):
@@ -263,23 +270,29 @@ class Outcomes(Admission):
 
     def _on_death(self, slot: Slot, now: float) -> None:
         was = slot.state
+        unsent = slot.handle.unsent()  # leases not wholly in its pipe: it never read them
         code = self.pool.bury(slot)
         self._count_alive()
         batches = list(slot.batches)
         slot.batches.clear()
         if was is STARTING:
             self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
+        reason = slot.kill_reason
+        # Only the head can have been running, and only if the worker could read all of it.
+        started = len(batches) - unsent
         for i, b in enumerate(batches):
             if not b.synthetic:
                 self._book(in_flight=-b._count)
-            if i > 0:
-                self.buffer.release(b)  # never started: back in the queue, no attempt used
-            elif slot.kill_reason == "cancel":
+            if reason == "cancel" and i == 0:
                 self.buffer.ack(b)
                 self._drop(b, None)
+            elif i > 0 or i >= started or (reason == "timeout" and b is not slot.victim):
+                # Never started, or (its predecessor answered just before the kill) killed
+                # for another batch's overrun: back in the queue, no attempt used.
+                self.buffer.release(b)
             else:
                 exc: ProcDispatchError
-                if slot.kill_reason == "timeout":
+                if reason == "timeout":
                     assert self.opts.send_timeout is not None
                     exc = SendTimeout(
                         self.opts.send_timeout,
@@ -293,7 +306,7 @@ class Outcomes(Admission):
                         slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
                     )
                 self._fail(b, exc, now, fault=True)
-        if was is not STOPPING and not self._ending():
+        if not slot.replaced and not self._ending():
             self._spawn()
             with self.lock:
                 self.worker_restarts += 1
@@ -316,34 +329,87 @@ class Outcomes(Admission):
             err.__cause__ = cause
             self._set_fatal(err)
 
-    def _maybe_recycle(self, slot: Slot) -> None:
-        o = self.opts
-        reason = None
-        if o.max_batches_per_worker is not None and slot.done >= o.max_batches_per_worker:
-            reason = f"it sent {slot.done} batches"
-        elif o.max_worker_memory is not None and o.backend == "process" and slot.handle.pid:
-            rss = _rss(slot.handle.pid)
-            if rss is not None and rss > o.max_worker_memory:
-                reason = f"its memory ({rss} bytes) is above max_worker_memory"
-        if reason is None or self._cancelled:
-            return
+    def _retire(self, slot: Slot, reason: str) -> None:
+        """Give a worker no new lease; it is replaced once it answered what it holds."""
         log.info("recycling worker %d (pid %s): %s", slot.wid, slot.handle.pid, reason)
         slot.move(STOPPING)
-        slot.handle.stop()
-        self._spawn()
-        with self.lock:
-            self.worker_restarts += 1
+
+    def _maybe_recycle(self, slot: Slot) -> None:
+        """Retire a worker above max_worker_memory (read once per finished batch); stop and
+        replace a retired worker that holds nothing any more. max_batches_per_worker retires a
+        worker when it is handed its last lease (see ``_send``), so that pipelining cannot
+        take it past the limit."""
+        if slot.replaced or slot.state is DEAD:
+            return
+        if slot.state is not STOPPING:
+            o = self.opts
+            if (
+                o.max_worker_memory is None
+                or slot.done == slot.checked
+                or self._cancelled
+                or o.backend != "process"
+                or not slot.handle.pid
+            ):
+                return
+            slot.checked = slot.done
+            rss = _rss(slot.handle.pid)
+            if rss is None or rss <= o.max_worker_memory:
+                return
+            self._retire(slot, f"its memory ({rss} bytes) is above max_worker_memory")
+        if slot.batches:
+            return
+        slot.replaced = True
+        self.pool.stop(slot)
+        if not self._ending():
+            self._spawn()
+            with self.lock:
+                self.worker_restarts += 1
 
     def _check_deadlines(self, now: float) -> None:
+        """Kill the workers past a deadline: start_timeout, send_timeout, the end of
+        cancel_grace. What a worker already answered is read first, and again once it is dead:
+        an answer in the pipe is not an overrun."""
+        cancel_due = self._cancelled and now >= self._cancel_deadline
         for s in list(self.pool.slots):
-            if s.batches and s.deadline <= now:
-                self.pool.kill(s, "timeout")
-                self._on_death(s, now)
-        if self._cancelled and now >= self._cancel_deadline:
-            for s in list(self.pool.slots):
-                if s.batches:
-                    self.pool.kill(s, "cancel")
-                    self._on_death(s, now)
+            if s.state is DEAD:
+                continue
+            if s.state is STARTING:
+                if s.deadline <= now:
+                    self._start_overdue(s, now)
+                continue
+            if not s.batches:
+                continue
+            if s.deadline <= now:
+                reason = "timeout"
+            elif cancel_due:
+                reason = "cancel"
+            else:
+                continue
+            self._handle(s, False, now)
+            if s.state is DEAD or not s.batches:
+                continue
+            if reason == "timeout" and s.deadline > now:  # the overdue one had answered
+                if not cancel_due:
+                    continue
+                reason = "cancel"
+            self.pool.kill(s, reason, s.batches[0])
+            s.handle.exitcode(KILL_WAIT)  # once it is dead, its pipe holds all it said
+            self._handle(s, True, now)
+
+    def _start_overdue(self, slot: Slot, now: float) -> None:
+        """A worker not ready within start_timeout is killed (a thread is abandoned) and its
+        start counts as failed."""
+        self._handle(slot, False, now)  # its Ready may be waiting in the pipe
+        if slot.state is not STARTING:
+            return
+        if slot.init_error is None:
+            how = "abandoned" if self.opts.backend == "thread" else "killed"
+            slot.init_error = TimeoutError(
+                f"worker {slot.wid} (pid {slot.handle.pid}) did not become ready within "
+                f"start_timeout={self.opts.start_timeout}s; it was {how}"
+            )
+        self.pool.kill(slot, "start")
+        self._on_death(slot, now)
 
     def _ending(self) -> bool:
         """Cancelled or failed: the channel starts no more workers."""

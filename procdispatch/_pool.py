@@ -5,6 +5,11 @@ oldest first: the head is the one running, the rest wait in the worker's pipe (p
 ``max_leases`` exceeds ``workers``). The pool starts, watches, kills and buries workers, and
 reports what happened; what that *means* for batches (retry, drop) is decided by the
 coordinator. Only the coordinator thread calls into the pool.
+
+The selector is the coordinator's one wait point. It watches the wake pipe, every worker's result
+pipe and death sentinel, and -- only while a handle has frames waiting for room -- that worker's
+lease pipe for writability: :meth:`WorkerPool.wait` flushes those itself and reports only what
+the coordinator must act on.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import enum
 import math
 import selectors
+import time
 from typing import Any
 
 from . import _protocol as proto
@@ -24,6 +30,9 @@ from .buffer import Batch
 from .errors import InternalError
 
 __all__ = ["Slot", "WState", "WorkerPool"]
+
+#: Marks a selector key that watches a lease pipe for room (the others carry a sentinel flag).
+_WRITABLE = None
 
 
 class WState(enum.Enum):
@@ -62,13 +71,18 @@ class Slot:
 
     __slots__ = (
         "batches",
+        "checked",
         "deadline",
         "done",
         "handle",
         "init_error",
         "kill_reason",
+        "leased",
+        "replaced",
         "state",
+        "victim",
         "wid",
+        "writing",
     )
 
     def __init__(self, wid: int, handle: WorkerHandle) -> None:
@@ -76,10 +90,19 @@ class Slot:
         self.handle = handle
         self.state = STARTING
         self.batches: collections.deque[Batch[Any]] = collections.deque()
-        self.deadline = math.inf  # send_timeout deadline of the running (head) batch
+        #: While STARTING: when start_timeout runs out. Then: the send_timeout deadline of the
+        #: running (head) batch.
+        self.deadline = math.inf
         self.done = 0
+        self.leased = 0  # leases handed to it, finished or not (max_batches_per_worker)
+        self.checked = 0  # `done` when its memory was last read (max_worker_memory)
+        self.replaced = False  # asked to stop, with a replacement started
+        self.writing = False  # its lease pipe is watched for room
         self.init_error: BaseException | None = None
-        self.kill_reason: str | None = None  # "timeout" or "cancel" when we killed it
+        #: "timeout", "cancel" or "start" when we killed it; ``victim`` is the batch it was
+        #: killed over (for "timeout").
+        self.kill_reason: str | None = None
+        self.victim: Batch[Any] | None = None
 
     def move(self, to: WState) -> None:
         if to not in _ALLOWED[self.state._name_]:
@@ -107,7 +130,7 @@ class WorkerPool:
     # ---- starting and watching ------------------------------------------------------------
 
     def spawn(self) -> Slot:
-        """Start one worker (raises what starting it raised)."""
+        """Start one worker (raises what starting it raised); start_timeout runs from now."""
         self._next_wid += 1
         wid = self._next_wid
         handle: WorkerHandle
@@ -116,7 +139,9 @@ class WorkerPool:
         else:
             handle = ProcessWorker(self._ctx, self._payload, wid)
         handle.start()
+        handle.nonblocking()
         slot = Slot(wid, handle)
+        slot.deadline = time.monotonic() + self.opts.start_timeout
         conn, sentinel = handle.waitables()
         self._selector.register(conn, selectors.EVENT_READ, (slot, False))
         if sentinel is not None:
@@ -125,15 +150,41 @@ class WorkerPool:
         return slot
 
     def wait(self, timeout: float | None) -> tuple[bool, list[tuple[Slot, bool]]]:
-        """Block once: (was the wake pipe ready, [(slot, its sentinel fired)] ready)."""
+        """Block once: (was the wake pipe ready, [(slot, it is gone)] to read).
+
+        Lease pipes with room are flushed here; one whose worker closed it is reported as
+        gone, as its sentinel would be."""
         woke = False
         ready: list[tuple[Slot, bool]] = []
         for key, _ in self._selector.select(timeout):
-            if key.data is None:
+            data = key.data
+            if data is None:
                 woke = True
+            elif data[1] is _WRITABLE:
+                slot = data[0]
+                try:
+                    if slot.handle.flush():
+                        self._unwatch_writes(slot)
+                except OSError:
+                    self._unwatch_writes(slot)
+                    ready.append((slot, True))
             else:
-                ready.append(key.data)
+                ready.append(data)
         return woke, ready
+
+    def watch_writes(self, slot: Slot) -> None:
+        """Watch a worker's lease pipe for room: its handle has frames waiting."""
+        if not slot.writing:
+            slot.writing = True
+            self._selector.register(
+                slot.handle.write_fd(), selectors.EVENT_WRITE, (slot, _WRITABLE)
+            )
+
+    def _unwatch_writes(self, slot: Slot) -> None:
+        if slot.writing:
+            slot.writing = False
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(slot.handle.write_fd())
 
     def read(self, slot: Slot, sentinel: bool) -> tuple[list[proto.WorkerMessage], bool]:
         """Messages from a ready worker, and whether it is gone."""
@@ -162,8 +213,14 @@ class WorkerPool:
 
     # ---- ending ---------------------------------------------------------------------------
 
-    def kill(self, slot: Slot, reason: str) -> None:
+    def stop(self, slot: Slot) -> None:
+        """Ask a worker to exit once it has answered every lease it was handed."""
+        if slot.handle.stop():
+            self.watch_writes(slot)
+
+    def kill(self, slot: Slot, reason: str, victim: Batch[Any] | None = None) -> None:
         slot.kill_reason = reason
+        slot.victim = victim
         slot.handle.kill()
 
     def bury(self, slot: Slot) -> int | None:
@@ -180,17 +237,21 @@ class WorkerPool:
         return code
 
     def _unwatch(self, slot: Slot) -> None:
+        self._unwatch_writes(slot)
         for obj in slot.handle.waitables():
             if obj is not None:
                 with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(obj)
 
     def shutdown(self, join_timeout: float) -> None:
-        """Stop every worker, wait up to ``join_timeout`` in all, kill stragglers, close all."""
-        import time
+        """Stop every worker, wait up to ``join_timeout`` in all, kill stragglers, close all.
 
+        A worker whose stop frame cannot be written at once (its pipe is full of leases the
+        channel no longer holds) or that is still starting (it holds nothing) is killed
+        instead: nothing is waited for that way, and no lease is sent after the drain."""
         for s in self.slots:
-            s.handle.stop()
+            if s.state is STARTING or s.handle.stop():
+                s.handle.kill()
         deadline = time.monotonic() + join_timeout
         for s in self.slots:
             if s.handle.exitcode(max(0.0, deadline - time.monotonic())) is None:
