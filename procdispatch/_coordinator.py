@@ -25,7 +25,7 @@ producer side from ``admitted`` --
 items put and not yet delivered or dropped, which always equals the buffer's total plus what
 waits in the inbox -- so ``put`` never has to wait for this thread to answer.
 
-Accounting (SPEC D3): every admitted item leaves exactly once, as delivered (its send
+Accounting: every admitted item leaves exactly once, as delivered (its send
 succeeded, or the send removed it from ``data``) or dropped (``on_drop`` saw it); ``_book``
 records each move and ``_publish`` applies them under the lock once per iteration, so that a
 snapshot always adds up.
@@ -359,7 +359,8 @@ class Coordinator(Outcomes):
         return max(0.0, deadline - now)
 
     def _drop_everything_left(self) -> None:
-        """After a crash of this loop: report whatever is still held as dropped (D3)."""
+        """After a crash of this loop: report whatever is still held as dropped (nothing is
+        lost silently)."""
         now = monotonic()
         taken, sizes, _, _ = self._take_pending()
         if taken:

@@ -2,7 +2,7 @@
 
 Each policy is a frozen dataclass. ``resolve()`` returns a *new* policy with the derived defaults
 filled in and validated against the batch limits -- the user's object is never mutated, and each
-buffer gets its own (SPEC D5). ``compute_state(total, total_size)`` is then asked before every
+buffer gets its own. ``compute_state(total, total_size)`` is then asked before every
 insertion: may the item go in, and must one batch be dropped first?
 """
 

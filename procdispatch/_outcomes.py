@@ -109,7 +109,7 @@ class Outcomes(Admission):
             self._book(dropped=batch._count, size=batch._size)
 
     def _shrink(self, batch: Batch[Any]) -> None:
-        """Items removed from data by send_fn (or on_error) count as delivered (SPEC D2)."""
+        """Items removed from data by send_fn (or on_error) count as delivered."""
         size_before = batch._size
         removed = batch.shrink()
         if (removed or size_before != batch._size) and not batch.synthetic:

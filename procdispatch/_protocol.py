@@ -169,9 +169,10 @@ class Done(_Message):
 class Failed(_Message):
     """worker -> parent: ``send_fn`` raised (or the lease could not be unpickled).
 
-    The batch's mutation comes back with it (SPEC D2): ``kept`` lists the indices of the
-    original items still in ``data`` when ``send_fn`` only removed items; ``new_data`` is the
-    whole new list when it did anything else; both None when ``data`` is unchanged. ``meta`` is
+    The batch's mutation comes back with it, to be applied before ``on_error`` and any retry:
+    ``kept`` lists the indices of the original items still in ``data`` when ``send_fn`` only
+    removed items; ``new_data`` is the whole new list when it did anything else; both None
+    when ``data`` is unchanged. ``meta`` is
     the worker's ``batch.meta`` when ``meta_sent``.
     """
 

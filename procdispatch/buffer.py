@@ -569,7 +569,7 @@ class Buffer(Generic[T]):
         self._leased_size -= batch._lease_size
 
     def _drop_oldest(self) -> Batch[T] | None:
-        """Drop the oldest queued batch, else the one being filled; never one in flight (D4)."""
+        """Drop the oldest queued batch, else the one being filled; never one in flight."""
         heap, fresh = self._heap, self._fresh
         idx = min(range(len(heap)), key=lambda i: heap[i][1]) if heap else -1
         if fresh and (idx < 0 or fresh[0][1] < heap[idx][1]):

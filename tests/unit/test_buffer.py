@@ -220,7 +220,7 @@ def test_full_behavior_validation(
         ({"batch_items_max": None}, {}, (1000, None)),
         ({"batch_items_max": 999}, {}, (1000, None)),
         ({"batch_items_max": 1000}, {}, (1000, None)),
-        ({"batch_items_max": 5000}, {}, (5000, None)),  # D5: max(1000, batch_items_max)
+        ({"batch_items_max": 5000}, {}, (5000, None)),  # max(1000, batch_items_max)
         ({"batch_size_max": 100}, {}, (1000, 500)),  # 5 * batch_size_max
         ({"batch_size_max": 100}, {"size": 100}, (1000, 100)),
         ({"batch_size_max": 100}, {"items": None}, (None, 500)),
@@ -250,7 +250,7 @@ def test_full_behavior_derived_defaults(
     [
         ({}, BlockNewItems(max_items=1000, max_size=None)),
         ({"batch_items_max": None}, BlockNewItems(max_items=1000, max_size=None)),
-        ({"batch_items_max": 5000}, BlockNewItems(max_items=5000, max_size=None)),  # fixes P12
+        ({"batch_items_max": 5000}, BlockNewItems(max_items=5000, max_size=None)),
         ({"batch_size_max": 10}, BlockNewItems(max_items=1000, max_size=50)),
     ],
 )
@@ -435,7 +435,7 @@ def test_cut_when_size_is_reached_exactly() -> None:
 
 
 def test_exact_size_item_double_flush() -> None:
-    # SPEC 3.2: an item of size == batch_size_max cuts the partial batch, then itself.
+    # An item of size == batch_size_max cuts the partial batch, then itself.
     buf = make(batch_size_max=10, batch_items_max=None)
     buf.add(0.0, "a", 3)
     buf.add(1.0, "big", 10)
@@ -656,7 +656,7 @@ def test_fifo_retry_holds_back_every_later_batch() -> None:
 
 
 def test_fifo_retry_holds_back_an_aged_current_batch() -> None:
-    # D7 (fixes P13): the aged batch being filled must not jump the queue either.
+    # Strict FIFO: the aged batch being filled must not jump the queue either.
     buf = make(
         max_leases=1, fifo=True, batch_items_max=2, batch_age_max=5.0, retry=retry.limited(3, 10.0)
     )
@@ -1191,12 +1191,12 @@ def test_drop_oldest_accepts_without_dropping_when_all_is_in_flight() -> None:
     buf.add(0.0, "a")
     buf.add(0.0, "b")
     assert len(lease_all(buf, 0.0)) == 2
-    assert buf.add(0.0, "c") is None  # D4: nothing that is not in flight to drop
+    assert buf.add(0.0, "c") is None  # nothing that is not in flight to drop: the item goes in
     assert buf.stats() == BufferStats(unleased_items=1, leased_items=2)
 
 
 def test_drop_oldest_p7_reproduction_does_not_raise() -> None:
-    # SPEC 5 P7: in Go this panics ("NO undropped data").
+    # The reference panics here ("NO undropped data"); this buffer accepts the item.
     buf = make(batch_items_max=1, max_leases=2, full_behavior=DropOldestBatch(max_live_items=1))
     assert buf.add(0.0, "A") is None
     a = buf.lease_one(0.0)
