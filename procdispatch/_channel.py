@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 from . import _process_end
 from ._admission import Stats
 from ._coordinator import Coordinator
-from ._options import ChannelOptions
+from ._options import Options
 from ._shipping import pickle_payload
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import ItemsDropped, OptionsError
@@ -75,7 +75,7 @@ class ProcessChannel(Generic[T]):
     ) -> None:
         if not callable(send_fn):
             raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
-        opts = ChannelOptions.build(
+        opts = Options(
             workers=workers,
             max_leases=max_leases,
             batch_items_max=batch_items_max,
@@ -101,7 +101,7 @@ class ProcessChannel(Generic[T]):
             max_worker_memory=max_worker_memory,
             start_method=start_method,
             backend=backend,
-        )
+        ).resolve()
         payload = b""
         if opts.backend == "process":
             payload = pickle_payload(send_fn, opts.worker_init, opts.start_method)

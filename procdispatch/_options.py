@@ -1,4 +1,10 @@
-"""ProcessChannel options: every default and every validation rule, in one place.
+"""ProcessChannel options: declared once, validated in one place.
+
+:class:`Options` is the one declaration: every option with its default and a doc per field.
+ProcessChannel's constructor repeats it as an explicit signature, for IDEs and type checkers,
+and a test holds the two equal (names, defaults, order). :meth:`Options.resolve` validates and
+fills in what is derived, giving the :class:`ChannelOptions` the coordinator runs on;
+:func:`options_table` renders the options table of the docs from the same fields.
 
 Messages follow one shape -- "*option* must be *rule* (got *value*)" -- and every failure is an
 :class:`~procdispatch.errors.OptionsError` raised before any thread or process exists.
@@ -11,14 +17,14 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._fullbehavior import check_int_limit
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
-__all__ = ["BACKENDS", "ChannelOptions", "default_start_method"]
+__all__ = ["BACKENDS", "ChannelOptions", "Options", "default_start_method", "options_table"]
 
 BACKENDS = ("process", "thread")
 
@@ -62,9 +68,265 @@ def _callable(name: str, value: object) -> None:
         raise OptionsError(f"{name} must be callable or None (got {value!r})")
 
 
+def _bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise OptionsError(f"{name} must be a bool (got {value!r})")
+
+
+def _doc(doc: str, shown: str | None = None) -> dict[str, str | None]:
+    """A field's metadata in :class:`Options`: what it means, and how the docs show its
+    default (its repr when not given)."""
+    return {"doc": doc, "shown": shown}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option of :class:`~procdispatch.ProcessChannel`, in the constructor's order, with
+    its default and what it means: the one place options are declared.
+
+    The constructor repeats these as an explicit signature (for IDEs and type checkers), and a
+    test holds the two equal; :meth:`resolve` validates them; :func:`options_table` renders the
+    docs' table from the same fields.
+    """
+
+    workers: int | None = field(
+        default=None, metadata=_doc("worker processes (>= 1)", shown="`os.cpu_count()`")
+    )
+    max_leases: int | None = field(
+        default=None,
+        metadata=_doc(
+            "batches in flight at once (>= 1); above `workers`, each worker holds up to "
+            "`ceil(max_leases / workers)` batches, one running and the rest waiting in its pipe",
+            shown="`workers`",
+        ),
+    )
+    batch_items_max: int | None = field(
+        default=20, metadata=_doc("items per batch (`None`: no count limit)")
+    )
+    batch_size_max: int | None = field(
+        default=None, metadata=_doc("total `item_size` per batch; needs `item_size`")
+    )
+    batch_age_max: float = field(
+        default=10.0, metadata=_doc("seconds before a partly filled batch is cut (> 0)")
+    )
+    item_size: Callable[[Any], int] | None = field(
+        default=None, metadata=_doc("size of one item (an int >= 0), called once in `put`")
+    )
+    full_behavior: FullBehavior | None = field(
+        default=None,
+        metadata=_doc(
+            "`BlockNewItems`, `DropOldestBatch` or `InfiniteGrowth`; limits left out are derived: "
+            "`max(1000, 2 * max_leases * batch_items_max)` items (no item limit when "
+            "`batch_items_max` is `None` and a size limit remains), `5 * batch_size_max` size",
+            shown="`BlockNewItems()`",
+        ),
+    )
+    retry: Callable[[], Iterator[float]] | None = field(
+        default=None,
+        metadata=_doc(
+            "factory of per-batch iterators of retry delays in seconds; exhaustion drops the batch",
+            shown="`retry.exponential()`",
+        ),
+    )
+    fifo: bool = field(default=False, metadata=_doc("strict batch order; needs `max_leases == 1`"))
+    qps_limit: float | Any | Sequence[Any] | None = field(
+        default=None,
+        metadata=_doc(
+            "cap on `send_fn` calls per second across the channel's workers: a float, "
+            "pyrate-limiter `Rate`(s), or a `RateLimiter` shared with other channels or processes",
+        ),
+    )
+    qps_burst: int = field(
+        default=1, metadata=_doc("sends that may go at once under a float `qps_limit`")
+    )
+    min_qps: float | None = field(
+        default=None,
+        metadata=_doc(
+            "keep-alive: a synthetic one-item batch when idle this often (<= `qps_limit`)"
+        ),
+    )
+    on_error: Callable[[Any, BaseException], bool] | None = field(
+        default=None,
+        metadata=_doc(
+            "parent side, `(batch, exc) -> retry?`; the default retries transient errors",
+            shown="`default_on_error`",
+        ),
+    )
+    on_drop: Callable[[Any, bool], None] | None = field(
+        default=None,
+        metadata=_doc(
+            "parent side, `(batch, False)` per dropped batch, `(None, True)` once at the end",
+            shown="`default_on_drop`",
+        ),
+    )
+    on_drained: Callable[[], None] | None = field(
+        default=None, metadata=_doc("parent side, once, at the very end")
+    )
+    worker_init: Callable[[], object] | None = field(
+        default=None, metadata=_doc("runs once in each worker before its first batch")
+    )
+    send_timeout: float | None = field(
+        default=None,
+        metadata=_doc(
+            "a send running longer is killed with its worker (a thread worker is abandoned); the "
+            "batch fails with `SendTimeout`",
+        ),
+    )
+    cancel_grace: float = field(
+        default=5.0, metadata=_doc("seconds in-flight sends get after `cancel()`")
+    )
+    start_timeout: float = field(
+        default=60.0,
+        metadata=_doc(
+            "seconds a worker may take to start, `worker_init` included; one not ready by then is "
+            "killed (a thread worker abandoned) and counts as a failed start",
+        ),
+    )
+    delivery_timeout: float | None = field(
+        default=None,
+        metadata=_doc(
+            "seconds from a batch's first lease after which a batch waiting for a retry is dropped "
+            "with `DeliveryTimeout`; a send under way is not killed: its result decides",
+        ),
+    )
+    raise_on_drop: bool = field(
+        default=False,
+        metadata=_doc(
+            "`close_and_drain()` and a normal exit of the `with` block raise `ItemsDropped` after "
+            "the drain if anything was dropped",
+        ),
+    )
+    max_batches_per_worker: int | None = field(
+        default=None,
+        metadata=_doc(
+            "a worker is handed at most this many batches, and replaced once it answered them",
+        ),
+    )
+    max_worker_memory: int | None = field(
+        default=None,
+        metadata=_doc(
+            "a worker whose RSS is above this many bytes (read after each batch) gets no more "
+            "batches, and is replaced once it answered what it holds",
+        ),
+    )
+    start_method: str | None = field(
+        default=None,
+        metadata=_doc(
+            '`"spawn"`, `"forkserver"` or `"fork"`',
+            shown="forkserver on Linux, else spawn",
+        ),
+    )
+    backend: str = field(
+        default="process",
+        metadata=_doc(
+            '`"process"`, or `"thread"` to run `send_fn` in-process, unpickled, for debugging',
+            shown='`"process"`',
+        ),
+    )
+
+    def resolve(self) -> ChannelOptions:
+        """Validate every option and fill in what is derived; raise OptionsError naming the
+        option, the rule and the value given."""
+        workers = self.workers if self.workers is not None else (os.cpu_count() or 1)
+        _int("workers", workers, allow_none=False)
+        _int("max_leases", self.max_leases, allow_none=True)
+        leases = self.max_leases if self.max_leases is not None else workers
+        full_behavior = self.full_behavior if self.full_behavior is not None else BlockNewItems()
+        if isinstance(full_behavior, FullBehavior):
+            check_int_limit("batch_items_max", self.batch_items_max)  # before they are used
+            check_int_limit("batch_size_max", self.batch_size_max)
+            # A channel's derived item limit leaves room for every lease full plus as much
+            # queued; the pure buffer's smaller default would keep workers idle.
+            full_behavior = full_behavior.resolve(
+                self.batch_items_max, self.batch_size_max, leases=leases
+            )
+        buf = BufferOptions(
+            max_leases=leases,
+            batch_items_max=self.batch_items_max,
+            batch_size_max=self.batch_size_max,
+            batch_age_max=self.batch_age_max,
+            full_behavior=full_behavior,
+            retry=self.retry,
+            fifo=self.fifo,
+        ).validated()
+        _callable("item_size", self.item_size)
+        if self.batch_size_max is not None and self.item_size is None:
+            raise OptionsError(
+                f"batch_size_max needs item_size to measure items (got batch_size_max="
+                f"{self.batch_size_max!r}, item_size=None)"
+            )
+        _int("qps_burst", self.qps_burst, allow_none=False)
+        check_qps_limit(self.qps_limit)
+        min_qps = self.min_qps
+        _number("min_qps", min_qps, minimum=0, strict=True, allow_none=True)
+        if min_qps is not None:
+            if math.isinf(min_qps):
+                raise OptionsError(f"min_qps must be finite (got {min_qps!r})")
+            cap = qps_rate(self.qps_limit)
+            if cap is not None and min_qps > cap:
+                raise OptionsError(
+                    f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
+                )
+        for name in ("on_error", "on_drop", "on_drained", "worker_init"):
+            _callable(name, getattr(self, name))
+        _number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
+        _number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
+        _number("start_timeout", self.start_timeout, minimum=0, strict=True, allow_none=False)
+        _number("delivery_timeout", self.delivery_timeout, minimum=0, strict=True, allow_none=True)
+        _bool("raise_on_drop", self.raise_on_drop)
+        _int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
+        _int("max_worker_memory", self.max_worker_memory, allow_none=True)
+        if self.backend not in BACKENDS:
+            raise OptionsError(
+                f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})"
+            )
+        methods = multiprocessing.get_all_start_methods()
+        if self.start_method is not None and self.start_method not in methods:
+            raise OptionsError(
+                f"start_method must be one of {', '.join(methods)} or None "
+                f"(got {self.start_method!r})"
+            )
+        return ChannelOptions(
+            workers=workers,
+            max_leases=leases,
+            buffer=buf,
+            item_size=self.item_size,
+            qps_limit=self.qps_limit,
+            qps_burst=self.qps_burst,
+            min_qps=_float_or_none(min_qps),
+            on_error=self.on_error,
+            on_drop=self.on_drop,
+            on_drained=self.on_drained,
+            worker_init=self.worker_init,
+            send_timeout=_float_or_none(self.send_timeout),
+            cancel_grace=float(self.cancel_grace),
+            start_timeout=float(self.start_timeout),
+            delivery_timeout=_float_or_none(self.delivery_timeout),
+            raise_on_drop=self.raise_on_drop,
+            max_batches_per_worker=self.max_batches_per_worker,
+            max_worker_memory=self.max_worker_memory,
+            start_method=self.start_method or default_start_method(),
+            backend=self.backend,
+        )
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None else None
+
+
+def options_table() -> str:
+    """The options as a Markdown table (option, default, meaning), from :class:`Options`."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in fields(Options):
+        shown = f.metadata["shown"] or f"`{f.default!r}`"
+        rows.append(f"| `{f.name}` | {shown} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
+
+
 @dataclass(frozen=True)
 class ChannelOptions:
-    """The validated options of one channel (the README's options table says what each means)."""
+    """The validated options of one channel, with what is derived filled in
+    (:meth:`Options.resolve` makes it)."""
 
     workers: int
     max_leases: int
@@ -86,121 +348,6 @@ class ChannelOptions:
     max_worker_memory: int | None
     start_method: str
     backend: str
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        workers: int | None,
-        max_leases: int | None,
-        batch_items_max: int | None,
-        batch_size_max: int | None,
-        batch_age_max: float,
-        item_size: Callable[[Any], int] | None,
-        full_behavior: FullBehavior | None,
-        retry: Callable[[], Iterator[float]] | None,
-        fifo: bool,
-        qps_limit: object,
-        qps_burst: int,
-        min_qps: float | None,
-        on_error: Callable[[Any, BaseException], bool] | None,
-        on_drop: Callable[[Any, bool], None] | None,
-        on_drained: Callable[[], None] | None,
-        worker_init: Callable[[], object] | None,
-        send_timeout: float | None,
-        cancel_grace: float,
-        start_timeout: float,
-        delivery_timeout: float | None,
-        raise_on_drop: bool,
-        max_batches_per_worker: int | None,
-        max_worker_memory: int | None,
-        start_method: str | None,
-        backend: str,
-    ) -> ChannelOptions:
-        """Validate every option (the defaults live in ProcessChannel's signature)."""
-        if workers is None:
-            workers = os.cpu_count() or 1
-        _int("workers", workers, allow_none=False)
-        _int("max_leases", max_leases, allow_none=True)
-        leases = max_leases if max_leases is not None else workers
-        if full_behavior is None:
-            full_behavior = BlockNewItems()
-        if isinstance(full_behavior, FullBehavior):
-            check_int_limit("batch_items_max", batch_items_max)  # before they are used here
-            check_int_limit("batch_size_max", batch_size_max)
-            # A channel's derived item limit leaves room for every lease full plus as much
-            # queued; the pure buffer's smaller default would keep workers idle.
-            full_behavior = full_behavior.resolve(batch_items_max, batch_size_max, leases=leases)
-        buf = BufferOptions(
-            max_leases=leases,
-            batch_items_max=batch_items_max,
-            batch_size_max=batch_size_max,
-            batch_age_max=batch_age_max,
-            full_behavior=full_behavior,
-            retry=retry,
-            fifo=fifo,
-        ).validated()
-        _callable("item_size", item_size)
-        if batch_size_max is not None and item_size is None:
-            raise OptionsError(
-                f"batch_size_max needs item_size to measure items (got batch_size_max="
-                f"{batch_size_max!r}, item_size=None)"
-            )
-        _int("qps_burst", qps_burst, allow_none=False)
-        check_qps_limit(qps_limit)
-        _number("min_qps", min_qps, minimum=0, strict=True, allow_none=True)
-        if min_qps is not None:
-            if math.isinf(min_qps):
-                raise OptionsError(f"min_qps must be finite (got {min_qps!r})")
-            cap = qps_rate(qps_limit)
-            if cap is not None and min_qps > cap:
-                raise OptionsError(
-                    f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
-                )
-        for name, fn in (
-            ("on_error", on_error),
-            ("on_drop", on_drop),
-            ("on_drained", on_drained),
-            ("worker_init", worker_init),
-        ):
-            _callable(name, fn)
-        _number("send_timeout", send_timeout, minimum=0, strict=True, allow_none=True)
-        _number("cancel_grace", cancel_grace, minimum=0, strict=False, allow_none=False)
-        _number("start_timeout", start_timeout, minimum=0, strict=True, allow_none=False)
-        _number("delivery_timeout", delivery_timeout, minimum=0, strict=True, allow_none=True)
-        if not isinstance(raise_on_drop, bool):
-            raise OptionsError(f"raise_on_drop must be a bool (got {raise_on_drop!r})")
-        _int("max_batches_per_worker", max_batches_per_worker, allow_none=True)
-        _int("max_worker_memory", max_worker_memory, allow_none=True)
-        if backend not in BACKENDS:
-            raise OptionsError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-        methods = multiprocessing.get_all_start_methods()
-        if start_method is not None and start_method not in methods:
-            raise OptionsError(
-                f"start_method must be one of {', '.join(methods)} or None (got {start_method!r})"
-            )
-        return cls(
-            workers=workers,
-            max_leases=leases,
-            buffer=buf,
-            item_size=item_size,
-            qps_limit=qps_limit,
-            qps_burst=qps_burst,
-            min_qps=float(min_qps) if min_qps is not None else None,
-            on_error=on_error,
-            on_drop=on_drop,
-            on_drained=on_drained,
-            worker_init=worker_init,
-            send_timeout=float(send_timeout) if send_timeout is not None else None,
-            cancel_grace=float(cancel_grace),
-            start_timeout=float(start_timeout),
-            delivery_timeout=float(delivery_timeout) if delivery_timeout is not None else None,
-            raise_on_drop=raise_on_drop,
-            max_batches_per_worker=max_batches_per_worker,
-            max_worker_memory=max_worker_memory,
-            start_method=start_method or default_start_method(),
-            backend=backend,
-        )
 
 
 def check_qps_limit(qps_limit: object) -> None:

@@ -213,3 +213,25 @@ def test_where_table_matches_all_and_workers_import_light():
     assert "procdispatch._channel" not in loaded
     assert "procdispatch._coordinator" not in loaded
     assert "procdispatch._ratelimit" not in loaded
+
+
+def test_the_constructor_signature_is_the_options_declaration():
+    import dataclasses
+    import inspect
+
+    from procdispatch._options import Options
+
+    params = list(inspect.signature(pd.ProcessChannel.__init__).parameters.values())
+    assert [p.name for p in params[:2]] == ["self", "send_fn"]
+    declared = [(f.name, f.default) for f in dataclasses.fields(Options)]
+    assert [(p.name, p.default) for p in params[2:]] == declared
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[2:])
+
+
+def test_the_readme_options_table_is_the_generated_one():
+    from pathlib import Path
+
+    from procdispatch._options import options_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert options_table() in readme
