@@ -37,7 +37,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .buffer import BlockNewItems, FullBehavior
+from .buffer import FullBehavior
 from .errors import BufferFull, ChannelClosed, ProcDispatchError
 
 monotonic = time.monotonic
@@ -124,9 +124,8 @@ class Admission:
         #: this addition only makes the soft size cap late by one item for one iteration.
         self._pending_size = 0
         # Admission limits for the put fast path (None: no limit on that dimension).
-        blocking = isinstance(fb, BlockNewItems)
-        self._max_items = _int_or_none(fb.max_items) if blocking else None  # type: ignore[union-attr]
-        self._max_size = _int_or_none(fb.max_size) if blocking else None  # type: ignore[union-attr]
+        limits = fb.admission_limits() if fb is not None else None
+        self._max_items, self._max_size = limits if limits is not None else (None, None)
         #: Taken by the coordinator and not yet delivered or dropped (and their sizes).
         self.admitted = 0
         self.admitted_size = 0
@@ -408,10 +407,6 @@ def _close_fds(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def _int_or_none(v: object) -> int | None:
-    return v if isinstance(v, int) else None
 
 
 def _with_added(exc: BaseException, added: int) -> BaseException:

@@ -44,6 +44,7 @@ class Batch(Generic[T]):
 
     __slots__ = (
         "_count",
+        "_evicted",
         "_faults",
         "_first_lease",
         "_last_error",
@@ -84,6 +85,7 @@ class Batch(Generic[T]):
         self._lease_count = 0
         self._lease_size = 0
         self._faults = 0  # worker crashes / timeouts this batch caused (poison detection)
+        self._evicted = False  # dropped to make room (DropOldestBatch), not for a failure
         self._first_lease: float | None = None  # when it was first leased (delivery_timeout)
         self._last_error: BaseException | None = None  # why its latest send failed
 

@@ -6,7 +6,6 @@ They run in the parent, on the coordinator thread, so they must be quick. Everyt
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import threading
 import time
@@ -14,12 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ._transient import TRANSIENT_NAMES, matches, qualified_name
-from .buffer import Batch, DropOldestBatch, FullBehavior
+from .buffer import Batch
 from .errors import OptionsError, SendTimeout, WorkerCrashed
 
 __all__ = [
     "POISON_FAULTS",
-    "current_full_behavior",
     "default_on_drop",
     "default_on_error",
     "drop_quiet",
@@ -31,11 +29,6 @@ log = logging.getLogger("procdispatch")
 
 #: A batch that crashed or timed out a worker this many times is dropped as poison.
 POISON_FAULTS = 3
-
-#: The full behaviour of the channel whose coordinator is running the callback.
-current_full_behavior: contextvars.ContextVar[FullBehavior | None] = contextvars.ContextVar(
-    "procdispatch_full_behavior", default=None
-)
 
 
 def default_on_error(batch: Batch[Any], exc: BaseException) -> bool:
@@ -98,14 +91,11 @@ def _decide(batch: Batch[Any], exc: BaseException, names: frozenset[str]) -> boo
 
 
 def default_on_drop(batch: Batch[Any] | None, flush: bool) -> None:
-    """Log each dropped batch: INFO under DropOldestBatch (dropping is its job), else WARNING."""
+    """Log each dropped batch: INFO for a batch evicted to make room (DropOldestBatch does it
+    by design), WARNING for every other drop (a failure given up on, a cancel, a timeout)."""
     if flush or batch is None:
         return
-    level = (
-        logging.INFO
-        if isinstance(current_full_behavior.get(), DropOldestBatch)
-        else logging.WARNING
-    )
+    level = logging.INFO if batch._evicted else logging.WARNING
     log.log(
         level,
         "dropping batch %d (%d items, meta %r)",

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import _process_end
 from . import _protocol as proto
 from ._admission import Admission
-from ._callbacks import current_full_behavior, default_on_drop, default_on_error
+from ._callbacks import default_on_drop, default_on_error
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, STARTING, Slot, WorkerPool
@@ -119,7 +119,6 @@ class Coordinator(Outcomes):
     # ---- the loop -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        current_full_behavior.set(self._fb)
         try:
             self._last_send = monotonic()
             o = self.opts

@@ -107,6 +107,16 @@ class FullBehavior:
         """(ok to insert, drop a batch first) for the buffer's totals before an insertion."""
         raise NotImplementedError
 
+    def room(self, total: int, total_size: int, want: int) -> int | None:
+        """How many of ``want`` more items of size 0 may go in at once, for a policy that never
+        drops; None when a batch may have to be dropped first (ask item by item)."""
+        return None
+
+    def admission_limits(self) -> tuple[int | None, int | None] | None:
+        """(items, size) at which ``put`` must wait (None: no limit on that dimension), or
+        None when this policy never makes ``put`` wait."""
+        return None
+
 
 @dataclass(frozen=True)
 class BlockNewItems(FullBehavior):
@@ -143,6 +153,16 @@ class BlockNewItems(FullBehavior):
         mi, ms = self.max_items, self.max_size
         ok = (mi is None or total < mi) and (ms is None or total_size < ms)  # type: ignore[operator]
         return ok, False
+
+    def room(self, total: int, total_size: int, want: int) -> int | None:
+        if not self.compute_state(total, total_size)[0]:
+            return 0
+        mi = self.max_items
+        return min(want, mi - total) if isinstance(mi, int) else want
+
+    def admission_limits(self) -> tuple[int | None, int | None]:
+        mi, ms = self.max_items, self.max_size
+        return (mi if isinstance(mi, int) else None, ms if isinstance(ms, int) else None)
 
 
 @dataclass(frozen=True)
@@ -188,3 +208,6 @@ class InfiniteGrowth(FullBehavior):
 
     def compute_state(self, total: int, total_size: int) -> tuple[bool, bool]:
         return True, False
+
+    def room(self, total: int, total_size: int, want: int) -> int | None:
+        return want

@@ -226,18 +226,12 @@ class Buffer(Generic[T]):
                 self.check_size(s)
         elif self._size_max > 0 and items:
             self.check_size(0)
-        if sizes is None and isinstance(self._fb, (BlockNewItems, InfiniteGrowth)):
-            n = len(items)
-            if isinstance(self._fb, BlockNewItems):
-                total = self._unleased_items + self._leased_items
-                tsize = self._unleased_size + self._leased_size
-                if not self._fb.compute_state(total, tsize)[0]:
-                    return 0, []
-                mi = self._fb.max_items
-                if isinstance(mi, int):
-                    n = min(n, mi - total)
-            self._extend(now, items, n)
-            return n, []
+        if sizes is None:
+            total = self._unleased_items + self._leased_items
+            n = self._fb.room(total, self._unleased_size + self._leased_size, len(items))
+            if n is not None:  # a policy that never drops: the bulk path
+                self._extend(now, items, n)
+                return n, []
         dropped: list[Batch[T]] = []
         for i, item in enumerate(items):
             size = sizes[i] if sizes is not None else 0
@@ -585,6 +579,7 @@ class Buffer(Generic[T]):
         else:
             return None
         b._state = _DONE
+        b._evicted = True
         b.attempt = max(1, b.attempt)  # a batch dropped before its first send: attempt 1
         self._unleased_items -= b._count
         self._unleased_size -= b._size

@@ -11,7 +11,6 @@ from conftest import worker_processes
 from workerfns import noop
 
 import procdispatch as pd
-from procdispatch import _callbacks
 
 DOCUMENTED = {
     "Batch",
@@ -163,15 +162,19 @@ def test_default_on_error_classifies_and_logs(caplog):
 
 
 def test_default_on_drop_levels(caplog):
+    from procdispatch.buffer import Buffer, BufferOptions
+
     caplog.set_level(logging.INFO, logger="procdispatch")
     b: pd.Batch[int] = pd.Batch([1, 2, 3], id=4)
-    pd.default_on_drop(b, False)
+    pd.default_on_drop(b, False)  # a failure given up on, a cancel...: WARNING
     pd.default_on_drop(None, True)  # the flush call is ignored
-    tok = _callbacks.current_full_behavior.set(pd.DropOldestBatch())
-    try:
-        pd.default_on_drop(b, False)
-    finally:
-        _callbacks.current_full_behavior.reset(tok)
+    buf: Buffer[int] = Buffer(
+        BufferOptions(batch_items_max=1, full_behavior=pd.DropOldestBatch(max_live_items=1))
+    )
+    buf.add(0.0, 1)
+    evicted = buf.add(0.0, 2)  # made room for the new item: DropOldestBatch's job, INFO
+    assert evicted is not None
+    pd.default_on_drop(evicted, False)
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
     assert caplog.records[0].getMessage() == "dropping batch 4 (3 items, meta None)"
 
