@@ -110,10 +110,9 @@ class Outcomes(Admission):
 
     def _shrink(self, batch: Batch[Any]) -> None:
         """Items removed from data by send_fn (or on_error) count as delivered."""
-        size_before = batch._size
-        removed = batch.shrink()
-        if (removed or size_before != batch._size) and not batch.synthetic:
-            self._book(delivered=removed, size=size_before - batch._size)
+        removed, size = self.buffer.settle(batch)
+        if (removed or size) and not batch.synthetic:
+            self._book(delivered=removed, size=size)
 
     # ---- what workers say -----------------------------------------------------------------
 
@@ -172,15 +171,7 @@ class Outcomes(Admission):
             self._maybe_recycle(slot)
 
     def _apply_mutation(self, b: Batch[Any], m: proto.Failed) -> None:
-        if m.kept is not None:
-            data = b.data
-            b.data = [data[i] for i in m.kept]
-            if b._sizes is not None:
-                sizes = b._sizes
-                b._sizes = [sizes[i] for i in m.kept]
-        elif m.new_data is not None:
-            b.data = m.new_data
-            b._sizes = None  # unknown: the accounted size stays as it was (it never grows)
+        self.buffer.apply_mutation(b, m.kept, m.new_data)
         if m.meta_sent:
             b.meta = m.meta
         self._shrink(b)
@@ -194,7 +185,7 @@ class Outcomes(Admission):
         """
         self.batches_failed += 1
         if fault:
-            b._faults += 1
+            self.buffer.count_fault(b)
         b._last_error = exc
         retry = self._call_on_error(b, exc)
         self._shrink(b)

@@ -395,6 +395,38 @@ class Buffer(Generic[T]):
             )
         return float(delay)
 
+    # ---- what a send did to a leased batch ----------------------------------------------------
+
+    def apply_mutation(
+        self, batch: Batch[T], kept: list[int] | None, new_data: list[T] | None
+    ) -> None:
+        """Apply a send's change to a leased batch's data: the indices of the items it kept
+        (it only removed items), or a whole new list. The accounting follows at
+        :meth:`settle`; a new list's sizes are unknown, so its accounted size stays (a batch's
+        accounting never grows)."""
+        self._check_leased(batch, "apply_mutation")
+        if kept is not None:
+            data = batch.data
+            batch.data = [data[i] for i in kept]
+            sizes = batch._sizes
+            if sizes is not None:
+                batch._sizes = [sizes[i] for i in kept]
+        elif new_data is not None:
+            batch.data = new_data
+            batch._sizes = None
+
+    def settle(self, batch: Batch[T]) -> tuple[int, int]:
+        """Shrink a leased batch's accounting to what is left of its data (a send or
+        ``on_error`` removed the items it delivered); return (items, size) that went."""
+        self._check_leased(batch, "settle")
+        size_before = batch._size
+        removed = batch.shrink()
+        return removed, size_before - batch._size
+
+    def count_fault(self, batch: Batch[T]) -> None:
+        """The batch's send crashed or timed out its worker (the poison rule counts these)."""
+        batch._faults += 1
+
     # ---- batches outside the queue ----------------------------------------------------------
 
     def split_off(self, batch: Batch[T], index: int) -> Batch[T]:
