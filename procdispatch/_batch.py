@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["Batch", "BatchState"]
+__all__ = ["Batch", "BatchState", "cut"]
 
 T = TypeVar("T")
 
@@ -115,8 +115,46 @@ class Batch(Generic[T]):
             self._size = min(self._size, sum(heapq.nlargest(n, sizes)))
         return before - self._count
 
+    def _apply_change(self, kept: list[int] | None, new_data: list[T] | None) -> None:
+        """Apply a send's change to ``data`` (for the buffer, which owns the accounting): the
+        indices of the items kept, or a whole new list, whose sizes are unknown."""
+        if kept is not None:
+            data = self.data
+            self.data = [data[i] for i in kept]
+            sizes = self._sizes
+            if sizes is not None:
+                self._sizes = [sizes[i] for i in kept]
+        elif new_data is not None:
+            self.data = new_data
+            self._sizes = None
+
     def __repr__(self) -> str:
         return (
             f"Batch(id={self.id}, attempt={self.attempt}, items={len(self.data)}, "
             f"meta={self.meta!r}{', synthetic' if self.synthetic else ''})"
         )
+
+
+def cut(
+    items: Sequence[T], sizes: Sequence[int] | None, items_max: int, size_max: int, first_id: int
+) -> list[Batch[T]]:
+    """Cut ``items`` into batches of at most ``items_max`` items and ``size_max`` total size
+    (<= 0: no limit), with ids from ``first_id`` and attempt 1."""
+    out: list[Batch[T]] = []
+    cur: Batch[T] | None = None
+    for i, item in enumerate(items):
+        size = sizes[i] if sizes is not None else 0
+        if cur is None or (
+            (items_max > 0 and cur._count >= items_max)
+            or (size_max > 0 and cur._size + size > size_max)
+        ):
+            cur = Batch([], id=first_id + len(out), attempt=1)
+            out.append(cur)
+        if size or cur._sizes is not None:
+            if cur._sizes is None:
+                cur._sizes = [0] * len(cur.data)
+            cur._sizes.append(size)
+        cur.data.append(item)
+        cur._count += 1
+        cur._size += size
+    return out

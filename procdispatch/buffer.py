@@ -1,17 +1,15 @@
 """The pure buffer: batching, leasing, retry scheduling and full-buffer policy.
 
-Theory of operation. Items are appended to the batch being filled (the *current* batch). A batch is
-*cut* -- moved to the queue of unleased batches -- when it reaches ``batch_items_max`` items, when
-the next item would push it over ``batch_size_max`` (or an item fills it exactly), when it is older
-than ``batch_age_max`` at lease time (lazily), or on :meth:`Buffer.flush`. The queue is ordered by
-(next send time, id), or by id alone with ``fifo=True``. It is kept in two parts: cut batches,
-whose keys only grow (cut times are not earlier than the last, ids always larger), go to the end of
-a deque, and re-queued ones (retries, released leases) go to a heap; the head of the queue is the
-smaller of the two heads, so the common lease costs no heap work. :meth:`Buffer.lease_one` hands
-out the first ready batch while fewer than ``max_leases`` batches are leased; every lease ends with
+Theory of operation. Items are appended to the batch being filled (the *current* batch). A batch
+is *cut* -- moved to the queue of unleased batches (:mod:`._batchqueue`: by next send time and
+id, or id alone with ``fifo=True``) -- when it reaches ``batch_items_max`` items, when the next
+item would push it over ``batch_size_max`` (or an item fills it exactly), when it is older than
+``batch_age_max`` at lease time (lazily), or on :meth:`Buffer.flush`. :meth:`Buffer.lease_one`
+hands out the first ready batch while fewer than ``max_leases`` are leased; every lease ends with
 exactly one :meth:`Buffer.ack` or :meth:`Buffer.nack`. A nack re-queues the batch after the next
 delay of its own retry iterator, counting only what is left of its data (accounting can only
-shrink), or hands the batch back for dropping when the iterator is exhausted.
+shrink), or hands the batch back for dropping when the iterator is exhausted. The buffer is the
+only code that changes a batch's accounting.
 
 A full-buffer policy (:class:`BlockNewItems`, :class:`DropOldestBatch`, :class:`InfiniteGrowth`)
 is asked before each insertion whether the item may go in and whether a batch must be dropped
@@ -24,28 +22,19 @@ calls it.
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ._batch import DONE as _DONE
 from ._batch import FILLING as _FILLING
 from ._batch import LEASED as _LEASED
 from ._batch import QUEUED as _QUEUED
-from ._batch import Batch
-from ._fullbehavior import (
-    DERIVED,
-    BlockNewItems,
-    DropOldestBatch,
-    FullBehavior,
-    InfiniteGrowth,
-    check_int_limit,
-)
-from .errors import BufferFull, ItemTooLarge, ItemTooSmall, OptionsError, ProcDispatchError
-from .retry import RetryFactory, exponential
+from ._batch import Batch, cut
+from ._batchqueue import BatchQueue
+from ._bufferopts import BufferOptions, BufferStats
+from ._fullbehavior import DERIVED, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
+from .errors import BufferFull, ItemTooLarge, ItemTooSmall, ProcDispatchError
+from .retry import RetryFactory, next_delay
 
 __all__ = [
     "DERIVED",
@@ -60,77 +49,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BufferStats:
-    """A snapshot of what the buffer holds (synthetic items included)."""
-
-    unleased_items: int = 0
-    unleased_size: int = 0
-    leased_items: int = 0
-    leased_size: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.unleased_items + self.leased_items
-
-    @property
-    def total_size(self) -> int:
-        return self.unleased_size + self.leased_size
-
-    @property
-    def empty(self) -> bool:
-        return self.total == 0
-
-
-@dataclass(frozen=True)
-class BufferOptions:
-    """Options of a :class:`Buffer`; validated when the buffer is built."""
-
-    max_leases: int = 4
-    batch_items_max: int | None = 20
-    batch_size_max: int | None = None
-    batch_age_max: float = 10.0
-    full_behavior: FullBehavior | None = None
-    retry: RetryFactory | None = field(default=None)
-    fifo: bool = False
-
-    def validated(self) -> BufferOptions:
-        """Return a copy with defaults filled in, or raise :class:`OptionsError`."""
-        check_int_limit("max_leases", self.max_leases, allow_none=False)
-        check_int_limit("batch_items_max", self.batch_items_max)
-        check_int_limit("batch_size_max", self.batch_size_max)
-        age = self.batch_age_max
-        if (
-            isinstance(age, bool)
-            or not isinstance(age, (int, float))
-            or math.isnan(age)
-            or age <= 0
-        ):
-            raise OptionsError(f"batch_age_max must be a number of seconds > 0 (got {age!r})")
-        if not isinstance(self.fifo, bool):
-            raise OptionsError(f"fifo must be a bool (got {self.fifo!r})")
-        if self.fifo and self.max_leases != 1:
-            raise OptionsError(f"fifo=True needs max_leases == 1 (got {self.max_leases!r})")
-        fb = self.full_behavior if self.full_behavior is not None else BlockNewItems()
-        if not isinstance(fb, FullBehavior):
-            raise OptionsError(
-                "full_behavior must be BlockNewItems, DropOldestBatch or InfiniteGrowth "
-                f"(got {fb!r})"
-            )
-        fb = fb.resolve(self.batch_items_max, self.batch_size_max)
-        retry = self.retry if self.retry is not None else exponential()
-        _check_retry_factory(retry)
-        return BufferOptions(
-            max_leases=self.max_leases,
-            batch_items_max=self.batch_items_max,
-            batch_size_max=self.batch_size_max,
-            batch_age_max=float(age),
-            full_behavior=fb,
-            retry=retry,
-            fifo=self.fifo,
-        )
 
 
 class Buffer(Generic[T]):
@@ -149,9 +67,7 @@ class Buffer(Generic[T]):
         self._age = opts.batch_age_max
         self._fifo = opts.fifo
         self._cur: Batch[T] | None = None
-        #: The queue: cut batches in key order (ids increasing), and re-queued ones in a heap.
-        self._fresh: deque[tuple[float, int, Batch[T]]] = deque()
-        self._heap: list[tuple[float, int, Batch[T]]] = []
+        self._queue: BatchQueue[T] = BatchQueue(opts.fifo)
         self._leases: dict[int, Batch[T]] = {}
         self._last_id = 0
         self._unleased_items = 0
@@ -172,7 +88,7 @@ class Buffer(Generic[T]):
 
     def next_send_time(self) -> float | None:
         """When the next batch may become leasable (ignoring ``max_leases``); None if never."""
-        head = self._head()
+        head = self._queue.head()
         if head is not None:
             top = head._next_send
             if self._fifo or self._cur is None:
@@ -265,38 +181,29 @@ class Buffer(Generic[T]):
         self._cur = None
         cur._next_send = now
         cur._state = _QUEUED
-        entry = (0.0 if self._fifo else now, cur.id, cur)
-        fresh = self._fresh
-        if not fresh or fresh[-1] < entry:  # keys compare by (time, id); ids are unique
-            fresh.append(entry)
-        else:  # a cut time earlier than the last one (only a caller's clock can do that)
-            heapq.heappush(self._heap, entry)
+        self._queue.push_cut(cur)
 
     # ---- leasing ----------------------------------------------------------------------------
 
     def lease_one(self, now: float) -> Batch[T] | None:
         if len(self._leases) >= self._max_leases:
             return None
-        fresh, heap = self._fresh, self._heap
-        if fresh:  # _head() and _pop_head(), spelled out: this runs once per batch
-            if heap and heap[0] < fresh[0]:
-                if heap[0][2]._next_send <= now:
-                    return self._lease(heapq.heappop(heap)[2], now)
-            elif fresh[0][2]._next_send <= now:
-                return self._lease(fresh.popleft()[2], now)
-        elif heap and heap[0][2]._next_send <= now:
-            return self._lease(heapq.heappop(heap)[2], now)
+        queue = self._queue
+        b = queue.pop_ready(now)
+        if b is not None:
+            return self._lease(b, now)
         cur = self._cur
-        if cur is not None and cur._next_send <= now and not (self._fifo and (fresh or heap)):
+        if cur is not None and cur._next_send <= now and not (self._fifo and queue):
+            # Cut now, it is the head: every batch queued before it was not due yet.
             self.flush(now)
-            return self._lease(self._pop_head(), now)
+            return self._lease(queue.pop_head(), now)
         return None
 
     def ready(self, now: float) -> bool:
         """True when :meth:`lease_one` at ``now`` would hand out a batch."""
         if len(self._leases) >= self._max_leases:
             return False
-        head = self._head()
+        head = self._queue.head()
         if head is not None and head._next_send <= now:
             return True
         cur = self._cur
@@ -304,9 +211,7 @@ class Buffer(Generic[T]):
 
     def force_lease_all(self) -> list[Batch[T]]:
         """Lease every queued batch, ignoring send times and ``max_leases`` (not the current)."""
-        batches = sorted([e[2] for e in self._heap] + [e[2] for e in self._fresh], key=_by_id)
-        self._heap.clear()
-        self._fresh.clear()
+        batches = self._queue.take_all()
         for b in batches:
             self._lease(b)
         return batches
@@ -330,7 +235,7 @@ class Buffer(Generic[T]):
         batch._state = _QUEUED
         self._unleased_items += batch._count
         self._unleased_size += batch._size
-        heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
+        self._queue.push_again(batch)
 
     @property
     def total(self) -> int:
@@ -356,7 +261,7 @@ class Buffer(Generic[T]):
             self._end_lease(batch, "nack")
             batch._state = _DONE
             return None
-        delay = self._next_delay(batch)
+        delay = next_delay(self._retry_factory, batch)
         self._end_lease(batch, "nack")
         batch._state = _DONE
         if delay is None:
@@ -365,35 +270,8 @@ class Buffer(Generic[T]):
         batch._state = _QUEUED
         self._unleased_items += batch._count
         self._unleased_size += batch._size
-        heapq.heappush(self._heap, (0.0 if self._fifo else batch._next_send, batch.id, batch))
+        self._queue.push_again(batch)
         return None
-
-    def _next_delay(self, batch: Batch[T]) -> float | None:
-        """The batch's next retry delay from its own iterator; None when it is exhausted."""
-        it = batch._retry
-        if it is None:  # made on first use: most batches never fail
-            made = self._retry_factory()
-            try:
-                it = iter(made)
-            except TypeError:
-                raise TypeError(
-                    f"retry must return an iterator of delays in seconds (it returned {made!r})"
-                ) from None
-            batch._retry = it
-        delay = next(it, None)
-        if delay is None:
-            return None
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, (int, float))
-            or not math.isfinite(delay)
-            or delay < 0
-        ):
-            raise ProcDispatchError(
-                f"retry delays must be finite numbers of seconds >= 0 (got {delay!r} for batch "
-                f"{batch.id}, attempt {batch.attempt})"
-            )
-        return float(delay)
 
     # ---- what a send did to a leased batch ----------------------------------------------------
 
@@ -405,15 +283,7 @@ class Buffer(Generic[T]):
         :meth:`settle`; a new list's sizes are unknown, so its accounted size stays (a batch's
         accounting never grows)."""
         self._check_leased(batch, "apply_mutation")
-        if kept is not None:
-            data = batch.data
-            batch.data = [data[i] for i in kept]
-            sizes = batch._sizes
-            if sizes is not None:
-                batch._sizes = [sizes[i] for i in kept]
-        elif new_data is not None:
-            batch.data = new_data
-            batch._sizes = None
+        batch._apply_change(kept, new_data)
 
     def settle(self, batch: Batch[T]) -> tuple[int, int]:
         """Shrink a leased batch's accounting to what is left of its data (a send or
@@ -457,61 +327,25 @@ class Buffer(Generic[T]):
         """Cut ``items`` into batches as :meth:`add` would (batch limits, fresh ids, attempt
         1), outside the queue and the accounting: for items that will never be queued, such
         as those a cancelled channel still receives, to be reported as dropped."""
-        out: list[Batch[T]] = []
-        cur: Batch[T] | None = None
-        for i, item in enumerate(items):
-            size = sizes[i] if sizes is not None else 0
-            if cur is None or (
-                (self._items_max > 0 and cur._count >= self._items_max)
-                or (self._size_max > 0 and cur._size + size > self._size_max)
-            ):
-                self._last_id += 1
-                cur = Batch([], id=self._last_id, attempt=1)
-                out.append(cur)
-            if size or cur._sizes is not None:
-                if cur._sizes is None:
-                    cur._sizes = [0] * len(cur.data)
-                cur._sizes.append(size)
-            cur.data.append(item)
-            cur._count += 1
-            cur._size += size
+        out = cut(items, sizes, self._items_max, self._size_max, self._last_id + 1)
+        self._last_id += len(out)
         return out
 
     def expire(self, now: float, max_age: float) -> list[Batch[T]]:
         """Remove and return the queued batches first leased ``max_age`` or more before
         ``now`` (they wait for a retry), oldest first; the caller drops them."""
-        heap = self._heap
-        gone = [e[2] for e in heap if _expired(e[2], now, max_age)]
-        if not gone:
-            return []
-        self._heap = [e for e in heap if not _expired(e[2], now, max_age)]
-        heapq.heapify(self._heap)
+        gone = self._queue.take_expired(now, max_age)
         for b in gone:
             b._state = _DONE
             self._unleased_items -= b._count
             self._unleased_size -= b._size
-        gone.sort(key=_by_id)
         return gone
 
     def next_expiry(self, max_age: float) -> float | None:
         """When :meth:`expire` with ``max_age`` will next remove a batch (None: no candidate)."""
-        firsts = [e[2]._first_lease for e in self._heap if e[2]._first_lease is not None]
-        return min(firsts) + max_age if firsts else None
+        return self._queue.next_expiry(max_age)
 
     # ---- internals --------------------------------------------------------------------------
-
-    def _head(self) -> Batch[T] | None:
-        """The first batch of the queue (the smaller head of its two parts), if any."""
-        fresh, heap = self._fresh, self._heap
-        if fresh:
-            return heap[0][2] if heap and heap[0] < fresh[0] else fresh[0][2]
-        return heap[0][2] if heap else None
-
-    def _pop_head(self) -> Batch[T]:
-        fresh, heap = self._fresh, self._heap
-        if fresh and not (heap and heap[0] < fresh[0]):
-            return fresh.popleft()[2]
-        return heapq.heappop(heap)[2]
 
     def _new_batch(self, now: float) -> Batch[T]:
         self._last_id += 1
@@ -596,39 +430,14 @@ class Buffer(Generic[T]):
 
     def _drop_oldest(self) -> Batch[T] | None:
         """Drop the oldest queued batch, else the one being filled; never one in flight."""
-        heap, fresh = self._heap, self._fresh
-        idx = min(range(len(heap)), key=lambda i: heap[i][1]) if heap else -1
-        if fresh and (idx < 0 or fresh[0][1] < heap[idx][1]):
-            b = fresh.popleft()[2]  # ids only grow along the deque
-        elif idx >= 0:
-            b = heap[idx][2]
-            heap[idx] = heap[-1]
-            heap.pop()
-            heapq.heapify(heap)
-        elif self._cur is not None:
-            b = self._cur
-            self._cur = None
-        else:
-            return None
+        b = self._queue.take_oldest()
+        if b is None:
+            if self._cur is None:
+                return None
+            b, self._cur = self._cur, None
         b._state = _DONE
         b._evicted = True
         b.attempt = max(1, b.attempt)  # a batch dropped before its first send: attempt 1
         self._unleased_items -= b._count
         self._unleased_size -= b._size
         return b
-
-
-def _by_id(b: Batch[T]) -> int:
-    return b.id
-
-
-def _expired(b: Batch[T], now: float, max_age: float) -> bool:
-    return b._first_lease is not None and b._first_lease + max_age <= now
-
-
-def _check_retry_factory(retry: object) -> None:
-    """Raise OptionsError unless ``retry`` is callable. It is not called here: a factory may
-    hand out its iterators in order (one per failing batch), so a trial call would use one up;
-    what it returns is checked when a batch first fails (:meth:`Buffer.nack`)."""
-    if not callable(retry):
-        raise OptionsError(f"retry must be a callable returning an iterator (got {retry!r})")

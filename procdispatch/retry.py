@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from .errors import OptionsError
+from .errors import OptionsError, ProcDispatchError
 
-__all__ = ["RetryFactory", "exponential", "limited", "none"]
+if TYPE_CHECKING:
+    from ._batch import Batch
+
+__all__ = ["RetryFactory", "exponential", "limited", "next_delay", "none"]
 
 RetryFactory = Callable[[], Iterator[float]]
 
@@ -80,3 +84,33 @@ def none() -> RetryFactory:
         return iter(())
 
     return factory
+
+
+def next_delay(factory: RetryFactory, batch: Batch[Any]) -> float | None:
+    """The batch's next retry delay from its own iterator (made by ``factory`` on first use);
+    None when it is exhausted. A policy is user code: a factory that raises or returns no
+    iterator, or a delay that is not a finite number of seconds >= 0, raises here."""
+    it = batch._retry
+    if it is None:  # made on first use: most batches never fail
+        made = factory()
+        try:
+            it = iter(made)
+        except TypeError:
+            raise TypeError(
+                f"retry must return an iterator of delays in seconds (it returned {made!r})"
+            ) from None
+        batch._retry = it
+    delay = next(it, None)
+    if delay is None:
+        return None
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, (int, float))
+        or not math.isfinite(delay)
+        or delay < 0
+    ):
+        raise ProcDispatchError(
+            f"retry delays must be finite numbers of seconds >= 0 (got {delay!r} for batch "
+            f"{batch.id}, attempt {batch.attempt})"
+        )
+    return float(delay)
