@@ -22,9 +22,12 @@ producer between any two lines, so:
   own thread is inside ``put``): each is one flag store and one byte on the wake pipe. The pipe
   stays open until this object is collected, so the byte never goes to a reused descriptor.
 
-The coordinator books its counter moves privately and publishes them under the lock once per
-loop iteration (``_publish``), so a :class:`Stats` snapshot always adds up:
-``items_put == items_delivered + items_dropped + items_buffered + items_in_flight``.
+The coordinator books its counter moves in a :class:`Ledger` of its own and hands it over
+once per loop iteration (:meth:`Admission.publish`), so that a :class:`Stats` snapshot always
+adds up: ``items_put == items_delivered + items_dropped + items_buffered + items_in_flight``.
+
+The channel owns its Admission and hands it to the coordinator, which uses only the methods
+under "the coordinator's side" below.
 """
 
 from __future__ import annotations
@@ -110,8 +113,41 @@ class Latch:
         return self._flag
 
 
+class Ledger:
+    """Counter moves booked by the coordinator's thread (no lock), handed to producers by
+    :meth:`Admission.publish`. The ``d_*`` fields are moves since the last publish; the rest
+    are running totals."""
+
+    __slots__ = (
+        "alive",
+        "batches_dropped",
+        "batches_failed",
+        "batches_retried",
+        "batches_sent",
+        "d_delivered",
+        "d_dropped",
+        "d_in_flight",
+        "d_size",
+        "worker_restarts",
+    )
+
+    def __init__(self) -> None:
+        self.d_in_flight = self.d_delivered = self.d_dropped = self.d_size = 0
+        self.batches_sent = self.batches_failed = self.batches_retried = 0
+        self.batches_dropped = self.worker_restarts = self.alive = 0
+
+    def book(
+        self, *, in_flight: int = 0, delivered: int = 0, dropped: int = 0, size: int = 0
+    ) -> None:
+        """Move items between states (``size``: accounted size that left the channel)."""
+        self.d_in_flight += in_flight
+        self.d_delivered += delivered
+        self.d_dropped += dropped
+        self.d_size += size
+
+
 class Admission:
-    """The producer-facing half of a coordinator (its base class); see the module docstring."""
+    """What a channel's producers share with its coordinator; see the module docstring."""
 
     def __init__(self, fb: FullBehavior | None) -> None:
         self.lock = _allocate_lock()
@@ -139,18 +175,12 @@ class Admission:
         self._wake_pending = False
         self._coordinator_gone = False  # set when the coordinator has exited
         self._waiters: list[Any] = []  # producers waiting for room, one lock each
+        # The coordinator's ledger as last published (under the lock).
         self._delivered = 0
         self._dropped = 0
         self._in_flight = 0
         self._batches_in_flight = 0
-        self._alive = 0
-        # Booked by the coordinator thread, published under the lock once per iteration.
-        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
-        self.batches_sent = 0
-        self.batches_failed = 0
-        self.batches_retried = 0
-        self.batches_dropped = 0
-        self.worker_restarts = 0
+        self._published = Ledger()
         self.drained = Latch()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -287,6 +317,7 @@ class Admission:
     def snapshot(self) -> Stats:
         with self.lock:
             pending = len(self._pending)
+            led = self._published
             return Stats(
                 # Every item put is pending or admitted until it is delivered or dropped.
                 items_put=self.admitted + pending + self._delivered + self._dropped,
@@ -294,18 +325,31 @@ class Admission:
                 items_dropped=self._dropped,
                 items_buffered=self.admitted + pending - self._in_flight,
                 items_in_flight=self._in_flight,
-                batches_sent=self.batches_sent,
-                batches_failed=self.batches_failed,
-                batches_retried=self.batches_retried,
-                batches_dropped=self.batches_dropped,
-                workers_alive=self._alive,
-                worker_restarts=self.worker_restarts,
+                batches_sent=led.batches_sent,
+                batches_failed=led.batches_failed,
+                batches_retried=led.batches_retried,
+                batches_dropped=led.batches_dropped,
+                workers_alive=led.alive,
+                worker_restarts=led.worker_restarts,
                 batches_in_flight=self._batches_in_flight,
             )
 
     # ---- the coordinator's side -----------------------------------------------------------
 
-    def _take_pending(self) -> tuple[list[Any], list[int] | None, bool, bool]:
+    @property
+    def wake_fd(self) -> int:
+        """Readable when a producer has something for the coordinator."""
+        return self._wake_r
+
+    def clear_wake(self) -> None:
+        """Read what the wake pipe holds (the coordinator, before it takes the pending list)."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def take_pending(self) -> tuple[list[Any], list[int] | None, bool, bool]:
         """Coordinator: (items put since the last call, their sizes or None, closed, cancel)."""
         with self.lock:
             self._wake_pending = False
@@ -333,29 +377,38 @@ class Admission:
         for w in waiters:
             w.release()
 
-    def _publish(self, batches_in_flight: int) -> None:
-        """Apply the booked moves under the lock at once: one lock round per loop iteration,
-        and every snapshot sees whole iterations, so its counters always add up."""
-        gone = self._d_delivered + self._d_dropped
+    def publish(self, led: Ledger, batches_in_flight: int) -> None:
+        """Apply the ledger's moves under the lock at once, and reset them: one lock round per
+        loop iteration, and every snapshot sees whole iterations, so its counters add up."""
+        gone = led.d_delivered + led.d_dropped
+        pub = self._published
         if not (
             gone
-            or self._d_in_flight
-            or self._d_size
+            or led.d_in_flight
+            or led.d_size
             or batches_in_flight != self._batches_in_flight
+            or led.batches_sent != pub.batches_sent
+            or led.batches_failed != pub.batches_failed
+            or led.batches_retried != pub.batches_retried
+            or led.alive != pub.alive
+            or led.worker_restarts != pub.worker_restarts
+            or led.batches_dropped != pub.batches_dropped
         ):
             return
         with self.lock:
-            self._in_flight += self._d_in_flight
+            self._in_flight += led.d_in_flight
             self._batches_in_flight = batches_in_flight
-            self._delivered += self._d_delivered
-            self._dropped += self._d_dropped
+            self._delivered += led.d_delivered
+            self._dropped += led.d_dropped
             self.admitted -= gone
-            self.admitted_size -= self._d_size
-            if self._waiters and (gone or self._d_size):
+            self.admitted_size -= led.d_size
+            for name in _TOTALS:
+                setattr(pub, name, getattr(led, name))
+            if self._waiters and (gone or led.d_size):
                 self._release_waiters_locked()
-        self._d_in_flight = self._d_delivered = self._d_dropped = self._d_size = 0
+        led.d_in_flight = led.d_delivered = led.d_dropped = led.d_size = 0
 
-    def _set_fatal(self, err: BaseException) -> None:
+    def set_fatal(self, err: BaseException) -> None:
         with self.lock:
             if self.fatal is None:
                 self.fatal = err
@@ -363,13 +416,18 @@ class Admission:
             self.cancel_requested = True
             self._release_waiters_locked()
 
-    def _nothing_pending(self) -> bool:
+    def nothing_pending(self) -> bool:
         """Coordinator: closed and nothing put since the last take, decided under the lock
         (a producer that saw the channel open commits before this can run)."""
         with self.lock:
             return self.closed and not self._pending
 
-    def _after_fork_in_child(self) -> None:
+    def finished(self) -> None:
+        """The coordinator has ended: wake no one any more, and release every waiter."""
+        self._coordinator_gone = True
+        self.drained.set()
+
+    def after_fork_in_child(self) -> None:
         """In a child forked from the process that owns this channel: the coordinator thread
         and the workers do not exist here; every use raises a clear error."""
         self.lock = _allocate_lock()
@@ -377,6 +435,16 @@ class Admission:
         self.inherited_by_fork = True
         self.closed = True
         self._coordinator_gone = True
+
+
+_TOTALS = (
+    "alive",
+    "batches_dropped",
+    "batches_failed",
+    "batches_retried",
+    "batches_sent",
+    "worker_restarts",
+)
 
 
 def _forked_error() -> ProcDispatchError:

@@ -21,10 +21,10 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import _process_end
-from ._admission import Stats
+from ._admission import Admission, Stats
 from ._coordinator import Coordinator
 from ._options import Options
-from ._shipping import pickle_payload
+from .backends import Backend
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import ItemsDropped, OptionsError
 
@@ -71,7 +71,7 @@ class ProcessChannel(Generic[T]):
         max_batches_per_worker: int | None = None,
         max_worker_memory: int | None = None,
         start_method: str | None = None,
-        backend: str = "process",
+        backend: str | Backend = "process",
     ) -> None:
         if not callable(send_fn):
             raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
@@ -102,23 +102,22 @@ class ProcessChannel(Generic[T]):
             start_method=start_method,
             backend=backend,
         ).resolve()
-        payload = b""
-        if opts.backend == "process":
-            payload = pickle_payload(send_fn, opts.worker_init, opts.start_method)
-        limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
+        self._adm = adm = Admission(opts.buffer.full_behavior)
         self._item_size = opts.item_size
+        if self._item_size is None:
+            # The hot path without item sizes: put goes straight to the admission.
+            self.put = adm.put_one  # type: ignore[method-assign]
+        else:
+            adm._pending_sized = True
+        opts.backend.open(send_fn, opts)  # before any thread or process exists: may refuse
+        limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
         # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps_limit
-        self._coord = coord = Coordinator(send_fn, opts, payload, limiter, owns_limiter=owned)
+        self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
-        if self._item_size is None:
-            # The hot path without item sizes: put goes straight to the coordinator's admission.
-            self.put = coord.put_one  # type: ignore[method-assign]
-        else:
-            coord._pending_sized = True
         coord.start()
         # Collected while open: the coordinator drains what it holds in the background.
-        weakref.finalize(self, coord.request_close)
+        weakref.finalize(self, adm.request_close)
 
     # ---- producing ------------------------------------------------------------------------
 
@@ -133,12 +132,12 @@ class ProcessChannel(Generic[T]):
     def put(self, item: T, *, timeout: float | None = None) -> None:
         """Add one item; wait while BlockNewItems is full (TimeoutError after ``timeout``)."""
         size = self._size_of(item) if self._item_size is not None else None
-        self._coord.put_one(item, size=size, timeout=timeout)
+        self._adm.put_one(item, size=size, timeout=timeout)
 
     def put_nowait(self, item: T) -> None:
         """Add one item, or raise BufferFull at once when BlockNewItems is full."""
         size = self._size_of(item) if self._item_size is not None else None
-        self._coord.put_one(item, size=size, block=False)
+        self._adm.put_one(item, size=size, block=False)
 
     def put_many(self, items: Iterable[T], *, timeout: float | None = None) -> int:
         """``put`` each item in order, in bulk; return how many were added.
@@ -149,33 +148,33 @@ class ProcessChannel(Generic[T]):
         batch = list(items)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._item_size is None:
-            return self._coord.admit(batch, None, block=True, deadline=deadline)
+            return self._adm.admit(batch, None, block=True, deadline=deadline)
         sizes: list[int] = []
         try:
             for item in batch:
                 sizes.append(self._size_of(item))
         except Exception as exc:
             good = len(sizes)
-            added = self._coord.admit(batch[:good], sizes, block=True, deadline=deadline)
+            added = self._adm.admit(batch[:good], sizes, block=True, deadline=deadline)
             exc.added = added  # type: ignore[attr-defined]
             raise
-        return self._coord.admit(batch, sizes, block=True, deadline=deadline)
+        return self._adm.admit(batch, sizes, block=True, deadline=deadline)
 
     # ---- ending ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Take no more items; everything buffered is still sent. Idempotent."""
-        self._coord.request_close()
+        self._adm.request_close()
 
     def cancel(self) -> None:
         """Stop: drop queued batches; in-flight sends get ``cancel_grace`` seconds, then their
         workers are killed and their batches dropped. Implies :meth:`close`."""
-        self._coord.request_cancel()
+        self._adm.request_cancel()
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until every batch was delivered or dropped; False on timeout."""
         self._check_not_inherited()
-        return self._coord.drained.wait(timeout)
+        return self._adm.drained.wait(timeout)
 
     def close_and_drain(self, timeout: float | None = None) -> bool:
         """:meth:`close`, then :meth:`wait_drained`. Once drained, raises the error that killed
@@ -188,26 +187,25 @@ class ProcessChannel(Generic[T]):
         return ok
 
     def _raise_after_drain(self) -> None:
-        coord = self._coord
-        if coord.fatal is not None:
-            raise coord.fatal
-        if coord.opts.raise_on_drop:
-            dropped = coord.snapshot().items_dropped
+        if self._adm.fatal is not None:
+            raise self._adm.fatal
+        if self._coord.opts.raise_on_drop:
+            dropped = self._adm.snapshot().items_dropped
             if dropped:
-                raise ItemsDropped(dropped, coord.first_drop_error)
+                raise ItemsDropped(dropped, self._coord.first_drop_error)
 
     def _check_not_inherited(self) -> None:
-        if self._coord.inherited_by_fork:
-            self._coord._check_open(0)  # raises the error that explains it
+        if self._adm.inherited_by_fork:
+            self._adm._check_open(0)  # raises the error that explains it
 
     @property
     def drained(self) -> bool:
         """True once the channel drained and ``on_drained`` returned."""
-        return self._coord.drained.is_set()
+        return self._adm.drained.is_set()
 
     def stats(self) -> Stats:
         """A consistent snapshot of the channel's counters."""
-        return self._coord.snapshot()
+        return self._adm.snapshot()
 
     def __enter__(self) -> ProcessChannel[T]:
         return self
@@ -218,7 +216,7 @@ class ProcessChannel(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._coord.inherited_by_fork:
+        if self._adm.inherited_by_fork:
             return  # nothing of it runs in this process
         if exc_type is not None and not issubclass(exc_type, Exception):
             deadline = _process_end.sigterm_deadline()
@@ -240,7 +238,7 @@ class ProcessChannel(Generic[T]):
         """Cancel, say what is waited for, and wait; a Ctrl-C during the wait ends the sends
         still in flight at once (their batches still reach on_drop)."""
         self.cancel()
-        n = self._coord.snapshot().batches_in_flight
+        n = self._adm.snapshot().batches_in_flight
         if n:
             log.warning(
                 "%s: channel cancelled; waiting up to %.1fs (cancel_grace) for %d send(s) in "
@@ -252,9 +250,9 @@ class ProcessChannel(Generic[T]):
         try:
             self.wait_drained()
         except KeyboardInterrupt:
-            n = self._coord.snapshot().batches_in_flight
+            n = self._adm.snapshot().batches_in_flight
             log.warning("Ctrl-C again: stopping %d send(s) in flight now", n)
-            self._coord.request_cancel(kill=True)
+            self._adm.request_cancel(kill=True)
             self.wait_drained()
 
     def _drain_until(self, deadline: float) -> None:
@@ -264,7 +262,7 @@ class ProcessChannel(Generic[T]):
 
     def __repr__(self) -> str:
         s = self.stats()
-        state = "drained" if self.drained else ("closed" if self._coord.closed else "open")
+        state = "drained" if self.drained else ("closed" if self._adm.closed else "open")
         return (
             f"<ProcessChannel {state} workers={s.workers_alive} put={s.items_put} "
             f"delivered={s.items_delivered} dropped={s.items_dropped}>"

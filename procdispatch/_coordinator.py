@@ -2,63 +2,69 @@
 
 Data flow::
 
-    producer threads                       coordinator thread                  workers
-    ----------------                       ------------------                  -------
-    put / put_many --admit (lock)--> inbox ---> Buffer.add_many
-         ^   (blocks while full)         |        |  lease_one (max_leases, age, retry
-         |                               |        |  delays, qps token first)
-         +------ release on ack/drop ----+        v
-                                         |   Lease frame ----- one pipe per worker ---> send_fn
-    close / cancel --command (lock)------+        ^                                      |
-                                         |        +---- Done / Failed (+ mutation) ------+
-    wake pipe (one byte per idle->busy) -+   on_error / on_drop / on_drained run here
-                                             sentinels: a dead worker fails its one batch
+    producer threads                        coordinator thread                  workers
+    ----------------                        ------------------                  -------
+    put / put_many --(lock)--> pending ----> Buffer.add_many
+         ^  (waits while full)        |        |  lease_one (max_leases, age, retry
+         |                            |        |  delays, qps token first)
+         +---- room on ack/drop ------+        v
+                                      |   backend handle ---- lease ------------> send_fn
+    close / cancel (no lock) ---------+        ^                                      |
+                                      |        +---- Done / Failed (+ mutation) ------+
+    wake pipe (a byte per idle->busy)-+   on_error / on_drop / on_drained run here
+                                          a dead worker fails only its one batch
 
-Each iteration takes what producers handed over, leases what it can, computes its next deadline
-(batch age, retry delay, qps token, min_qps, send_timeout, cancel grace) and blocks once in the
-pool's selector over the wake pipe, the worker pipes and the worker sentinels. Only this thread
-touches the buffer, the worker table, the pipes and the processes; public methods hand it
-commands under ``lock`` and wake it.
+Composition. The coordinator owns, and alone calls: the pure :class:`~.buffer.Buffer`; its
+:class:`~._outcomes.Outcomes` (what happens to a batch when its lease ends: acks, retries,
+drops); its :class:`~._workers.Workers` (the worker side: starting, sending, reading, deadlines,
+recycling, replacing, through the :class:`~.backends.Backend`); and the :class:`~._clock.Clock`
+it was given. It shares one thing with producers: the channel's
+:class:`~._admission.Admission` (pending items, back-pressure, requests, statistics), to which
+it publishes its :class:`~._admission.Ledger` once per turn of the loop.
 
-Admission (BlockNewItems back-pressure, in the base class of ``_admission``) is decided on the
-producer side from ``admitted`` --
-items put and not yet delivered or dropped, which always equals the buffer's total plus what
-waits in the inbox -- so ``put`` never has to wait for this thread to answer.
+The loop. Each turn (:meth:`Coordinator.step`) handles what the last wait found (worker answers
+and deaths, overdue workers), takes what producers handed over, drops what outlived
+``delivery_timeout``, leases and sends what it can, publishes, and computes its next deadline
+(batch age, retry delay, qps token, min_qps, send_timeout, start_timeout, cancel grace, expiry);
+then it waits once, in the clock's wait over the pool's selector. Nothing else on the loop's path
+blocks: pipes are non-blocking both ways, and the only other waits are for a killed worker's
+end, at most ``KILL_WAIT`` each.
 
-Accounting: every admitted item leaves exactly once, as delivered (its send
-succeeded, or the send removed it from ``data``) or dropped (``on_drop`` saw it); ``_book``
-records each move and ``_publish`` applies them under the lock once per iteration, so that a
-snapshot always adds up.
+Lifecycle (:class:`Lifecycle`, transitions in one table): OPEN until a close is requested
+(CLOSING: draining what it holds) or a cancel, or a fatal error (CANCELLING: queued batches are
+dropped, in-flight sends get ``cancel_grace``); ENDED once everything was delivered or dropped
+and the coordinator has exited.
+
+Accounting: every admitted item leaves exactly once, as delivered (its send succeeded, or the
+send removed it from ``data``) or dropped (``on_drop`` saw it).
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import math
-import os
-import pickle
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
-from . import _protocol as proto
-from ._admission import Admission
-from ._callbacks import default_on_drop, default_on_error
+from ._admission import Admission, Ledger
+from ._clock import Clock, RealClock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import BUSY, DEAD, STARTING, Slot, WorkerPool
-from .buffer import Batch, Buffer
-from .errors import (
-    InternalError,
-)
+from ._pool import DEAD, STARTING, Slot, WorkerPool
+from ._workers import Workers
+from .backends import Backend
+from .buffer import Buffer
+from .errors import InternalError
 
 if TYPE_CHECKING:
     from ._ratelimit import RateLimiter
 
+__all__ = ["QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
+
 log = logging.getLogger("procdispatch")
-monotonic = time.monotonic
 
 #: How far ahead the coordinator books a rate-limit token instead of sleeping then retrying.
 QPS_BOOK_AHEAD = 0.05
@@ -66,123 +72,151 @@ QPS_BOOK_AHEAD = 0.05
 STOP_JOIN_TIMEOUT = 5.0
 
 
-class Coordinator(Outcomes):
-    """Owns one channel's state; see the module docstring. Thread-safe entry points are
-    :meth:`admit`, :meth:`request_close`, :meth:`request_cancel` and :meth:`snapshot`."""
+class Lifecycle(enum.Enum):
+    OPEN = "open"  # taking items
+    CLOSING = "closing"  # closed: sending what it holds
+    CANCELLING = "cancelling"  # cancelled or failed: dropping what is queued
+    ENDED = "ended"  # everything delivered or dropped; the coordinator has exited
+
+
+_NEXT: dict[Lifecycle, tuple[Lifecycle, ...]] = {
+    Lifecycle.OPEN: (Lifecycle.CLOSING, Lifecycle.CANCELLING, Lifecycle.ENDED),
+    Lifecycle.CLOSING: (Lifecycle.CANCELLING, Lifecycle.ENDED),
+    Lifecycle.CANCELLING: (Lifecycle.ENDED,),
+    Lifecycle.ENDED: (),
+}
+
+#: What :meth:`Coordinator.step` returns when the channel has drained.
+FINISHED = -1.0
+
+
+class Coordinator:
+    """Owns one channel's batches and workers; see the module docstring."""
 
     def __init__(
         self,
-        send_fn: Any,
         opts: ChannelOptions,
-        payload: bytes,
+        admission: Admission,
+        backend: Backend,
         limiter: RateLimiter | None,
         *,
         owns_limiter: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         self.opts = opts
+        self.admission = admission
+        self.backend = backend
         self._limiter = limiter
         self._owns_limiter = owns_limiter
+        self._clock: Clock = clock if clock is not None else RealClock()
+        self._now = self._clock.now
         self.buffer: Buffer[Any] = Buffer(opts.buffer)
-        self._fb = opts.buffer.full_behavior
-        self._on_error = opts.on_error or default_on_error
-        self._on_drop = opts.on_drop or default_on_drop
-        Admission.__init__(self, self._fb)  # the admission limits come from it
-        # Owned by the coordinator thread.
-        self.pool = WorkerPool(opts, send_fn, payload, self._wake_r)
-        self._pickle = opts.backend == "process"
-        self._cancelled = False
+        self.ledger = Ledger()
+        self.outcomes = Outcomes(opts, self.buffer, self.ledger, self._clock)
+        self.pool = WorkerPool(opts, backend, admission.wake_fd)
+        self.workers = Workers(
+            opts, backend, self.pool, self.outcomes, self.ledger, admission, self._clock
+        )
+        self.state = Lifecycle.OPEN
         self._cancel_deadline = math.inf
-        self._start_failures = 0
-        #: Workers not started yet. A process worker costs a core while it starts (a whole
-        #: interpreter under spawn), so one starts alone; the rest start together as soon as
-        #: more than one item is in the channel (one item never needs a second worker).
-        self._deferred = 0
-        self._to_respawn = 0  # workers whose start raised, to start again at _respawn_at
-        self._respawn_at = math.inf
         self._last_send = 0.0
         self._qps_wait_until = 0.0
         self._qps_booked = False  # a token is booked for _qps_wait_until
+        #: Items taken from producers that the buffer had no room for yet (BlockNewItems'
+        #: size cap is soft for producers, exact in the buffer).
         self._backlog: collections.deque[tuple[list[Any], list[int] | None]] = collections.deque()
         self._thread = threading.Thread(
             target=self._run, name="procdispatch-coordinator", daemon=True
         )
 
-    def _after_fork_in_child(self) -> None:
-        super()._after_fork_in_child()
-        for slot in self.pool.slots:
-            slot.handle.disown()
+    def _move(self, to: Lifecycle) -> None:
+        if to not in _NEXT[self.state]:
+            raise InternalError(f"channel: no transition {self.state.value} -> {to.value}")
+        self.state = to
+
+    @property
+    def first_drop_error(self) -> BaseException | None:
+        return self.outcomes.first_drop_error
 
     def start(self) -> None:
         _process_end.register(self)
         self._thread.start()
 
-    # ---- the loop -------------------------------------------------------------------------
+    def after_fork_in_child(self) -> None:
+        self.admission.after_fork_in_child()
+        self.workers.after_fork_in_child()
+
+    # ---- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._last_send = monotonic()
-            o = self.opts
-            first = 1 if o.backend == "process" else o.workers
-            self._deferred = o.workers - first
-            for _ in range(first):
-                self._spawn()
-            recycling = o.max_batches_per_worker is not None or o.max_worker_memory is not None
+            self._last_send = self._now()
+            self.workers.begin()
             woke = False
+            ready: list[tuple[Slot, bool]] = []
             while True:
-                now = monotonic()
-                self._ingest(now, woke)
-                self._expire(now)
-                self._dispatch(now)
-                self._publish(self.buffer.leased)
-                if self._deferred and (self._backlog or self.buffer.total > 1):
-                    self._spawn_deferred()  # more than one item: work for more than one worker
-                if self._to_respawn:
-                    self._respawn_due(now)
-                if self._finished():
+                timeout = self.step(woke, ready)
+                if timeout == FINISHED:
                     break
-                woke, ready = self.pool.wait(self._timeout(now))
-                now = monotonic()
-                for slot, sentinel in ready:
-                    if slot.state is not DEAD:
-                        self._handle(slot, sentinel, now)
-                        if recycling and slot.state is not DEAD:
-                            self._maybe_recycle(slot)  # limits hold under pipelining too
-                self._check_deadlines(now)
+                woke, ready = self._clock.wait(self.pool.wait, timeout)
         except BaseException as exc:
             log.critical("procdispatch coordinator failed; the channel is dead", exc_info=True)
             err = InternalError(f"coordinator failed: {exc!r}")
             err.__cause__ = exc
-            self._set_fatal(err)
+            self.admission.set_fatal(err)
         finally:
             self._shutdown()
 
+    def step(self, woke: bool, ready: list[tuple[Slot, bool]]) -> float | None:
+        """One turn of the loop, after a wait that found ``woke`` / ``ready``: the seconds to
+        wait next (None: until something happens), or FINISHED."""
+        now = self._now()
+        workers = self.workers
+        for slot, gone in ready:
+            if slot.state is not DEAD:
+                workers.handle(slot, gone, now)
+        cancel_due = self.state is Lifecycle.CANCELLING and now >= self._cancel_deadline
+        workers.check_deadlines(now, cancel_due)
+        self._ingest(now, woke)
+        self.outcomes.expire(now)
+        self._dispatch(now)
+        self.admission.publish(self.ledger, self.buffer.leased)
+        if workers.deferred and (self._backlog or self.buffer.total > 1):
+            workers.spawn_deferred()  # more than one item: work for more than one worker
+        if workers.to_respawn:
+            workers.respawn_due(now)
+        if self._finished():
+            return FINISHED
+        return self._timeout(now)
+
     def _ingest(self, now: float, woke: bool) -> None:
+        adm = self.admission
         if woke:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-        taken, sizes, closed, cancel = self._take_pending()
-        if cancel and not self._cancelled:
-            self._cancelled = True
+            adm.clear_wake()
+        taken, sizes, closed, cancel = adm.take_pending()
+        if closed and self.state is Lifecycle.OPEN:
+            self._move(Lifecycle.CLOSING)
+        if cancel and self.state is not Lifecycle.CANCELLING:
+            self._move(Lifecycle.CANCELLING)
+            self.outcomes.cancelled = True
             self._cancel_deadline = now + self.opts.cancel_grace
             self.buffer.flush(now)
-        if self.kill_requested and self._cancel_deadline > now:
+        if adm.kill_requested and self._cancel_deadline > now:
             self._cancel_deadline = now  # a second Ctrl-C: the grace is over
         backlog = self._backlog
         if taken:
             backlog.append((taken, sizes))
+        cancelling = self.state is Lifecycle.CANCELLING
         while backlog:
             items, sizes = backlog[0]
-            if self._cancelled:
+            if cancelling:
                 for b in self.buffer.make_batches(now, items, sizes):
-                    self._drop(b)
+                    self.outcomes.drop(b)
                 backlog.popleft()
                 continue
             n, dropped = self.buffer.add_many(now, items, sizes)
             for b in dropped:
-                self._drop(b)
+                self.outcomes.drop(b)
             if n < len(items):
                 backlog[0] = (items[n:], sizes[n:] if sizes is not None else None)
                 break
@@ -192,11 +226,11 @@ class Coordinator(Outcomes):
 
     def _dispatch(self, now: float) -> None:
         buf = self.buffer
-        if self._cancelled:
+        if self.state is Lifecycle.CANCELLING:
             buf.flush(now)
             for b in buf.force_lease_all():
                 buf.ack(b)
-                self._drop(b)
+                self.outcomes.drop(b)
             return
         if now < self._qps_wait_until:
             return
@@ -214,6 +248,7 @@ class Coordinator(Outcomes):
         limiter = self._limiter
         min_qps = self.opts.min_qps
         pool = self.pool
+        send = self.workers.send
         if limiter is None and min_qps is None:
             # Nothing to consult before leasing: lease and send while both sides have room.
             while (slot := pool.pick()) is not None:
@@ -221,7 +256,7 @@ class Coordinator(Outcomes):
                 if leased is None:
                     return booked
                 self._last_send = now
-                self._send(slot, leased, now)
+                send(slot, leased, now)
             return booked
         while True:
             slot = pool.pick()
@@ -231,7 +266,7 @@ class Coordinator(Outcomes):
             if not buf.ready(now):
                 if (
                     min_qps is None
-                    or self.closed
+                    or self.state is not Lifecycle.OPEN
                     or now - self._last_send < 1.0 / min_qps
                     or buf.total
                     or self._backlog
@@ -248,7 +283,7 @@ class Coordinator(Outcomes):
                         # then and reserving again would lose each wake-up's lateness. The
                         # delay counts from reserve's own reading of the clock, later than the
                         # loop's ``now``: measured from ``now`` the send could come early.
-                        self._qps_wait_until = monotonic() + delay
+                        self._qps_wait_until = self._now() + delay
                         self._qps_booked = delay <= QPS_BOOK_AHEAD
                         return False
             if synth:
@@ -257,81 +292,19 @@ class Coordinator(Outcomes):
             if leased is None:  # pragma: no cover - ready() said otherwise
                 raise InternalError("buffer.ready() was true but lease_one() returned None")
             self._last_send = now
-            self._send(slot, leased, now)
-
-    def _send(self, slot: Slot, b: Batch[Any], now: float) -> None:
-        payload: bytes | None = None
-        if self._pickle:
-            payload = self._pickle_lease(b, now)
-            if payload is None:
-                return  # nothing of it could be pickled; already reported
-        if not slot.batches:
-            slot.move(BUSY)
-            st = self.opts.send_timeout
-            slot.deadline = now + st if st is not None else math.inf
-        slot.batches.append(b)
-        self.batches_sent += 1
-        if not b.synthetic:
-            self._d_in_flight += b._count  # _book(in_flight=...), spelled out: once per batch
-        slot.leased += 1
-        cap = self.opts.max_batches_per_worker
-        if cap is not None and slot.leased >= cap:  # it gets no more: count what it was handed
-            self._retire(slot, f"it was handed {slot.leased} batches")
-        try:
-            if slot.handle.send_lease(b, payload):
-                self.pool.watch_writes(slot)  # the rest goes out when the pipe has room
-        except OSError:
-            self._on_death(slot, monotonic())
-
-    def _pickle_lease(self, b: Batch[Any], now: float) -> bytes | None:
-        """Pickle a lease; items that will not pickle fail alone (on_error, then on_drop)."""
-        try:
-            body = proto.dumps((b.data, b.meta))
-        except Exception:
-            if not self._isolate_unpicklable(b):
-                return None
-            try:
-                body = proto.dumps((b.data, b.meta))
-            except Exception as exc:  # the meta itself will not pickle
-                self._fail(b, exc, now)
-                return None
-        return proto.encode_lease(b.id, b.attempt, b.synthetic, body)
-
-    def _isolate_unpicklable(self, b: Batch[Any]) -> bool:
-        """Split out the items that will not pickle, each into a batch of its own that goes
-        to on_error (with its position in the batch and the pickling error) and on_drop;
-        return whether anything is left to send."""
-        bad: list[tuple[int, Exception]] = []
-        for i, item in enumerate(b.data):
-            try:
-                proto.dumps(item)
-            except Exception as exc:
-                bad.append((i, exc))
-        id_, attempt = b.id, b.attempt
-        for pos, (i, why) in enumerate(bad):
-            one = self.buffer.split_off(b, i - pos)  # earlier ones are already out
-            err = pickle.PicklingError(
-                f"item {i} of batch {id_} (attempt {attempt}) cannot be pickled to reach a "
-                f"worker: {type(why).__name__}: {why}"
-            )
-            err.__cause__ = why
-            self._call_on_error(one, err)
-            self._drop(one, err)
-        if not b.data:
-            self.buffer.ack(b)
-            return False
-        return True
+            send(slot, leased, now)
 
     def _finished(self) -> bool:
-        if not self.closed or self._backlog or self.buffer.total or self.pool.busy():
+        if self.state is Lifecycle.OPEN or self._backlog or self.buffer.total:
             return False
-        return self._nothing_pending()
+        return not self.pool.busy() and self.admission.nothing_pending()
 
     def _timeout(self, now: float) -> float | None:
         deadline = math.inf
         buf = self.buffer
         pool = self.pool
-        if not self._cancelled and buf.leased < self.opts.max_leases and pool.pick() is not None:
+        cancelling = self.state is Lifecycle.CANCELLING
+        if not cancelling and buf.leased < self.opts.max_leases and pool.pick() is not None:
             if now < self._qps_wait_until:
                 deadline = self._qps_wait_until
             else:
@@ -339,17 +312,17 @@ class Coordinator(Outcomes):
                 if t is not None:
                     deadline = t
                 min_qps = self.opts.min_qps
-                if min_qps is not None and not self.closed and buf.total == 0:
+                if min_qps is not None and self.state is Lifecycle.OPEN and buf.total == 0:
                     deadline = min(deadline, self._last_send + 1.0 / min_qps)
         for s in pool.slots:
             if s.batches or s.state is STARTING:  # send_timeout, or start_timeout
                 deadline = min(deadline, s.deadline)
-        if self._cancelled:
+        if cancelling:
             deadline = min(deadline, self._cancel_deadline)
-        if self._to_respawn:
-            deadline = min(deadline, self._respawn_at)
+        if self.workers.to_respawn:
+            deadline = min(deadline, self.workers.respawn_at)
         dt = self.opts.delivery_timeout
-        if dt is not None and not self._cancelled:
+        if dt is not None and not cancelling:
             expiry = buf.next_expiry(dt)
             if expiry is not None:
                 deadline = min(deadline, expiry)
@@ -357,48 +330,50 @@ class Coordinator(Outcomes):
             return None
         return max(0.0, deadline - now)
 
+    # ---- the end ------------------------------------------------------------------------
+
     def _drop_everything_left(self) -> None:
         """After a crash of this loop: report whatever is still held as dropped (nothing is
         lost silently)."""
-        now = monotonic()
-        taken, sizes, _, _ = self._take_pending()
+        now = self._now()
+        taken, sizes, _, _ = self.admission.take_pending()
         if taken:
             self._backlog.append((taken, sizes))
         for items, sizes in self._backlog:
             for b in self.buffer.make_batches(now, items, sizes):
-                self._drop(b)
+                self.outcomes.drop(b)
         self._backlog.clear()
         for slot in self.pool.slots:
             for b in slot.batches:
                 if not b.synthetic:
-                    self._book(in_flight=-b._count)
+                    self.ledger.book(in_flight=-b._count)
             slot.batches.clear()
         self.buffer.flush(now)
         self.buffer.force_lease_all()
         for b in self.buffer.leases():
             self.buffer.ack(b)
-            self._drop(b)
+            self.outcomes.drop(b)
 
     def _shutdown(self) -> None:
-        """End the channel: every step runs even if an earlier one raised, and ``drained`` is
-        set last whatever happens, so that no waiter can hang on a failed step."""
+        """End the channel: every step runs even if an earlier one raised, and the drain is
+        signalled last whatever happens, so that no waiter can hang on a failed step."""
         try:
             self._shutdown_steps()
         finally:
-            self._coordinator_gone = True
-            self.drained.set()
+            self._move(Lifecycle.ENDED)
+            self.admission.finished()
             _process_end.unregister(self)
 
     def _shutdown_steps(self) -> None:
-        if self.fatal is not None and isinstance(self.fatal, InternalError):
+        if self.admission.fatal is not None and isinstance(self.admission.fatal, InternalError):
             _guarded("report what the failed coordinator held", self._drop_everything_left)
-        self._publish(self.buffer.leased)
         _guarded("stop the workers", self.pool.shutdown, STOP_JOIN_TIMEOUT)
+        _guarded("close the backend", self.backend.close)
         if self._owns_limiter and self._limiter is not None:
             _guarded("close the channel's rate limiter", self._limiter.close)
-        with self.lock:
-            self._alive = 0
-        _guarded("call on_drop(None, True)", self._on_drop, None, True)
+        self.ledger.alive = 0
+        self.admission.publish(self.ledger, 0)
+        _guarded("call on_drop(None, True)", self.outcomes.flush_drops)
         if self.opts.on_drained is not None:
             _guarded("call on_drained", self.opts.on_drained)
 

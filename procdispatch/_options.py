@@ -21,12 +21,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._fullbehavior import check_int_limit
+from .backends import Backend, make_backend
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
-__all__ = ["BACKENDS", "ChannelOptions", "Options", "default_start_method", "options_table"]
-
-BACKENDS = ("process", "thread")
+__all__ = ["ChannelOptions", "Options", "default_start_method", "options_table"]
 
 
 def default_start_method() -> str:
@@ -216,10 +215,11 @@ class Options:
             shown="forkserver on Linux, else spawn",
         ),
     )
-    backend: str = field(
+    backend: str | Backend = field(
         default="process",
         metadata=_doc(
-            '`"process"`, or `"thread"` to run `send_fn` in-process, unpickled, for debugging',
+            'where `send_fn` runs: `"process"`; `"thread"` (in-process, unpickled, for '
+            "debugging); another registered name; or a `Backend` object",
             shown='`"process"`',
         ),
     )
@@ -276,10 +276,7 @@ class Options:
         _bool("raise_on_drop", self.raise_on_drop)
         _int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
         _int("max_worker_memory", self.max_worker_memory, allow_none=True)
-        if self.backend not in BACKENDS:
-            raise OptionsError(
-                f"backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})"
-            )
+        backend = make_backend(self.backend)
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:
             raise OptionsError(
@@ -306,7 +303,7 @@ class Options:
             max_batches_per_worker=self.max_batches_per_worker,
             max_worker_memory=self.max_worker_memory,
             start_method=self.start_method or default_start_method(),
-            backend=self.backend,
+            backend=backend,
         )
 
 
@@ -347,7 +344,7 @@ class ChannelOptions:
     max_batches_per_worker: int | None
     max_worker_memory: int | None
     start_method: str
-    backend: str
+    backend: Backend
 
 
 def check_qps_limit(qps_limit: object) -> None:

@@ -1,10 +1,11 @@
 """The worker table: worker slots, their states, and the one selector the coordinator waits on.
 
-Each slot wraps one :class:`~procdispatch._backends.WorkerHandle` and the batches handed to it,
-oldest first: the head is the one running, the rest wait in the worker's pipe (pipelining, when
-``max_leases`` exceeds ``workers``). The pool starts, watches, kills and buries workers, and
-reports what happened; what that *means* for batches (retry, drop) is decided by the
-coordinator. Only the coordinator thread calls into the pool.
+Each slot wraps one :class:`~procdispatch.backends.WorkerHandle` (whatever the backend) and the
+batches handed to it, oldest first: the head is the one running, the rest wait in the worker's
+pipe (pipelining, when ``max_leases`` exceeds ``workers``). The pool starts (through the
+backend), watches, kills and buries workers, and reports what happened; what that *means* for
+batches (retry, drop) is decided by :mod:`._workers` and :mod:`._outcomes`. Only the
+coordinator thread calls into the pool.
 
 The selector is the coordinator's one wait point. It watches the wake pipe, every worker's result
 pipe and death sentinel, and -- only while a handle has frames waiting for room -- that worker's
@@ -23,9 +24,8 @@ import time
 from typing import Any
 
 from . import _protocol as proto
-from ._backends import ProcessWorker, ThreadWorker, WorkerHandle
 from ._options import ChannelOptions
-from ._procstart import WorkerContext
+from .backends import Backend, WorkerHandle
 from .buffer import Batch
 from .errors import InternalError
 
@@ -113,35 +113,27 @@ class Slot:
 
 
 class WorkerPool:
-    def __init__(self, opts: ChannelOptions, send_fn: Any, payload: bytes, wake_fd: int) -> None:
+    """The worker table and the selector; see the module docstring."""
+
+    def __init__(self, opts: ChannelOptions, backend: Backend, wake_fd: int) -> None:
         self.opts = opts
-        self._send_fn = send_fn
-        self._payload = payload
+        self._backend = backend
         self.slots: list[Slot] = []
         self._next_wid = 0
         self._selector = selectors.DefaultSelector()
         self._selector.register(wake_fd, selectors.EVENT_READ, None)
-        self._ctx: Any = None
-        if opts.backend == "process":
-            self._ctx = WorkerContext(opts.start_method)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
 
     # ---- starting and watching ------------------------------------------------------------
 
-    def spawn(self) -> Slot:
+    def spawn(self, now: float) -> Slot:
         """Start one worker (raises what starting it raised); start_timeout runs from now."""
         self._next_wid += 1
         wid = self._next_wid
-        handle: WorkerHandle
-        if self.opts.backend == "thread":
-            handle = ThreadWorker(self._send_fn, self.opts.worker_init, wid)
-        else:
-            handle = ProcessWorker(self._ctx, self._payload, wid)
-        handle.start()
-        handle.nonblocking()
+        handle = self._backend.start_worker(wid)
         slot = Slot(wid, handle)
-        slot.deadline = time.monotonic() + self.opts.start_timeout
+        slot.deadline = now + self.opts.start_timeout
         conn, sentinel = handle.waitables()
         self._selector.register(conn, selectors.EVENT_READ, (slot, False))
         if sentinel is not None:
@@ -227,7 +219,7 @@ class WorkerPool:
         """Forget a dead (or killed) worker; return its exit code when it has one."""
         handle = slot.handle
         code = handle.exitcode(1.0)
-        if code is None and slot.kill_reason is None and isinstance(handle, ProcessWorker):
+        if code is None and slot.kill_reason is None and handle.killable:
             handle.kill()  # its pipe closed but it lingers: make sure it is gone
             code = handle.exitcode(1.0)
         slot.move(DEAD)

@@ -70,7 +70,7 @@ def unregister(coord: Coordinator) -> None:
 
 def _snapshot() -> list[Coordinator]:
     with _lock:
-        return [c for c in _running if not c.drained.is_set()]
+        return [c for c in _running if not c.admission.drained.is_set()]
 
 
 def sigterm_deadline() -> float | None:
@@ -84,7 +84,7 @@ def sigterm_deadline() -> float | None:
 def _describe(coords: list[Coordinator]) -> str:
     buffered = in_flight = 0
     for c in coords:
-        s = c.snapshot()
+        s = c.admission.snapshot()
         buffered += s.items_buffered
         in_flight += s.items_in_flight
     return (
@@ -104,10 +104,10 @@ def _wait_all(coords: list[Coordinator], deadline: float | None, what: str) -> b
             step = next_log - now
             if deadline is not None:
                 step = min(step, deadline - now)
-            if c.drained.wait(max(0.0, step)):
+            if c.admission.drained.wait(max(0.0, step)):
                 break
             if time.monotonic() >= next_log:
-                left = [x for x in coords if not x.drained.is_set()]
+                left = [x for x in coords if not x.admission.drained.is_set()]
                 log.warning("procdispatch: %s: %s", what, _describe(left))
                 next_log = time.monotonic() + EXIT_LOG_EVERY
     return True
@@ -115,7 +115,7 @@ def _wait_all(coords: list[Coordinator], deadline: float | None, what: str) -> b
 
 def _cancel_all(coords: list[Coordinator], *, kill: bool = False) -> None:
     for c in coords:
-        c.request_cancel(kill=kill)
+        c.admission.request_cancel(kill=kill)
 
 
 def _grace(coords: list[Coordinator]) -> float:
@@ -127,7 +127,7 @@ def _drain_at_exit() -> None:
     if not coords:
         return
     for c in coords:
-        c.request_close()
+        c.admission.request_close()
     log.info(
         "procdispatch: draining %d channel(s) at interpreter exit (Ctrl-C cancels)", len(coords)
     )
@@ -142,12 +142,12 @@ def _drain_at_exit() -> None:
                 if _sigterm_at is None:
                     raise
                 # SIGTERM during the drain: go on, now with its deadline.
-        left = [c for c in coords if not c.drained.is_set()]
+        left = [c for c in coords if not c.admission.drained.is_set()]
         log.warning("procdispatch: SIGTERM drain timed out; cancelling %s", _describe(left))
         _cancel_all(left)
         _wait_all(left, time.monotonic() + _grace(left), "cancelling at exit")
     except KeyboardInterrupt:
-        left = [c for c in coords if not c.drained.is_set()]
+        left = [c for c in coords if not c.admission.drained.is_set()]
         log.warning(
             "procdispatch: Ctrl-C at exit: cancelling %s (Ctrl-C again stops the sends in "
             "flight now)",
@@ -197,7 +197,7 @@ def drain_on_sigterm(timeout: float = 30.0) -> None:
             return
         _sigterm_at = time.monotonic() + seconds
         for c in coords:
-            c.request_close()  # takes no lock: this may run inside a put
+            c.admission.request_close()  # takes no lock: this may run inside a put
         raise SystemExit(128 + signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -212,7 +212,7 @@ def _after_fork_in_child() -> None:
     _running.clear()
     _sigterm_at = None
     for c in list(_every):
-        c._after_fork_in_child()
+        c.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

@@ -1,36 +1,50 @@
-"""Wire messages between the coordinator (parent) and a worker, and their byte encoding.
+"""Wire messages between the coordinator (parent) and a worker, their encoding and framing.
 
 Every message is a small slotted class, made once and never changed; its docstring says its
-direction. On the pipe each message is one ``send_bytes`` frame whose first byte names its
-kind. Leases and results carry a fixed binary header (batch id, attempt) *outside* the pickle,
-so that a worker that cannot unpickle a lease's items can still say which batch failed, and the
-common result (Done) needs no pickling at all. A batch crosses the pipe as a plain list of
-items.
+direction. This module owns everything that crosses a pipe, both ways: a backend that moves
+bytes (processes) sends what :func:`encode_lease` and the ``encode_*`` functions make and reads
+with :class:`FrameSplitter` / :func:`read_frame`; one that needs no bytes (threads) hands over
+the message objects themselves.
 
-Pickling uses the standard pickler (protocol 5) and falls back to cloudpickle for what only
-cloudpickle can serialise (lambdas, local classes). What cannot be sent at all turns into a
-message rather than a dead pipe: an exception that will not pickle travels as text
-(:class:`~procdispatch.errors.RemoteError`), and so does a mutation that will not pickle back.
+*Framing*: each message is one frame, a 4-byte big-endian size (or -1 and an 8-byte size, for
+frames of 2 GiB or more) then the body; the body's first byte names its kind. Leases and results
+carry a fixed binary header (batch id, attempt) *outside* the pickle, so that a worker that
+cannot unpickle a lease's items can still say which batch failed, and the common result (Done)
+needs no pickling at all. A batch crosses the pipe as a plain list of items.
+
+Pickling uses the standard pickler (protocol 5) and cloudpickle by value for what names the
+sender's main module or what only cloudpickle can serialise (lambdas, local classes). What cannot
+be sent at all turns into a message rather than a dead pipe: an exception that will not pickle
+travels as text (:class:`~procdispatch.errors.RemoteError`), and so does a mutation that will
+not pickle back.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import threading
 from types import FunctionType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._transient import Chain, attach, chain_names
 from .errors import RemoteError, RemoteTraceback
 
+if TYPE_CHECKING:
+    from ._batch import Batch
+
 __all__ = [
+    "STOP",
     "Done",
     "Failed",
+    "FrameSplitter",
     "InitFailed",
     "Lease",
     "Ready",
+    "UnsendableItems",
+    "decode_lease",
     "decode_from_worker",
     "dumps",
     "encode_done",
@@ -38,6 +52,10 @@ __all__ = [
     "encode_init_failed",
     "encode_lease",
     "encode_ready",
+    "encode_result",
+    "frame",
+    "read_frame",
+    "write_frame",
 ]
 
 PROTOCOL = 5
@@ -50,7 +68,15 @@ K_FAILED = 0x46  # "F"
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
+SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
+BIG = struct.Struct("!Q")
+_SMALL_LIMIT = 0x7FFFFFFF
+#: Frames up to this size are made as one bytes object (a copy, written with one write);
+#: larger ones as parts, written together with one writev and never copied.
+COPY_MAX = 16384
 STOP_FRAME = bytes([K_STOP])
+#: The stop request, framed.
+STOP = SIZE.pack(1) + STOP_FRAME
 _REMOTE_ERROR = "procdispatch.errors.RemoteError"
 
 
@@ -101,7 +127,9 @@ def dumps(obj: object) -> bytes:
         data: bytes = buf.getvalue()
     except Exception:
         del _reuse.pickler  # a pickler whose dump failed half-way is not reused
-        from ._shipping import dumps_by_value  # only when needed: cloudpickle is slow to import
+        from .backends._shipping import (
+            dumps_by_value,  # only when needed: cloudpickle is slow to import
+        )
 
         return dumps_by_value(obj)
     finally:
@@ -200,12 +228,137 @@ class Failed(_Message):
 WorkerMessage = Ready | InitFailed | Done | Failed
 
 
+# ---- framing, both ways -------------------------------------------------------------------
+
+
+def frame(body: bytes) -> tuple[bytes, ...]:
+    """A frame of ``body``, as the parts to write (one, or a header and ``body`` uncopied)."""
+    n = len(body)
+    if n <= COPY_MAX:
+        return (SIZE.pack(n) + body,)
+    head = SIZE.pack(n) if n <= _SMALL_LIMIT else SIZE.pack(-1) + BIG.pack(n)
+    return (head, body)
+
+
+class FrameSplitter:
+    """Cuts the bytes read from a pipe into frame bodies (what is left waits for the rest)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def split(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += chunk
+        out: list[bytes] = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= 4:
+            (size,) = SIZE.unpack_from(buf, pos)
+            head = 4
+            if size == -1:
+                if n - pos < 12:
+                    break
+                (size,) = BIG.unpack_from(buf, pos + 4)
+                head = 12
+            if n - pos - head < size:
+                break
+            start = pos + head
+            out.append(bytes(buf[start : start + size]))
+            pos = start + size
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def read_frame(fd: int) -> bytearray | None:
+    """Read one frame's body from a blocking descriptor; None at end of file. The body is
+    read straight into its own buffer (no copy of a large lease)."""
+    head = _read_exactly(fd, 4)
+    if head is None:
+        return None
+    (size,) = SIZE.unpack(head)
+    if size == -1:
+        big = _read_exactly(fd, 8)
+        if big is None:
+            return None
+        (size,) = BIG.unpack(big)
+    return _read_exactly(fd, size)
+
+
+def _read_exactly(fd: int, n: int) -> bytearray | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            return None
+        got += k
+    return buf
+
+
+def write_frame(fd: int, body: bytes) -> None:
+    """Write one frame to a blocking descriptor."""
+    parts = [memoryview(p) for p in frame(body)]
+    while parts:
+        k = os.writev(fd, parts)
+        while parts and k >= len(parts[0]):
+            k -= len(parts[0])
+            parts.pop(0)
+        if k:
+            parts[0] = parts[0][k:]
+
+
 # ---- parent side ---------------------------------------------------------------------------
 
 
-def encode_lease(batch_id: int, attempt: int, synthetic: bool, payload: bytes) -> bytes:
-    """Frame a lease whose ``(data, meta)`` were already pickled into ``payload``."""
-    return HEADER.pack(K_LEASE, batch_id, attempt, synthetic) + payload
+class UnsendableItems(Exception):
+    """A lease that cannot be encoded as it is (nothing was sent): ``items`` lists (index,
+    error) for each item that will not pickle; ``meta_error`` is set when the meta will not."""
+
+    def __init__(
+        self, items: list[tuple[int, BaseException]], meta_error: BaseException | None
+    ) -> None:
+        self.items = items
+        self.meta_error = meta_error
+        super().__init__(items, meta_error)
+
+
+def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
+    """A lease of ``batch`` (id, attempt, synthetic flag, data, meta), framed; raises
+    UnsendableItems naming what will not pickle."""
+    try:
+        payload = dumps((batch.data, batch.meta))
+    except Exception:
+        raise _unsendable(batch.data, batch.meta) from None
+    head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
+    n = len(head) + len(payload)
+    if n <= COPY_MAX:
+        return (SIZE.pack(n) + head + payload,)
+    size = SIZE.pack(n) if n <= _SMALL_LIMIT else SIZE.pack(-1) + BIG.pack(n)
+    return (size + head, payload)
+
+
+def _unsendable(data: list[Any], meta: object) -> UnsendableItems:
+    items: list[tuple[int, BaseException]] = []
+    for i, item in enumerate(data):
+        try:
+            dumps(item)
+        except Exception as exc:
+            items.append((i, exc))
+    meta_error: BaseException | None = None
+    try:
+        dumps(meta)
+    except Exception as exc:
+        meta_error = exc
+    if not items and meta_error is None:  # only the whole will not pickle (its size, say)
+        try:
+            dumps((data, meta))
+        except Exception as exc:
+            meta_error = exc
+    return UnsendableItems(items, meta_error)
 
 
 def _decode_failed(buf: bytes) -> Failed:
@@ -279,6 +432,21 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
 
 
 # ---- worker side ---------------------------------------------------------------------------
+
+
+def decode_lease(body: bytearray) -> Lease:
+    """The lease in a frame body (raises what unpickling its items raised)."""
+    _, bid, attempt, synthetic = HEADER.unpack_from(body)
+    data, meta = pickle.loads(memoryview(body)[HEADER.size :])
+    return Lease(bid, attempt, bool(synthetic), data, meta)
+
+
+def encode_result(res: Done | Failed) -> bytes:
+    if isinstance(res, Done):
+        return encode_done(res.batch_id, res.attempt)
+    return encode_failed(
+        res.batch_id, res.attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
+    )
 
 
 def encode_ready(pid: int) -> bytes:

@@ -162,7 +162,7 @@ def one_round(rng: random.Random, sink_dir: str, n: int, modes: list[str]) -> di
     problems: list[str] = []
     if not ch.drained:
         problems.append("not drained after the with block")
-    if ch._coord.lock.locked():
+    if ch._adm.lock.locked():
         problems.append("admission lock left held")
     try:
         ch.put(-1)

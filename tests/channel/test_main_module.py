@@ -103,7 +103,7 @@ def test_a_guarded_script_works_and_runs_once_with_its_directory_on_sys_path(tmp
 
 
 # The start the standard way (what happens where the launch of our own cannot be used).
-STANDARD_START = "import procdispatch._procstart as ps\nps._launchers = {}\n"
+STANDARD_START = "import procdispatch.backends._procstart as ps\nps._launchers = {}\n"
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

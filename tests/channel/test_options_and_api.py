@@ -75,7 +75,10 @@ def test_all_is_exactly_the_documented_api():
         ({"max_batches_per_worker": 0}, "max_batches_per_worker must be an int >= 1 or None"),
         ({"max_worker_memory": 0}, "max_worker_memory must be an int >= 1 or None (got 0)"),
         ({"start_method": "teleport"}, "start_method must be one of"),
-        ({"backend": "gpu"}, "backend must be one of process, thread (got 'gpu')"),
+        (
+            {"backend": "gpu"},
+            "backend must be one of process, thread or a Backend object (got 'gpu')",
+        ),
         ({"on_error": 3}, "on_error must be callable or None (got 3)"),
         (
             {"full_behavior": pd.BlockNewItems(max_items=5)},
@@ -208,7 +211,7 @@ def test_where_table_matches_all_and_workers_import_light():
 
     assert set(_WHERE) == set(pd.__all__)
     code = (
-        "import sys, procdispatch._worker; "
+        "import sys, procdispatch.backends._worker; "
         "print(sorted(m for m in sys.modules if m.startswith('procdispatch')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

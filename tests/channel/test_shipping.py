@@ -16,7 +16,7 @@ from workerfns import Log, Recorder, noop
 
 import procdispatch as pd
 from procdispatch._protocol import dumps
-from procdispatch._shipping import pickle_payload
+from procdispatch.backends._shipping import pickle_payload
 
 CALLABLES = """
 import functools, json

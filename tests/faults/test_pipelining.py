@@ -9,7 +9,6 @@ for a deadline is delivered, not failed.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import pickle
 import select
@@ -23,8 +22,10 @@ from workerfns import Log, wait_for
 
 import procdispatch as pd
 from procdispatch import _protocol as proto
-from procdispatch._backends import ProcessWorker, ThreadWorker
 from procdispatch._pool import IDLE
+from procdispatch.backends._procstart import WorkerContext
+from procdispatch.backends.process import ProcessWorker
+from procdispatch.backends.thread import ThreadWorker
 
 BIG = 300_000  # several times a pipe's capacity
 
@@ -235,9 +236,8 @@ def test_the_stop_frame_waits_behind_a_lease_the_pipe_cannot_take_yet(tmp_path, 
     """At the handle: neither a large lease nor the stop frame behind it blocks the caller; both
     go out as the worker makes room, and the worker runs the lease, then exits."""
     payload = pickle.dumps((script, None), protocol=5)
-    h = ProcessWorker(multiprocessing.get_context("forkserver"), payload, 1)
+    h = ProcessWorker(WorkerContext("forkserver"), payload, 1)
     h.start()
-    h.nonblocking()
     try:
         received: list[Any] = []
 
@@ -251,11 +251,11 @@ def test_the_stop_frame_waits_behind_a_lease_the_pipe_cannot_take_yet(tmp_path, 
 
         read_until(1)
         assert isinstance(received[0], proto.Ready)
-        first = proto.encode_lease(1, 1, False, proto.dumps((["wait:b"], None)))
-        big = proto.encode_lease(2, 1, False, proto.dumps(([b"y" * BIG], None)))
-        assert h.send_lease(pd.Batch(["wait:b"]), first) is False  # fits: written at once
+        first: pd.Batch[Any] = pd.Batch(["wait:b"], id=1, attempt=1)
+        big: pd.Batch[Any] = pd.Batch([b"y" * BIG], id=2, attempt=1)
+        assert h.send_lease(first) is False  # fits: written at once
         script.log.wait_count(1, ev="start")
-        assert h.send_lease(pd.Batch([b"y" * BIG]), big) is True  # the worker is busy
+        assert h.send_lease(big) is True  # the worker is busy
         assert h.unsent() == 1
         assert h.stop() is True  # queued behind the lease
         script.gate("b").open()

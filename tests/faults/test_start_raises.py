@@ -11,7 +11,7 @@ from conftest import worker_processes
 from workerfns import Log, Recorder, delivered_items
 
 import procdispatch as pd
-from procdispatch import _backends
+from procdispatch.backends import process as _backends
 
 
 @pytest.fixture

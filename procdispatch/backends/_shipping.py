@@ -32,8 +32,8 @@ import sys
 import types
 from typing import Any
 
+from ..errors import OptionsError
 from ._procstart import check_main_guard
-from .errors import OptionsError
 
 __all__ = ["dumps_by_value", "pickle_payload"]
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import _protocol as proto
-from ._batch import Batch
+from .. import _protocol as proto
+from .._batch import Batch
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
 
@@ -117,16 +117,16 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     threading.Thread(
         target=_watch_parent, args=(parent_pid, sentinel), name="procdispatch-watchdog", daemon=True
     ).start()
+    lease_fd, result_fd = leases.fileno(), results.fileno()
     try:
         send_fn, worker_init = pickle.loads(payload)
         if worker_init is not None:
             worker_init()
     except BaseException as exc:
-        results.send_bytes(proto.encode_init_failed(exc))
-        results.close()
+        proto.write_frame(result_fd, proto.encode_init_failed(exc))
         os._exit(3)
-    results.send_bytes(proto.encode_ready(os.getpid()))
-    _serve(leases, results, send_fn)
+    proto.write_frame(result_fd, proto.encode_ready(os.getpid()))
+    _serve(lease_fd, result_fd, send_fn)
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
     for stream in (sys.stdout, sys.stderr):
@@ -135,32 +135,24 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     os._exit(0)
 
 
-def _serve(
-    leases: Connection, results: Connection, send_fn: Callable[[Batch[Any]], object]
-) -> None:
-    header = proto.HEADER
+def _serve(lease_fd: int, result_fd: int, send_fn: Callable[[Batch[Any]], object]) -> None:
+    """Answer leases until the stop request or the end of the lease pipe."""
     while True:
         try:
-            buf = leases.recv_bytes()
-        except (EOFError, OSError):
+            body = proto.read_frame(lease_fd)
+        except OSError:
             return
-        if buf[0] != proto.K_LEASE:
-            return  # K_STOP
-        _, bid, attempt, synthetic = header.unpack_from(buf)
+        if body is None or body[0] != proto.K_LEASE:
+            return  # the end of the pipe, or the stop request
         try:
-            data, meta = pickle.loads(memoryview(buf)[header.size :])
+            lease = proto.decode_lease(body)
         except BaseException as exc:
-            frame = proto.encode_failed(bid, attempt, exc, None, None, False, None)
+            _, bid, attempt, _ = proto.HEADER.unpack_from(body)
+            out = proto.encode_failed(bid, attempt, exc, None, None, False, None)
         else:
-            res = run_lease(send_fn, proto.Lease(bid, attempt, bool(synthetic), data, meta))
-            if isinstance(res, proto.Done):
-                frame = proto.encode_done(bid, attempt)
-            else:
-                frame = proto.encode_failed(
-                    bid, attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
-                )
-        del buf
+            out = proto.encode_result(run_lease(send_fn, lease))
+        del body
         try:
-            results.send_bytes(frame)
+            proto.write_frame(result_fd, out)
         except OSError:
             return

@@ -5,9 +5,9 @@ target: the parent's preparation data names the main script (``init_main_from_pa
 (``init_main_from_name``), and the child runs it again as ``__mp_main__``; the forkserver also
 preloads ``__main__`` in the server. A script that makes a channel at module level without
 ``if __name__ == "__main__":`` would then make another channel during every worker's start-up
-(and fail), and a slow or side-effecting main module would run once per worker. Our workers need
-none of it: their target is :func:`procdispatch._worker.worker_main`, and what ``send_fn`` and
-``worker_init`` take from ``__main__`` travels by value (:mod:`procdispatch._shipping`).
+(and fail), and a slow or side-effecting main module would run once per worker. Our workers
+need none of it: their target is :func:`._worker.worker_main`, and what ``send_fn`` and
+``worker_init`` take from ``__main__`` travels by value (:mod:`._shipping`).
 
 So our processes launch through Popen subclasses that drop the ``init_main_*`` keys from the
 preparation data (sys.path, the working directory, argv and the authkey still travel), and
@@ -33,7 +33,7 @@ import threading
 from multiprocessing import process
 from typing import TYPE_CHECKING, Any
 
-from .errors import OptionsError
+from ..errors import OptionsError
 
 if TYPE_CHECKING:
     import ast

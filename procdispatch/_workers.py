@@ -1,0 +1,356 @@
+"""Workers: the worker side of the coordinator's loop.
+
+A collaborator of the coordinator, run only on its thread. It starts workers (through the
+backend), hands them leases, reads what they say, and turns what happens to a worker into
+outcomes for the batches it held (:class:`~._outcomes.Outcomes`):
+
+* a worker that dies fails only the batch it was running (``WorkerCrashed``, or ``SendTimeout``
+  when it was killed for overrunning), puts back the batches it never started (those queued
+  behind the running one, and any lease not yet wholly written to its pipe), and is replaced;
+* before a worker is killed for a deadline (``send_timeout``, the end of ``cancel_grace``,
+  ``start_timeout``) what it already answered is read, and read again once it is dead: a batch
+  whose answer was in the pipe is not failed;
+* a worker that cannot start, or is not ready within ``start_timeout``, counts towards
+  ``WorkerStartFailed``; after too many failed starts in a row the channel fails;
+* a worker that reached ``max_batches_per_worker`` (counted in leases handed to it, so that
+  pipelining cannot take it past the limit) or is above ``max_worker_memory`` gets no new lease
+  (STOPPING), and is stopped and replaced once it answered what it holds.
+
+Nothing here blocks but the waits for a killed worker's end (at most ``KILL_WAIT``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from . import _protocol as proto
+from ._admission import Admission, Ledger
+from ._clock import Clock
+from ._options import ChannelOptions
+from ._outcomes import Outcomes
+from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
+from .backends import Backend
+from .buffer import Batch
+from .errors import InternalError, ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
+
+__all__ = ["KILL_WAIT", "START_FAILURES_FATAL", "Workers"]
+
+log = logging.getLogger("procdispatch")
+
+#: Worker start failures in a row (plus workers - 1) with no worker ready in between before
+#: the channel gives up instead of respawning for ever.
+START_FAILURES_FATAL = 3
+#: Seconds before a worker whose start raised (no process was made) is started again.
+SPAWN_RETRY_DELAY = 0.05
+#: Seconds to wait for a killed worker to be gone before reading the last of its pipe.
+KILL_WAIT = 1.0
+
+
+class Workers:
+    """The worker side of the loop; see the module docstring."""
+
+    def __init__(
+        self,
+        opts: ChannelOptions,
+        backend: Backend,
+        pool: WorkerPool,
+        outcomes: Outcomes,
+        ledger: Ledger,
+        admission: Admission,
+        clock: Clock,
+    ) -> None:
+        self.opts = opts
+        self.backend = backend
+        self.pool = pool
+        self.outcomes = outcomes
+        self.ledger = ledger
+        self.admission = admission
+        self._now = clock.now
+        self._start_failures = 0
+        #: Workers not started yet. A worker that costs a core while it starts (a process)
+        #: starts alone; the rest start together as soon as more than one item is in the
+        #: channel (one item never needs a second worker).
+        self.deferred = 0
+        self.to_respawn = 0  # workers whose start raised, to start again at respawn_at
+        self.respawn_at = math.inf
+        self.recycling = opts.max_batches_per_worker is not None or (
+            opts.max_worker_memory is not None
+        )
+
+    # ---- starting ---------------------------------------------------------------------
+
+    def begin(self) -> None:
+        first = 1 if self.backend.staggered_start else self.opts.workers
+        self.deferred = self.opts.workers - first
+        for _ in range(first):
+            self.spawn()
+
+    def ending(self) -> bool:
+        """Cancelled or failed: the channel starts no more workers."""
+        return self.outcomes.cancelled or self.admission.fatal is not None
+
+    def spawn_deferred(self) -> None:
+        n, self.deferred = self.deferred, 0
+        if not self.ending():
+            for _ in range(n):
+                self.spawn()
+
+    def respawn_due(self, now: float) -> None:
+        """Start again the workers whose start raised, once their retry delay is over."""
+        if now < self.respawn_at:
+            return
+        n, self.to_respawn, self.respawn_at = self.to_respawn, 0, math.inf
+        if not self.ending():
+            for _ in range(n):
+                self.spawn()
+
+    def spawn(self) -> None:
+        """Start a worker. If starting raises, no worker exists to die and be replaced, so the
+        start is retried after SPAWN_RETRY_DELAY; the failures count towards
+        WorkerStartFailed like workers dying at start-up."""
+        try:
+            self.pool.spawn(self._now())
+        except Exception as exc:
+            log.exception("could not start a worker")
+            self._start_failures += 1
+            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+                err = WorkerStartFailed(
+                    f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                    f"last: {exc!r}"
+                )
+                err.__cause__ = exc
+                self.admission.set_fatal(err)
+            else:
+                self.to_respawn += 1
+                self.respawn_at = min(self.respawn_at, self._now() + SPAWN_RETRY_DELAY)
+        self.ledger.alive = self.pool.alive()
+
+    def _replace(self) -> None:
+        if not self.ending():
+            self.spawn()
+            self.ledger.worker_restarts += 1
+
+    # ---- sending ----------------------------------------------------------------------
+
+    def send(self, slot: Slot, b: Batch[Any], now: float) -> None:
+        """Hand a leased batch to a worker that has room for it. A batch that cannot be
+        encoded changes nothing here (the handle raises before writing anything); what is left
+        of it once the items that cannot go were split off is tried again."""
+        while True:
+            try:
+                waits = slot.handle.send_lease(b)
+                break
+            except proto.UnsendableItems as err:
+                if not self.outcomes.unsendable(b, err, now):
+                    return  # nothing of it can go; already reported
+            except OSError:
+                # The worker is gone; the handle counts this lease as never written, so its
+                # death puts it back in the queue with the others it held.
+                self._hand_over(slot, b, now)
+                self._on_death(slot, now)
+                return
+        self._hand_over(slot, b, now)
+        if waits:
+            self.pool.watch_writes(slot)  # the rest goes out when the pipe has room
+
+    def _hand_over(self, slot: Slot, b: Batch[Any], now: float) -> None:
+        if not slot.batches:
+            slot.move(BUSY)
+            st = self.opts.send_timeout
+            slot.deadline = now + st if st is not None else math.inf
+        slot.batches.append(b)
+        led = self.ledger
+        led.batches_sent += 1
+        if not b.synthetic:
+            led.d_in_flight += b._count  # Ledger.book spelled out: once per batch
+        slot.leased += 1
+        cap = self.opts.max_batches_per_worker
+        if cap is not None and slot.leased >= cap:  # it gets no more: count what it was handed
+            self._retire(slot, f"it was handed {slot.leased} batches")
+
+    # ---- what workers say -------------------------------------------------------------
+
+    def handle(self, slot: Slot, sentinel: bool, now: float) -> None:
+        msgs, gone = self.pool.read(slot, sentinel)
+        for m in msgs:
+            if slot.state is DEAD:
+                return
+            self._on_message(slot, m, now)
+        if gone and slot.state is not DEAD:
+            self._on_death(slot, now)
+        elif self.recycling and slot.state is not DEAD:
+            self.maybe_recycle(slot)  # the limits hold under pipelining too
+
+    def _on_message(self, slot: Slot, msg: proto.WorkerMessage, now: float) -> None:
+        m: proto.Done | proto.Failed
+        failed: proto.Failed | None
+        if isinstance(msg, proto.Done):  # by far the most common: tested first
+            m, failed = msg, None
+        elif isinstance(msg, proto.Failed):
+            m = failed = msg
+        elif isinstance(msg, proto.Ready):
+            if slot.state is STARTING:
+                slot.move(IDLE)
+            self._start_failures = 0
+            return
+        else:
+            slot.init_error = msg.error  # InitFailed: reported when the worker's death is seen
+            return
+        b = slot.batches[0] if slot.batches else None
+        if b is None or b.id != m.batch_id or b.attempt != m.attempt:
+            raise InternalError(
+                f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
+                f"but its oldest batch is {b!r}"
+            )
+        slot.batches.popleft()
+        slot.done += 1
+        if slot.batches:  # the next one starts running now
+            st = self.opts.send_timeout
+            slot.deadline = now + st if st is not None else math.inf
+        else:
+            slot.deadline = math.inf
+            if slot.state is BUSY:
+                slot.move(IDLE)
+        if failed is None:
+            self.outcomes.delivered(b)
+        else:
+            self.outcomes.failed(b, failed, now)
+
+    def _on_death(self, slot: Slot, now: float) -> None:
+        was = slot.state
+        unsent = slot.handle.unsent()  # leases not wholly in its pipe: it never read them
+        code = self.pool.bury(slot)
+        self.ledger.alive = self.pool.alive()
+        batches = list(slot.batches)
+        slot.batches.clear()
+        if was is STARTING:
+            self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
+        reason = slot.kill_reason
+        # Only the head can have been running, and only if the worker could read all of it.
+        started = len(batches) - unsent
+        outcomes = self.outcomes
+        for i, b in enumerate(batches):
+            if reason == "cancel" and i == 0:
+                outcomes.ended_by_cancel(b)
+            elif i > 0 or i >= started or (reason == "timeout" and b is not slot.victim):
+                # Never started, or (its predecessor answered just before the kill) killed
+                # for another batch's overrun: back in the queue, no attempt used.
+                outcomes.released(b)
+            else:
+                exc: ProcDispatchError
+                if reason == "timeout":
+                    assert self.opts.send_timeout is not None
+                    exc = SendTimeout(
+                        self.opts.send_timeout,
+                        pid=slot.handle.pid,
+                        worker=slot.wid,
+                        batch_id=b.id,
+                        attempt=b.attempt,
+                    )
+                else:
+                    exc = WorkerCrashed(
+                        slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
+                    )
+                outcomes.crashed(b, exc, now)
+        if not slot.replaced:
+            self._replace()
+
+    def _start_failed(self, slot: Slot, cause: BaseException) -> None:
+        self._start_failures += 1
+        log.error(
+            "worker %d (pid %s) could not start: %s: %s%s",
+            slot.wid,
+            slot.handle.pid,
+            type(cause).__name__,
+            cause,
+            cause.__cause__ or "",
+        )
+        if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+            err = WorkerStartFailed(
+                f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                f"last: {type(cause).__name__}: {cause}"
+            )
+            err.__cause__ = cause
+            self.admission.set_fatal(err)
+
+    # ---- recycling --------------------------------------------------------------------
+
+    def _retire(self, slot: Slot, reason: str) -> None:
+        """Give a worker no new lease; it is replaced once it answered what it holds."""
+        log.info("recycling worker %d (pid %s): %s", slot.wid, slot.handle.pid, reason)
+        slot.move(STOPPING)
+
+    def maybe_recycle(self, slot: Slot) -> None:
+        """Retire a worker above max_worker_memory (read once per finished batch); stop and
+        replace a retired worker that holds nothing any more. max_batches_per_worker retires a
+        worker when it is handed its last lease (see :meth:`send`), so that pipelining cannot
+        take it past the limit."""
+        if slot.replaced or slot.state is DEAD:
+            return
+        if slot.state is not STOPPING:
+            limit = self.opts.max_worker_memory
+            if limit is None or slot.done == slot.checked or self.outcomes.cancelled:
+                return
+            slot.checked = slot.done
+            rss = slot.handle.rss()
+            if rss is None or rss <= limit:
+                return
+            self._retire(slot, f"its memory ({rss} bytes) is above max_worker_memory")
+        if slot.batches:
+            return
+        slot.replaced = True
+        self.pool.stop(slot)
+        self._replace()
+
+    # ---- deadlines --------------------------------------------------------------------
+
+    def check_deadlines(self, now: float, cancel_due: bool) -> None:
+        """Kill the workers past a deadline: start_timeout, send_timeout, the end of
+        cancel_grace (``cancel_due``). What a worker already answered is read first, and again
+        once it is dead: an answer in the pipe is not an overrun."""
+        for s in list(self.pool.slots):
+            if s.state is DEAD:
+                continue
+            if s.state is STARTING:
+                if s.deadline <= now:
+                    self._start_overdue(s, now)
+                continue
+            if not s.batches:
+                continue
+            if s.deadline <= now:
+                reason = "timeout"
+            elif cancel_due:
+                reason = "cancel"
+            else:
+                continue
+            self.handle(s, False, now)
+            if s.state is DEAD or not s.batches:
+                continue
+            if reason == "timeout" and s.deadline > now:  # the overdue one had answered
+                if not cancel_due:
+                    continue
+                reason = "cancel"
+            self.pool.kill(s, reason, s.batches[0])
+            s.handle.exitcode(KILL_WAIT)  # once it is dead, its pipe holds all it said
+            self.handle(s, True, now)
+
+    def _start_overdue(self, slot: Slot, now: float) -> None:
+        """A worker not ready within start_timeout is killed (or abandoned, when it cannot be
+        killed) and its start counts as failed."""
+        self.handle(slot, False, now)  # its Ready may be waiting in the pipe
+        if slot.state is not STARTING:
+            return
+        if slot.init_error is None:
+            how = "killed" if slot.handle.killable else "abandoned"
+            slot.init_error = TimeoutError(
+                f"worker {slot.wid} (pid {slot.handle.pid}) did not become ready within "
+                f"start_timeout={self.opts.start_timeout}s; it was {how}"
+            )
+        self.pool.kill(slot, "start")
+        self._on_death(slot, now)
+
+    def after_fork_in_child(self) -> None:
+        for slot in self.pool.slots:
+            slot.handle.disown()

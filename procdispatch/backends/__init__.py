@@ -1,0 +1,210 @@
+"""Backends: where ``send_fn`` runs, behind one interface.
+
+A :class:`Backend` starts workers; a :class:`WorkerHandle` is one worker as the coordinator sees
+it: something to hand leases to, objects to wait on, the messages that came back, and a way to
+stop or kill it. The coordinator never asks which backend it runs on: whatever differs (pickling,
+pipes, what "kill" means, what starts first) is behind these two classes.
+
+Two backends are built in: ``"process"`` (the default: worker processes, leases pickled over
+pipes) and ``"thread"`` (``send_fn`` in threads of this process, nothing pickled: for stepping
+through ``send_fn`` in a debugger). A third is one class plus a call to
+:func:`register_backend`, in this package or outside it; ``ProcessChannel(backend=...)`` takes
+a registered name or a :class:`Backend` object.
+
+This module is imported by worker processes too: it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .._protocol import UnsendableItems
+
+if TYPE_CHECKING:
+    from .._batch import Batch
+    from .._options import ChannelOptions
+    from .._protocol import WorkerMessage
+
+__all__ = [
+    "Backend",
+    "UnsendableItems",
+    "WorkerHandle",
+    "make_backend",
+    "register_backend",
+    "registered_backends",
+]
+
+
+class WorkerHandle(abc.ABC):
+    """One worker, as the coordinator sees it. Only the coordinator's thread calls it, and no
+    call may block it: writes that do not fit wait in the handle (see :meth:`flush`)."""
+
+    #: The worker's process id, when it has one.
+    pid: int | None = None
+    #: False when :meth:`kill` can only abandon the worker (a thread): messages then say so.
+    killable: bool = True
+
+    @abc.abstractmethod
+    def send_lease(self, batch: Batch[Any]) -> bool:
+        """Hand the worker a lease of ``batch`` (its id, attempt, synthetic flag, data and
+        meta). Never blocks: True when part of it waits to be written (the caller then watches
+        :meth:`write_fd` and calls :meth:`flush`). Raises :class:`UnsendableItems` when the
+        batch cannot go as it is, and OSError when the worker is gone."""
+
+    @abc.abstractmethod
+    def waitables(self) -> tuple[Any, Any]:
+        """(an object that is readable when messages arrive, one that is readable when the
+        worker is gone, or None) for the coordinator's selector."""
+
+    @abc.abstractmethod
+    def receive(self) -> tuple[list[WorkerMessage], bool]:
+        """Called when the first waitable is readable: the messages, and whether it is gone."""
+
+    @abc.abstractmethod
+    def drain(self) -> list[WorkerMessage]:
+        """Called when the worker is gone: whatever it managed to say before."""
+
+    @abc.abstractmethod
+    def exitcode(self, wait: float) -> int | None:
+        """Wait up to ``wait`` seconds for the worker to end; its exit code, or None."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """End the worker now (or abandon it, when it cannot be killed)."""
+
+    @abc.abstractmethod
+    def stop(self) -> bool:
+        """Ask the worker to exit once idle, without blocking; True when the request waits to
+        be written (as for :meth:`send_lease`)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the handle's resources; the worker is already gone, killed or abandoned."""
+
+    def write_fd(self) -> Any:
+        """What to watch for room while something waits to be written."""
+        raise NotImplementedError(f"{type(self).__name__} never has anything waiting")
+
+    def flush(self) -> bool:
+        """Write what waits, without blocking; True once nothing waits. Raises OSError when
+        the worker is gone."""
+        return True
+
+    def unsent(self) -> int:
+        """Leases handed to :meth:`send_lease` that the worker cannot have seen yet."""
+        return 0
+
+    def rss(self) -> int | None:
+        """The worker's resident memory in bytes, when it can be measured."""
+        return None
+
+    def disown(self) -> None:  # noqa: B027 - most workers need nothing forgotten
+        """In a child forked from the coordinator's process: forget the worker, which belongs
+        to the parent, without touching it."""
+
+
+class Backend(abc.ABC):
+    """Where a channel's ``send_fn`` runs. One object serves one channel."""
+
+    #: The name it is registered under (``ProcessChannel(backend=name)``).
+    name: str = ""
+    #: True when a worker costs a core while it starts (a process): the channel then starts
+    #: one worker at first, and the others as soon as more than one item is in the channel.
+    staggered_start: bool = False
+
+    def __init__(self) -> None:
+        self._opened = False
+
+    def open(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
+        """Called once, when the channel is made, before any worker starts: prepare what
+        every worker needs, and raise OptionsError for what cannot work. A backend object
+        serves one channel."""
+        if self._opened:
+            raise _options_error(
+                f"backend must be a fresh Backend object: one serves one channel (got {self!r})"
+            )
+        self._opened = True
+        self.prepare(send_fn, options)
+
+    @abc.abstractmethod
+    def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
+        """What :meth:`open` does for this backend."""
+
+    @abc.abstractmethod
+    def start_worker(self, wid: int) -> WorkerHandle:
+        """Start worker number ``wid`` (raise what starting it raised); it says Ready (or
+        InitFailed) once ``worker_init`` ran."""
+
+    def close(self) -> None:  # noqa: B027 - most backends hold nothing past their workers
+        """The channel has ended: every worker is gone. Release what the backend holds."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+# ---- the registry -----------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_registry: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Make ``ProcessChannel(backend=name)`` build its backend with ``factory()``."""
+    if not isinstance(name, str) or not name:
+        raise _options_error(f"name must be a non-empty str (got {name!r})")
+    if not callable(factory):
+        raise _options_error(f"factory must be callable (got {factory!r})")
+    with _lock:
+        _registry[name] = factory
+
+
+def registered_backends() -> list[str]:
+    """The registered backend names, in registration order."""
+    with _lock:
+        return list(_registry)
+
+
+def make_backend(spec: object) -> Backend:
+    """The backend for a channel's ``backend`` option: a registered name or a Backend object."""
+    if isinstance(spec, Backend):
+        return spec
+    with _lock:
+        factory = _registry.get(spec) if isinstance(spec, str) else None
+        names = list(_registry)
+    if factory is None:
+        raise _options_error(
+            f"backend must be one of {', '.join(names)} or a Backend object (got {spec!r})"
+        )
+    backend = factory()
+    if not isinstance(backend, Backend):
+        raise _options_error(
+            f"backend {spec!r}'s factory must return a Backend object (got {backend!r})"
+        )
+    return backend
+
+
+def _options_error(message: str) -> Exception:
+    from ..errors import OptionsError
+
+    return OptionsError(message)
+
+
+def _register_builtins() -> None:
+    def process() -> Backend:
+        from .process import ProcessBackend
+
+        return ProcessBackend()
+
+    def thread() -> Backend:
+        from .thread import ThreadBackend
+
+        return ThreadBackend()
+
+    register_backend("process", process)
+    register_backend("thread", thread)
+
+
+_register_builtins()

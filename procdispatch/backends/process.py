@@ -1,0 +1,256 @@
+"""The process backend: each worker a process, leases and results pickled over two pipes.
+
+One pipe pair per worker, so a worker's death identifies exactly the batches it held. Neither
+pipe ever blocks the coordinator. Results are read without blocking, and split into frames by
+:class:`~procdispatch._protocol.FrameSplitter`. Leases and the stop request are written without
+blocking: a frame that fits in the pipe goes in with one write; what does not fit waits in the
+handle's outgoing queue, and the coordinator's selector watches the pipe for room and calls
+:meth:`ProcessWorker.flush`. So a worker blocked writing a large result while a large lease
+waits for it cannot deadlock the two, and a worker busy with one batch cannot hold up the
+coordinator's timers by not reading the next. The handle counts the leases not yet wholly in
+the pipe: the worker never saw those, so its death does not count against them.
+
+Workers start without running the user's main module (:mod:`._procstart`); ``send_fn`` and
+``worker_init`` are pickled once per channel (:mod:`._shipping`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from .. import _protocol as proto
+from . import Backend, WorkerHandle
+from ._procstart import WorkerContext
+from ._shipping import pickle_payload
+from ._worker import worker_main
+
+if TYPE_CHECKING:
+    from .._batch import Batch
+    from .._options import ChannelOptions
+
+__all__ = ["ProcessBackend", "ProcessWorker"]
+
+READ_SIZE = 1 << 16
+_write = os.write
+
+
+class ProcessBackend(Backend):
+    """Workers are processes of the channel's ``start_method``."""
+
+    name = "process"
+    staggered_start = True  # a worker process costs a core (a whole interpreter) to start
+
+    def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
+        self._payload = pickle_payload(send_fn, options.worker_init, options.start_method)
+        self._ctx = WorkerContext(options.start_method)
+
+    def start_worker(self, wid: int) -> WorkerHandle:
+        handle = ProcessWorker(self._ctx, self._payload, wid)
+        handle.start()
+        return handle
+
+
+class ProcessWorker(WorkerHandle):
+    """A worker process with two one-way pipes: leases go down one, results come up the other.
+
+    The result pipe is read without blocking, straight from its descriptor, and split into
+    frames here (the framing of ``Connection.send_bytes``): one read usually brings a whole
+    small result, or several, instead of two reads per frame.
+    """
+
+    def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
+        self._ctx = ctx
+        self._payload = payload
+        self._wid = wid
+        self._lease_w: Connection | None = None
+        self._lease_fd = -1
+        self._result_r: Connection | None = None
+        self._fd = -1
+        self._frames = proto.FrameSplitter()
+        self._proc: Any = None
+
+    def start(self) -> None:
+        lease_r, lease_w = self._ctx.Pipe(duplex=False)
+        result_r, result_w = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(lease_r, result_w, self._payload, os.getpid()),
+            name=f"procdispatch-worker-{self._wid}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        except BaseException:
+            for c in (lease_w, result_r):
+                c.close()
+            raise
+        finally:
+            lease_r.close()
+            result_w.close()
+        self._lease_w = lease_w
+        self._lease_fd = lease_w.fileno()
+        os.set_blocking(self._lease_fd, False)  # the coordinator never blocks on a pipe
+        self._result_r = result_r
+        self._fd = result_r.fileno()
+        os.set_blocking(self._fd, False)
+        self._proc = proc
+        self.pid = proc.pid
+
+    #: Frames (or their unwritten tails) waiting for room in the lease pipe, oldest first,
+    #: each with whether it ends a lease; None while nothing waits (the usual case). Class
+    #: defaults, so that the queue exists only for a worker that ever had to wait.
+    _out: collections.deque[tuple[memoryview, bool]] | None = None
+    _unsent = 0
+
+    def write_fd(self) -> int:
+        return self._lease_fd
+
+    def unsent(self) -> int:
+        return self._unsent
+
+    def send_lease(self, batch: Batch[Any]) -> bool:
+        parts = proto.encode_lease(batch)
+        if len(parts) > 1:
+            # Large: its parts go out in one writev, without copying the payload.
+            return self._put(parts, True)
+        frame = parts[0]
+        if self._out is None:
+            try:
+                written = _write(self._lease_fd, frame)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                self._unsent += 1  # it never reached the worker
+                raise
+            if written == len(frame):
+                return False
+            frame = frame[written:]
+        return self._put((frame,), True)
+
+    def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
+        """Queue what of a frame is not written yet; True when something waits. A frame in
+        parts (a large lease) is first written with one writev, unless frames already wait; a
+        frame in one part comes from a caller that already wrote what the pipe took."""
+        written = 0
+        if self._out is None and len(parts) > 1:
+            try:
+                written = os.writev(self._lease_fd, parts)
+            except BlockingIOError:
+                pass
+            except OSError:
+                if ends_lease:
+                    self._unsent += 1
+                raise
+        waits = False
+        for i, part in enumerate(parts):
+            if written >= len(part):
+                written -= len(part)
+                continue
+            if self._out is None:
+                self._out = collections.deque()
+            last = ends_lease and i == len(parts) - 1
+            self._out.append((memoryview(part)[written:], last))
+            written = 0
+            waits = True
+        if waits and ends_lease:
+            self._unsent += 1
+        return waits
+
+    def flush(self) -> bool:
+        out = self._out
+        if out is None:
+            return True
+        fd = self._lease_fd
+        while out:
+            view, ends_lease = out[0]
+            try:
+                written = _write(fd, view)
+            except BlockingIOError:
+                return False
+            if written < len(view):
+                out[0] = (view[written:], ends_lease)
+                return False
+            out.popleft()
+            if ends_lease:
+                self._unsent -= 1
+        self._out = None
+        return True
+
+    def waitables(self) -> tuple[Any, Any]:
+        return self._result_r, self._proc.sentinel
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        gone = False
+        chunks: list[bytes] = []
+        try:
+            while True:
+                chunk = os.read(self._fd, READ_SIZE)
+                if not chunk:
+                    gone = True
+                    break
+                chunks.append(chunk)
+                if len(chunk) < READ_SIZE:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
+            gone = True
+        frames = self._frames.split(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return [proto.decode_from_worker(f) for f in frames], gone
+
+    def drain(self) -> list[proto.WorkerMessage]:
+        return self.receive()[0]
+
+    def exitcode(self, wait: float) -> int | None:
+        self._proc.join(wait)
+        code: int | None = self._proc.exitcode
+        return code
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.exitcode is None:
+            self._proc.kill()
+
+    def stop(self) -> bool:
+        if self._lease_w is None or self._lease_w.closed:
+            return False
+        written = 0
+        if self._out is None:
+            try:
+                written = _write(self._lease_fd, proto.STOP)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False  # the worker is gone: nothing to stop
+            if written == len(proto.STOP):
+                return False
+        return self._put((proto.STOP[written:],), False)
+
+    def close(self) -> None:
+        self._out = None
+        for c in (self._lease_w, self._result_r):
+            if c is not None:
+                c.close()
+        if self._proc is not None:
+            self._proc.join(0)
+            if self._proc.exitcode is not None:
+                self._proc.close()
+
+    def rss(self) -> int | None:
+        import psutil
+
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    def disown(self) -> None:
+        # multiprocessing's exit hook terminates and joins every daemon process in its table
+        # of children, and a forked child inherits the table: it would SIGTERM our workers.
+        from multiprocessing import process
+
+        if self._proc is not None:
+            process._children.discard(self._proc)  # type: ignore[attr-defined]
