@@ -179,7 +179,11 @@ class RateLimiter:
     ``Rate(limit, interval)`` windows that must all hold: no ``interval``-long window ever admits
     more than ``limit``. With Rates, ``burst`` (at most the smallest limit) is how many may go at
     once; ``burst=1`` spaces events evenly at the full rate, a larger burst lowers the sustained
-    rate to ``limit - burst + 1`` per interval so that the window limit still holds.
+    rate to ``limit - burst + 1`` per interval so that the window limit still holds. A Rate given
+    its own burst below its limit, ``Rate(limit, interval, burst=b)``, uses ``b`` for its window
+    instead (at most ``b`` at once, at most ``limit`` per interval); a Rate's burst left at
+    pyrate's default, its limit, means the limiter's ``burst``. ``burst`` must stay 1 when every
+    Rate has its own.
 
     ``name`` lets unrelated processes of the same user share the budget; they must give the same
     rate and burst. Without a name the limiter is shared by this instance and its copies
@@ -198,9 +202,14 @@ class RateLimiter:
         self._setup(name, parsed)
 
     @staticmethod
-    def check_rates(rate: object, burst: object = 1) -> None:
-        """Validate constructor arguments without creating anything (raises OptionsError)."""
-        parse_rate(rate, burst)
+    def check_rates(
+        rate: object, burst: object = 1, *, what: str = "rate", burst_what: str = "burst"
+    ) -> None:
+        """Validate constructor arguments without creating anything (raises OptionsError). The
+        messages call the rate ``what`` and the burst ``burst_what``, so that a caller can name
+        its own options: ``check_rates(qps_limit, qps_burst, what="qps_limit",
+        burst_what="qps_burst")``."""
+        parse_rate(rate, burst, what=what, burst_what=burst_what)
 
     def _setup(self, name: str, parsed: ParsedRate) -> None:
         self._name, self._parsed, self._windows = name, parsed, parsed.windows
@@ -350,6 +359,7 @@ class RateLimiter:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` was called: every method but ``close`` then raises."""
         return self._page.closed
 
     def try_acquire(self, weight: int = 1) -> bool:

@@ -166,6 +166,32 @@ def test_invalid_arguments_raise_options_error(
     assert not our_files()
 
 
+def test_check_rates_names_the_options_as_the_caller_spelled_them() -> None:
+    with pytest.raises(OptionsError) as info:
+        RateLimiter.check_rates("fast", 1, what="qps_limit", burst_what="qps_burst")
+    assert str(info.value) == (
+        "qps_limit must be a number of events per second > 0, a pyrate-limiter Rate or a "
+        "sequence of Rates (got 'fast')"
+    )
+    with pytest.raises(OptionsError, match=r"^qps_burst must be an int >= 1 \(got 0\)$"):
+        RateLimiter.check_rates(5.0, 0, what="qps_limit", burst_what="qps_burst")
+    with pytest.raises(OptionsError, match=r"^rate must be a finite number of events"):
+        RateLimiter.check_rates(0.0)  # the constructor's own names by default
+    RateLimiter.check_rates(Rate(5, Duration.SECOND, burst=2), what="qps_limit")
+    assert not our_files()
+
+
+def test_a_rate_with_its_own_burst_lets_that_many_go_at_once() -> None:
+    with RateLimiter(Rate(4, Duration.HOUR, burst=2)) as lim:
+        assert [lim.try_acquire() for _ in range(3)] == [True, True, False]
+        with pytest.raises(OptionsError, match=r"weight must be an int from 1 to 2 "):
+            lim.try_acquire(3)
+        # Then 4 - 2 + 1 = 3 per hour: the third of the hour 20 minutes on.
+        assert 1190 < lim.reserve() <= 1200
+    with pytest.raises(OptionsError, match=r"Rate\.burst of rate must be an int from 1 to"):
+        RateLimiter(Rate(4, Duration.HOUR, burst=5))
+
+
 def test_two_instances_with_one_name_share_one_budget() -> None:
     name = unique_name()
     with RateLimiter(HOURLY, burst=5, name=name) as a, RateLimiter(HOURLY, burst=5, name=name) as b:
