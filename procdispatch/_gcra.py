@@ -43,6 +43,10 @@ admissions ``j``, of ``t_j + T * (units admitted from j on)``: dropping ``w`` un
 ``last + T * (units admitted after r)``. :meth:`Gcra.refund` keeps the larger of the two bounds:
 exact when nothing was admitted since the reservation, never more generous than the truth.
 
+Merging. When two states that were kept apart (one limiter's budget split over two pages, say)
+become one again, each window's outstanding debt, ``TAT - now`` where positive, is added to the
+other's: the merged window is as far from full as both were together (:meth:`Gcra.merge`).
+
 A state is a flat tuple of ints, the layout of a slot in shared memory::
 
     (units admitted so far, latest admission time, TAT of window 0, TAT of window 1, ...)
@@ -66,11 +70,13 @@ __all__ = [
     "State",
     "Window",
     "parse_rate",
+    "seconds_ns",
 ]
 
 NS_PER_S = 1_000_000_000
 MAX_WINDOWS = 32
 _MAX_SPAN_NS = 2**60  # keeps every TAT well inside int64
+_FOREVER_NS = 2**62
 
 State = tuple[int, ...]
 
@@ -210,6 +216,27 @@ class Gcra:
             new.append((tat if tat > at else at) + weight * emission)
         return wait, tuple(new)
 
+    def owes(self, state: State, now: int) -> bool:
+        """Whether any window is below full at ``now`` (some TAT after it): a state that owes
+        nothing admits exactly what :meth:`initial` would."""
+        for tat in state[2:]:  # noqa: SIM110 (a generator closed early can swallow an interrupt)
+            if tat > now:
+                return True
+        return False
+
+    def merge(self, state: State, other: State, now: int) -> State:
+        """``state`` with ``other``'s outstanding debt at ``now`` added to every window (each
+        TAT moves by ``other``'s ``TAT - now`` where positive). The unit count grows by the
+        units that debt stands for, and the latest admission is the later one, so that refunds
+        of admissions made before the merge count the merged ones as later: strict."""
+        tats = []
+        units = 0
+        for mine, theirs, (emission, _) in zip(state[2:], other[2:], self._pairs, strict=True):
+            debt = theirs - now if theirs > now else 0
+            tats.append((mine if mine > now else now) + debt)
+            units = max(units, -(-debt // emission))
+        return (state[0] + units, max(state[1], other[1]), *tats)
+
     def refund(self, state: State, weight: int, units_at_take: int) -> State:
         """Give back ``weight`` units of an admission after which the unit count was
         ``units_at_take``. Exact when nothing was admitted since; never more generous."""
@@ -318,3 +345,15 @@ def _checked(
         if w.emission_ns * (w.capacity + 1) > _MAX_SPAN_NS:
             raise OptionsError(f"{what} must admit at least one event per 30 years (got {rate!r})")
     return ParsedRate(windows, text, float(rate) if per_second is None else per_second)
+
+
+def seconds_ns(value: float | None, field: str, *, none_ok: bool) -> int:
+    """A timeout-like argument in nanoseconds (None: for ever, where allowed)."""
+    if value is None:
+        if none_ok:
+            return _FOREVER_NS
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        ns = value * NS_PER_S
+        return _FOREVER_NS if ns >= _FOREVER_NS else int(ns)
+    rule = "None or a number" if none_ok else "a number"
+    raise OptionsError(f"{field} must be {rule} of seconds >= 0 (got {value!r})")

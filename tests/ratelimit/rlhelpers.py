@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 from procdispatch._ratelimit import RateLimiter
-from procdispatch._shmpage import prefix, segment_dir
+from procdispatch._shmpage import paths, prefix, segment_dir
 
 NS = 1_000_000_000
 
@@ -28,12 +28,42 @@ def our_files() -> list[str]:
     return sorted(f for f in os.listdir(segment_dir()) if f.startswith(mine))
 
 
+def judge_later(base: str, seconds: float = 1e8) -> None:
+    """Let the sweep judge one set of files (by its path without suffix) as it would
+    ``seconds`` from now: a kept page then owes nothing, so it goes unless someone holds it."""
+    from procdispatch import _rlpage, _rlstate
+    from procdispatch._shmpage import Files, base_paths
+
+    real = _rlstate._now
+    _rlstate._now = lambda: real() + int(seconds * NS)
+    try:
+        f = Files()
+        try:
+            _rlpage._sweep_one(f, *base_paths(base))
+        finally:
+            f.release()
+    finally:
+        _rlstate._now = real
+
+
+def discard(name: str) -> None:
+    """Remove a named limiter's files that stay for their debt (nobody may hold them)."""
+    judge_later(paths(name)[0][: -len(".rl")])
+
+
 def check_no_leftovers() -> Iterator[None]:
-    """Fixture body: every limiter a test opens must be gone (files unlinked) when it ends."""
+    """Fixture body: every limiter a test opens must be gone when it ends, except a named one's
+    files kept for tokens they still owe: those nobody may hold, and they must go once they owe
+    nothing (judged as much later; that also clears them away)."""
     before = set(our_files())
     yield
     left = sorted(set(our_files()) - before)
-    assert not left, f"shared-memory files left behind: {left}"
+    unnamed = [f for f in left if f.startswith(f"{prefix()}na")]
+    assert not unnamed, f"an unnamed limiter's files were left behind: {unnamed}"
+    for base in sorted({os.path.join(segment_dir(), f.rsplit(".", 1)[0]) for f in left}):
+        judge_later(base)
+    left = sorted(set(our_files()) - before)
+    assert not left, f"shared-memory files left behind (held, or kept for ever): {left}"
 
 
 Event = tuple[int, int] | tuple[int, int, int]
@@ -152,5 +182,36 @@ def open_named_and_wait(name: str, conn: Connection) -> None:
 
 def take_then_wait(limiter: RateLimiter, conn: Connection) -> None:
     conn.send(sum(limiter.try_acquire() for _ in range(3)))
+    while True:
+        signal.pause()
+
+
+def use_dir(path: str) -> None:
+    """Keep this process's limiter files in ``path`` (a test's own directory, which no other
+    process sweeps)."""
+    import sys
+
+    from procdispatch import _shmpage
+
+    _shmpage.segment_dir = lambda: path  # type: ignore[assignment]
+    page_module = sys.modules.get("procdispatch._rlpage")
+    if page_module is not None:
+        page_module.segment_dir = lambda: path
+
+
+def try_once_named(path: str, name: str, rate: float, burst: int, conn: Connection) -> None:
+    """In ``path``: open the named limiter, try once, close; send (called, returned, got)."""
+    use_dir(path)
+    with RateLimiter(rate, burst=burst, name=name) as lim:
+        called = time.monotonic_ns()
+        got = lim.try_acquire()
+        conn.send((called, time.monotonic_ns(), got))
+
+
+def take_burst_then_wait(path: str, name: str, rate: float, burst: int, conn: Connection) -> None:
+    """In ``path``: open the named limiter, take its whole burst, say so, wait to be killed."""
+    use_dir(path)
+    lim = RateLimiter(rate, burst=burst, name=name)
+    conn.send(lim.try_acquire(burst))
     while True:
         signal.pause()
