@@ -157,21 +157,6 @@ def answer_tries(limiter: RateLimiter, conn: Connection) -> None:
     limiter.close()
 
 
-def churn(limiter: RateLimiter, conn: Connection) -> None:
-    """Use every operation in a tight loop until killed."""
-    rng = random.Random(os.getpid())
-    conn.send("running")
-    while True:
-        pick = rng.random()
-        if pick < 0.4:
-            limiter.try_acquire(rng.randint(1, 3))
-        elif pick < 0.8:
-            if limiter.reserve() == 0.0 and rng.random() < 0.5:
-                limiter.refund()
-        else:
-            limiter.acquire(timeout=0.002)
-
-
 def open_named_and_wait(name: str, conn: Connection) -> None:
     """Create the named limiter, say so, and keep it open until killed."""
     limiter = RateLimiter(5.0, name=name)
@@ -184,6 +169,92 @@ def take_then_wait(limiter: RateLimiter, conn: Connection) -> None:
     conn.send(sum(limiter.try_acquire() for _ in range(3)))
     while True:
         signal.pause()
+
+
+def sigint_rounds(conn: Connection, rate: float, burst: int) -> None:
+    """Rounds on command, ``(name, end)``: open the named limiter and use it in every style
+    until ``end`` (monotonic ns) while SIGINTs arrive (each raises KeyboardInterrupt, which is
+    caught, and the work goes on), then close it and send back (admissions seen as
+    (called, returned, weight), interrupts caught). SIGINT is ignored between rounds."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rng = random.Random(os.getpid())
+    conn.send("ready")
+    while (job := conn.recv()) is not None:
+        name, end = job
+        got: list[Event] = []
+        caught = 0
+        lim: RateLimiter | None = None
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        while True:
+            try:
+                while (called := time.monotonic_ns()) < end:
+                    if lim is None or lim.closed:
+                        lim = RateLimiter(rate, burst=burst, name=name)
+                    pick = rng.random()
+                    if pick < 0.35:
+                        w = rng.randint(1, burst)
+                        if lim.try_acquire(w):
+                            got.append((called, time.monotonic_ns(), w))
+                    elif pick < 0.55:
+                        cancel = rng.random() < 0.3
+                        if lim.reserve() == 0.0:
+                            if cancel:
+                                lim.refund()
+                            else:
+                                got.append((called, time.monotonic_ns(), 1))
+                    elif pick < 0.95:
+                        if lim.acquire(timeout=0.002):
+                            got.append((called, time.monotonic_ns(), 1))
+                    else:
+                        lim.close()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                break
+            except KeyboardInterrupt:
+                caught += 1
+        if lim is not None:
+            lim.close()  # finishes a close an interrupt cut short
+        conn.send((got, caught))
+
+
+def open_try_close(name: str, rate: float, burst: int, conn: Connection) -> None:
+    """A process that never used the limiter: open it by name, try once, close, report."""
+    with RateLimiter(rate, burst=burst, name=name) as lim:
+        tried = lim.try_acquire()
+    conn.send(("done", tried))
+
+
+def churn_logged(limiter: RateLimiter, log_path: str, conn: Connection) -> None:
+    """Use every operation in a tight loop until killed, appending each admission to the log
+    as a line "called returned weight" (one O_APPEND write: whole lines only)."""
+    rng = random.Random(os.getpid())
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    conn.send("running")
+    while True:
+        called = time.monotonic_ns()
+        pick = rng.random()
+        w = 0
+        if pick < 0.4:
+            w = rng.randint(1, 3)
+            if not limiter.try_acquire(w):
+                w = 0
+        elif pick < 0.8:
+            if limiter.reserve() == 0.0:
+                if rng.random() < 0.5:
+                    limiter.refund()
+                else:
+                    w = 1
+        elif limiter.acquire(timeout=0.002):
+            w = 1
+        if w:
+            os.write(fd, f"{called} {time.monotonic_ns()} {w}\n".encode())
+
+
+def read_log(log_path: str) -> list[Event]:
+    with open(log_path) as f:
+        return [
+            (int(a), int(b), int(c))
+            for a, b, c in (line.split() for line in f if line.endswith("\n"))
+        ]
 
 
 def use_dir(path: str) -> None:
