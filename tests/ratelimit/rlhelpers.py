@@ -173,10 +173,18 @@ def take_then_wait(limiter: RateLimiter, conn: Connection) -> None:
 
 def sigint_rounds(conn: Connection, rate: float, burst: int) -> None:
     """Rounds on command, ``(name, end)``: open the named limiter and use it in every style
-    until ``end`` (monotonic ns) while SIGINTs arrive (each raises KeyboardInterrupt, which is
-    caught, and the work goes on), then close it and send back (admissions seen as
-    (called, returned, weight), interrupts caught). SIGINT is ignored between rounds."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    until ``end`` (monotonic ns) while SIGINTs arrive, then close it and send back (admissions
+    seen as (called, returned, weight), interrupts caught). A SIGINT raises KeyboardInterrupt
+    wherever it lands inside an operation (opening and closing included), which is caught and
+    the work goes on; between operations and between rounds it is dropped, so that the loop
+    itself (whose backward jumps an interrupt can also reach) never loses one."""
+    live = [False]
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if live[0]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     rng = random.Random(os.getpid())
     conn.send("ready")
     while (job := conn.recv()) is not None:
@@ -184,32 +192,31 @@ def sigint_rounds(conn: Connection, rate: float, burst: int) -> None:
         got: list[Event] = []
         caught = 0
         lim: RateLimiter | None = None
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        while True:
+        while (called := time.monotonic_ns()) < end:
             try:
-                while (called := time.monotonic_ns()) < end:
-                    if lim is None or lim.closed:
-                        lim = RateLimiter(rate, burst=burst, name=name)
-                    pick = rng.random()
-                    if pick < 0.35:
-                        w = rng.randint(1, burst)
-                        if lim.try_acquire(w):
-                            got.append((called, time.monotonic_ns(), w))
-                    elif pick < 0.55:
-                        cancel = rng.random() < 0.3
-                        if lim.reserve() == 0.0:
-                            if cancel:
-                                lim.refund()
-                            else:
-                                got.append((called, time.monotonic_ns(), 1))
-                    elif pick < 0.95:
-                        if lim.acquire(timeout=0.002):
+                live[0] = True
+                if lim is None or lim.closed:
+                    lim = RateLimiter(rate, burst=burst, name=name)
+                pick = rng.random()
+                if pick < 0.35:
+                    w = rng.randint(1, burst)
+                    if lim.try_acquire(w):
+                        got.append((called, time.monotonic_ns(), w))
+                elif pick < 0.55:
+                    cancel = rng.random() < 0.3
+                    if lim.reserve() == 0.0:
+                        if cancel:
+                            lim.refund()
+                        else:
                             got.append((called, time.monotonic_ns(), 1))
-                    else:
-                        lim.close()
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                break
+                elif pick < 0.95:
+                    if lim.acquire(timeout=0.002):
+                        got.append((called, time.monotonic_ns(), 1))
+                else:
+                    lim.close()
+                live[0] = False
             except KeyboardInterrupt:
+                live[0] = False
                 caught += 1
         if lim is not None:
             lim.close()  # finishes a close an interrupt cut short
