@@ -180,7 +180,7 @@ class RateLimiter:
             if page.closed:
                 raise ValueError(f"{self!r} is closed")
             f = page.files
-            if f is not files:
+            if f is not files or f.fd < 0:
                 return
             fd = f.fd
             try:

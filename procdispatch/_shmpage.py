@@ -270,6 +270,14 @@ class Files:
                     os.close(fd)
 
 
+def _after_fork_in_child() -> None:
+    global _dead_lock
+    _dead_lock = threading.Lock()  # a parent thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _reopen(fd: int, path: str) -> int:
     """A new open file description of the file open as ``fd``, or -1 if it cannot be had."""
     try:

@@ -54,9 +54,20 @@ def read_report(r: int, timeout: float = 30.0) -> bytes:
     return os.read(r, 100) if ready else b""
 
 
-def reap(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+def reap(pid: int, timeout: float = 30.0) -> int:
+    """The child's exit code; a child still running after ``timeout`` is stuck: killed."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return -9
+        time.sleep(0.01)
 
 
 def test_a_child_forked_while_a_parent_thread_holds_the_page_lock_uses_the_pool_at_once() -> None:
@@ -149,10 +160,43 @@ def test_a_child_that_cannot_reach_the_files_again_moves_to_the_names_page(
 
         def child(w: int) -> None:
             assert lim._page.files.fd == -1
+            assert lim.reserve() == 0.0  # from the pool, no lock needed
+            lim.refund()  # no lock of its own to give it back under: it stays spent
             os.write(w, b"%d" % sum(lim.try_acquire() for _ in range(5)))
 
         pid, r = in_child(child)
-        assert read_report(r) == b"2"
+        assert read_report(r) == b"1"
         os.close(r)
         assert reap(pid) == 0
         assert lim.try_acquire() is False
+
+
+def test_a_child_forked_while_a_parent_thread_is_inside_the_close_machinery_can_close() -> None:
+    """Closing points the pipe at a dead pipe made once per process under a lock; a child
+    forked while a parent thread holds that lock must not inherit it held."""
+    with RateLimiter(HOURLY, burst=2) as lim:
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with _shmpage._dead_lock:
+                holding.set()
+                release.wait(60)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        assert holding.wait(30)
+        try:
+
+            def child(w: int) -> None:
+                lim.close()
+                os.write(w, b"closed")
+
+            pid, r = in_child(child)
+            report = read_report(r, timeout=10.0)
+        finally:
+            release.set()
+            t.join()
+        os.close(r)
+        code = reap(pid, timeout=10.0)
+        assert report == b"closed", "the child could not close"
+        assert code == 0
