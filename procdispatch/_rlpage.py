@@ -214,7 +214,7 @@ class SharedPage:
                     self._leave(f)
             finally:
                 # The users file may be held exclusively here (the last user's judgement):
-                # released inline, since a helper's entry is a point an interrupt can reach.
+                # released inline, since a function's entry is a point an interrupt can reach.
                 ufd, f.ufd = f.ufd, -1
                 if ufd >= 0:
                     os.close(ufd)
