@@ -191,7 +191,7 @@ def each_point(
                 op(lim)
         except KeyboardInterrupt:
             assert inj.fired
-        gc.collect()  # what the interrupt left goes now, not in the middle of the next run
+        gc.collect(0)  # what the interrupt left goes now, not in the middle of the next run
         yield lim, inj.fired
         if not inj.fired:
             assert k >= 3  # the operation did run through some points
@@ -348,7 +348,7 @@ def test_an_interrupt_anywhere_in_the_constructor_leaves_nothing_held(
         except KeyboardInterrupt:
             pass
         # What an interrupted constructor held goes with the garbage it left.
-        gc.collect()
+        gc.collect(0)
         assert_nothing_held(name, open_users=len(made) + (existing == "in use"))
         for lim in made:
             assert_sound(clock, lim, *([b] if existing == "in use" else []))
@@ -397,7 +397,7 @@ def test_an_interrupt_anywhere_in_a_sweep_holds_nothing(clock: list[int]) -> Non
         inj = Interrupts(k)
         with contextlib.suppress(KeyboardInterrupt), inj.armed():
             _rlpage.sweep()
-        gc.collect()
+        gc.collect(0)
         if os.path.exists(paths(name)[1]):
             assert_nothing_held(name, open_users=0)
         _rlpage.sweep()  # the next sweep finishes the job
