@@ -23,12 +23,13 @@ Linux-only. flock has neither problem.) A process stopped while holding it (SIGS
 does hold it: the others wait until it runs again.
 
 *Interrupts* (KeyboardInterrupt, or any exception a signal handler raises) reach Python code
-only at function entry, after a call returns and at backward jumps. So every lock here is taken
-on a descriptor that an owner already holds, inside the ``try`` that releases it, and every
-descriptor is stored into its :class:`Files` by the statement that opens it: whatever the
-instant of an interrupt, a lock taken is released by a ``finally`` or by the release of the
-``Files`` that owns its descriptor (explicitly, or when it is garbage-collected). At worst a
-descriptor just opened, with no lock on it, is lost.
+(CPython 3.10 and later) at a function's entry, after a call returns and at backward jumps, and
+as the failure of a blocking call. So every lock here is taken on a descriptor that an owner
+already holds, inside the ``try`` that releases it; a lock that could keep others waiting is
+released by a call written in the ``finally`` itself (a function's entry is a point an interrupt
+can reach); and every descriptor is stored into its :class:`Files` by the statement that opens
+it, so that the ``Files`` (released explicitly, or when it is garbage-collected) owns whatever
+an interrupt cut short. At worst a descriptor just opened, with no lock on it, is lost.
 
 *The pipe's number never changes while anyone may read it.* Takes from the FIFO run without any
 lock, so a descriptor number they loaded must not be closed under them (another thread could
@@ -52,7 +53,6 @@ against the inode) without waiting for any lock, and closes the inherited ones.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import mmap
@@ -61,7 +61,6 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator
 
 __all__ = [
     "PAGE_SIZE",
@@ -209,16 +208,6 @@ class Files:
     def fifo_ino(self) -> int:
         return os.fstat(self.pipe).st_ino
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the page's cross-process lock (the caller holds its thread lock)."""
-        fd = self.fd
-        try:
-            _flock(fd, _EX)
-            yield
-        finally:
-            _flock(fd, _UN)
-
     def release(self) -> None:
         """Give up the users registration and the page lock's descriptor, and point ``pipe``
         at a dead pipe. Idempotent; each descriptor is marked closed before it is closed, so
@@ -324,7 +313,3 @@ def unlink_set(f: Files, data_path: str, users_path: str, pool_path: str) -> Non
         if fd >= 0 and names_same_file(fd, path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-
-def errno_is_missing(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

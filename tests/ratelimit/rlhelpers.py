@@ -3,6 +3,7 @@ children), unique names, the leftover-files check and the sliding-window count."
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import secrets
@@ -64,6 +65,26 @@ def check_no_leftovers() -> Iterator[None]:
         judge_later(base)
     left = sorted(set(our_files()) - before)
     assert not left, f"shared-memory files left behind (held, or kept for ever): {left}"
+
+
+def assert_nothing_held(name: str, *, open_users: int) -> None:
+    """No thread lock of any instance is held, the page lock is free, and nobody holds the
+    users file exclusively (which would keep new users waiting)."""
+    data_path, users_path, _ = paths(name)
+    if os.path.exists(users_path):  # (gone with a last user that owed nothing)
+        fd = os.open(users_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # raises if someone holds LOCK_EX
+            if not open_users:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody left registered
+        finally:
+            os.close(fd)
+    if os.path.exists(data_path):
+        fd = os.open(data_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the page lock is held
+        finally:
+            os.close(fd)
 
 
 Event = tuple[int, int] | tuple[int, int, int]
