@@ -184,7 +184,7 @@ def lock_floor(n: int) -> float:
     """Microseconds per ``flock(LOCK_EX)`` + ``flock(LOCK_UN)`` on a limiter's page, called from
     Python: the robust lock a take needs when the pool is empty, measured alone."""
     lim = RateLimiter(10.0**9, burst=10**6)
-    fd, flock, ex, un = lim._page.fd, fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
+    fd, flock, ex, un = lim._page.files.fd, fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN
     start = time.perf_counter()
     for _ in range(n):
         flock(fd, ex)

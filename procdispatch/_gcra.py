@@ -23,7 +23,11 @@ that this bound is the promise made to the user:
   ``limit`` units. ``b = 1`` (the default) spaces units evenly at the full rate; a larger ``b``
   lets ``b`` units go at once and pays for it in sustained rate (``limit - b + 1`` per
   interval). The textbook mapping (``T = interval / limit``, ``b = limit``) would admit up to
-  ``2*limit - 1`` in one window, which is why it is not used.
+  ``2*limit - 1`` in one window, which is why it is not used. ``b`` is the Rate's own
+  ``burst`` when it was given one below its limit (``Rate(limit, interval, burst=b)``,
+  pyrate's way to say "``b`` at once"), and the limiter's ``burst`` argument otherwise: a
+  Rate's burst left at pyrate's default, the limit, cannot be told from one set to the limit,
+  and both mean "the limiter's burst", as they always have.
 
 Several windows all hold: an arrival is admitted only if every window admits it, and then every
 TAT moves (all or nothing). :meth:`Gcra.take` can also admit *in the future*: with
@@ -38,6 +42,10 @@ admissions ``j``, of ``t_j + T * (units admitted from j on)``: dropping ``w`` un
 ``r`` lowers the terms for ``j <= r`` by ``w*T`` and leaves those for ``j > r``, each at most
 ``last + T * (units admitted after r)``. :meth:`Gcra.refund` keeps the larger of the two bounds:
 exact when nothing was admitted since the reservation, never more generous than the truth.
+
+Merging. When two states that were kept apart (one limiter's budget split over two pages, say)
+become one again, each window's outstanding debt, ``TAT - now`` where positive, is added to the
+other's: the merged window is as far from full as both were together (:meth:`Gcra.merge`).
 
 A state is a flat tuple of ints, the layout of a slot in shared memory::
 
@@ -54,11 +62,21 @@ from typing import Any, Protocol
 
 from .errors import OptionsError
 
-__all__ = ["MAX_WINDOWS", "NS_PER_S", "Gcra", "ParsedRate", "State", "Window", "parse_rate"]
+__all__ = [
+    "MAX_WINDOWS",
+    "NS_PER_S",
+    "Gcra",
+    "ParsedRate",
+    "State",
+    "Window",
+    "parse_rate",
+    "seconds_ns",
+]
 
 NS_PER_S = 1_000_000_000
 MAX_WINDOWS = 32
 _MAX_SPAN_NS = 2**60  # keeps every TAT well inside int64
+_FOREVER_NS = 2**62
 
 State = tuple[int, ...]
 
@@ -198,6 +216,27 @@ class Gcra:
             new.append((tat if tat > at else at) + weight * emission)
         return wait, tuple(new)
 
+    def owes(self, state: State, now: int) -> bool:
+        """Whether any window is below full at ``now`` (some TAT after it): a state that owes
+        nothing admits exactly what :meth:`initial` would."""
+        for tat in state[2:]:  # noqa: SIM110 (a generator closed early can swallow an interrupt)
+            if tat > now:
+                return True
+        return False
+
+    def merge(self, state: State, other: State, now: int) -> State:
+        """``state`` with ``other``'s outstanding debt at ``now`` added to every window (each
+        TAT moves by ``other``'s ``TAT - now`` where positive). The unit count grows by the
+        units that debt stands for, and the latest admission is the later one, so that refunds
+        of admissions made before the merge count the merged ones as later: strict."""
+        tats = []
+        units = 0
+        for mine, theirs, (emission, _) in zip(state[2:], other[2:], self._pairs, strict=True):
+            debt = theirs - now if theirs > now else 0
+            tats.append((mine if mine > now else now) + debt)
+            units = max(units, -(-debt // emission))
+        return (state[0] + units, max(state[1], other[1]), *tats)
+
     def refund(self, state: State, weight: int, units_at_take: int) -> State:
         """Give back ``weight`` units of an admission after which the unit count was
         ``units_at_take``. Exact when nothing was admitted since; never more generous."""
@@ -223,18 +262,23 @@ class ParsedRate:
     per_second: float  # nominal long-run rate
 
 
-def parse_rate(rate: Any, burst: Any = 1) -> ParsedRate:
+def parse_rate(
+    rate: Any, burst: Any = 1, *, what: str = "rate", burst_what: str = "burst"
+) -> ParsedRate:
     """Validate a rate (events per second, a pyrate-limiter Rate or a sequence of them) and a
-    burst into GCRA windows; raise OptionsError naming the field, the rule and the value."""
+    burst into GCRA windows; raise OptionsError naming the option (``what`` for the rate,
+    ``burst_what`` for the burst, as the caller's user spelled them), the rule and the value."""
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise OptionsError(f"burst must be an int >= 1 (got {burst!r})")
+        raise OptionsError(f"{burst_what} must be an int >= 1 (got {burst!r})")
     if isinstance(rate, (int, float)) and not isinstance(rate, bool):
         if not math.isfinite(rate) or rate <= 0:
             raise OptionsError(
-                f"rate must be a finite number of events per second > 0 (got {rate!r})"
+                f"{what} must be a finite number of events per second > 0 (got {rate!r})"
             )
         emission = -((-NS_PER_S) // Fraction(rate))  # exact ceil(1 s / rate)
-        return _checked(rate, (Window(max(1, emission), burst),), f"{rate!r}/s, burst={burst}")
+        return _checked(
+            rate, what, (Window(max(1, emission), burst),), f"{rate!r}/s, burst={burst}"
+        )
     from pyrate_limiter import Rate  # imported only when used: it is slow to import
 
     if isinstance(rate, Rate):
@@ -243,37 +287,73 @@ def parse_rate(rate: Any, burst: Any = 1) -> ParsedRate:
         rates = list(rate)
     else:
         raise OptionsError(
-            "rate must be events per second, a pyrate_limiter.Rate or a sequence of Rate "
-            f"(got {rate!r})"
+            f"{what} must be a number of events per second > 0, a pyrate-limiter Rate or a "
+            f"sequence of Rates (got {rate!r})"
         )
     if not 1 <= len(rates) <= MAX_WINDOWS:
-        raise OptionsError(f"rate must hold 1 to {MAX_WINDOWS} Rate objects (got {rates!r})")
-    for r in rates:
-        if not isinstance(r, Rate):
-            raise OptionsError(f"rate must hold only pyrate_limiter.Rate objects (got {r!r})")
-        for field, value in (("limit", r.limit), ("interval", r.interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise OptionsError(f"Rate.{field} must be an int > 0 (got {value!r} in {r!r})")
-        if getattr(r, "burst", r.limit) != r.limit:
-            raise OptionsError(
-                "Rate.burst must be left at its default (the limit); pass RateLimiter(burst=...) "
-                f"instead (got burst={r.burst!r} in {r!r})"
-            )
-    smallest = min(r.limit for r in rates)
-    if burst > smallest:
-        raise OptionsError(f"burst must be <= the smallest Rate.limit, {smallest} (got {burst})")
+        raise OptionsError(f"{what} must hold 1 to {MAX_WINDOWS} Rate objects (got {rates!r})")
+    bursts = [_own_burst(r, what, Rate) for r in rates]
+    shared = [r.limit for r, own in zip(rates, bursts, strict=True) if own is None]
+    if shared and burst > min(shared):
+        raise OptionsError(
+            f"{burst_what} must be <= the smallest Rate.limit, {min(shared)} (got {burst})"
+        )
+    if not shared and burst != 1:
+        raise OptionsError(
+            f"{burst_what} must be left at 1 when every Rate of {what} has its own burst "
+            f"(got {burst})"
+        )
+    used = [burst if own is None else own for own in bursts]
     windows = tuple(
-        Window(r.interval * 1_000_000 // (r.limit - burst + 1) + 1, burst) for r in rates
+        Window(r.interval * 1_000_000 // (r.limit - b + 1) + 1, b)
+        for r, b in zip(rates, used, strict=True)
     )
-    text = ", ".join(f"Rate({r.limit}, {r.interval} ms)" for r in rates)
-    per_second = min((r.limit - burst + 1) * 1000 / r.interval for r in rates)
-    return _checked(rate, windows, f"[{text}], burst={burst}", per_second)
+    text = ", ".join(
+        f"Rate({r.limit}, {r.interval} ms{'' if own is None else f', burst={own}'})"
+        for r, own in zip(rates, bursts, strict=True)
+    )
+    per_second = min(
+        (r.limit - b + 1) * 1000 / r.interval for r, b in zip(rates, used, strict=True)
+    )
+    return _checked(rate, what, windows, f"[{text}], burst={burst}", per_second)
+
+
+def _own_burst(r: Any, what: str, rate_type: Any) -> int | None:
+    """A Rate's own burst if it was given one below its limit, else None (the limiter's burst
+    applies); raise OptionsError for anything that is not a valid Rate."""
+    if not isinstance(r, rate_type):
+        raise OptionsError(f"{what} must hold only pyrate_limiter.Rate objects (got {r!r})")
+    for field in ("limit", "interval"):
+        value = getattr(r, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise OptionsError(
+                f"Rate.{field} of {what} must be an int > 0 (got {value!r} in {r!r})"
+            )
+    own = getattr(r, "burst", r.limit)
+    if isinstance(own, bool) or not isinstance(own, int) or not 1 <= own <= r.limit:
+        raise OptionsError(
+            f"Rate.burst of {what} must be an int from 1 to the Rate's limit, {r.limit} "
+            f"(got {own!r} in {r!r})"
+        )
+    return None if own == r.limit else own
 
 
 def _checked(
-    rate: Any, windows: tuple[Window, ...], text: str, per_second: float | None = None
+    rate: Any, what: str, windows: tuple[Window, ...], text: str, per_second: float | None = None
 ) -> ParsedRate:
     for w in windows:
         if w.emission_ns * (w.capacity + 1) > _MAX_SPAN_NS:
-            raise OptionsError(f"rate must admit at least one event per 30 years (got {rate!r})")
+            raise OptionsError(f"{what} must admit at least one event per 30 years (got {rate!r})")
     return ParsedRate(windows, text, float(rate) if per_second is None else per_second)
+
+
+def seconds_ns(value: float | None, field: str, *, none_ok: bool) -> int:
+    """A timeout-like argument in nanoseconds (None: for ever, where allowed)."""
+    if value is None:
+        if none_ok:
+            return _FOREVER_NS
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        ns = value * NS_PER_S
+        return _FOREVER_NS if ns >= _FOREVER_NS else int(ns)
+    rule = "None or a number" if none_ok else "a number"
+    raise OptionsError(f"{field} must be {rule} of seconds >= 0 (got {value!r})")

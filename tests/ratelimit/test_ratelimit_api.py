@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from pyrate_limiter import Duration, Rate
-from rlhelpers import check_no_leftovers, count_tries, our_files, unique_name
+from rlhelpers import check_no_leftovers, count_tries, discard, our_files, unique_name
 
 from procdispatch._ratelimit import _SLOTS, _W_SEQ, RateLimiter
 from procdispatch._shmpage import paths
@@ -166,6 +166,32 @@ def test_invalid_arguments_raise_options_error(
     assert not our_files()
 
 
+def test_check_rates_names_the_options_as_the_caller_spelled_them() -> None:
+    with pytest.raises(OptionsError) as info:
+        RateLimiter.check_rates("fast", 1, what="qps_limit", burst_what="qps_burst")
+    assert str(info.value) == (
+        "qps_limit must be a number of events per second > 0, a pyrate-limiter Rate or a "
+        "sequence of Rates (got 'fast')"
+    )
+    with pytest.raises(OptionsError, match=r"^qps_burst must be an int >= 1 \(got 0\)$"):
+        RateLimiter.check_rates(5.0, 0, what="qps_limit", burst_what="qps_burst")
+    with pytest.raises(OptionsError, match=r"^rate must be a finite number of events"):
+        RateLimiter.check_rates(0.0)  # the constructor's own names by default
+    RateLimiter.check_rates(Rate(5, Duration.SECOND, burst=2), what="qps_limit")
+    assert not our_files()
+
+
+def test_a_rate_with_its_own_burst_lets_that_many_go_at_once() -> None:
+    with RateLimiter(Rate(4, Duration.HOUR, burst=2)) as lim:
+        assert [lim.try_acquire() for _ in range(3)] == [True, True, False]
+        with pytest.raises(OptionsError, match=r"weight must be an int from 1 to 2 "):
+            lim.try_acquire(3)
+        # Then 4 - 2 + 1 = 3 per hour: the third of the hour 20 minutes on.
+        assert 1190 < lim.reserve() <= 1200
+    with pytest.raises(OptionsError, match=r"Rate\.burst of rate must be an int from 1 to"):
+        RateLimiter(Rate(4, Duration.HOUR, burst=5))
+
+
 def test_two_instances_with_one_name_share_one_budget() -> None:
     name = unique_name()
     with RateLimiter(HOURLY, burst=5, name=name) as a, RateLimiter(HOURLY, burst=5, name=name) as b:
@@ -181,6 +207,9 @@ def test_any_string_is_a_name() -> None:
         assert os.path.basename(paths(name)[0]).startswith("procdispatch-rl-")
         assert a.try_acquire(2) is True
         assert b.try_acquire() is False
+    with RateLimiter(HOURLY, burst=2, name=name) as c:  # kept for its debt, under the hash
+        assert c.try_acquire() is False
+    discard(name)
     assert not os.path.exists(paths(name)[0])
 
 
@@ -252,16 +281,27 @@ def test_repr_name_and_properties() -> None:
         assert "[Rate(20, 1000 ms)], burst=1" in repr(anon)
 
 
-def test_files_exist_while_open_and_go_with_the_last_user() -> None:
+def test_files_exist_while_open_and_go_with_the_last_user_when_they_owe_nothing() -> None:
     name = unique_name()
     files = paths(name)  # the page, the users file and the pool's FIFO
-    a = RateLimiter(5.0, name=name)
+    a = RateLimiter(5.0, burst=2, name=name)
     b = pickle.loads(pickle.dumps(a))
     assert all(os.path.exists(f) for f in files)
     assert stat.S_ISFIFO(os.stat(files[2]).st_mode)
     a.close()
     assert all(os.path.exists(f) for f in files)  # b still uses them
-    assert b.try_acquire() is True
+    b.close()  # nothing was ever taken: a fresh page would behave the same
+    assert not any(os.path.exists(f) for f in files)
+
+
+def test_an_unnamed_limiters_files_go_with_its_last_user_even_owing() -> None:
+    # Nobody can open it again by its generated name once every copy is gone.
+    a = RateLimiter(HOURLY, burst=2)
+    b = pickle.loads(pickle.dumps(a))
+    files = paths(a.name)
+    assert a.try_acquire(2) is True
+    a.close()
+    assert all(os.path.exists(f) for f in files)
     b.close()
     assert not any(os.path.exists(f) for f in files)
 
@@ -277,8 +317,9 @@ def test_a_torn_write_into_the_idle_slot_changes_nothing() -> None:
     with RateLimiter(HOURLY, burst=3) as lim:
         assert lim.try_acquire() is True
         before = lim._state_for_tests()
-        idle = _SLOTS[~lim._page.mv[_W_SEQ] & 1]
-        lim._page.mm[idle : idle + 24] = b"\xa5" * 24
+        f = lim._page.files
+        idle = _SLOTS[~f.mv[_W_SEQ] & 1]
+        f.mm[idle : idle + 24] = b"\xa5" * 24
         assert lim._state_for_tests() == before
         assert [lim.try_acquire() for _ in range(3)] == [True, True, False]
 

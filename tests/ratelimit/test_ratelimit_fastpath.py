@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pyrate_limiter import Rate
 from rlhelpers import check_no_leftovers, unique_name
 
-from procdispatch import _ratelimit
+from procdispatch import _ratelimit, _rlstate
 from procdispatch._ratelimit import RateLimiter
 
 
@@ -36,6 +36,7 @@ def literal_clock(monkeypatch: pytest.MonkeyPatch, start: int) -> list[int]:
     """The limiter's clock, as ``clock[0]`` nanoseconds that only the test moves."""
     clock = [start]
     monkeypatch.setattr(_ratelimit, "_now", lambda: clock[0])
+    monkeypatch.setattr(_rlstate, "_now", lambda: clock[0])
     return clock
 
 
@@ -114,11 +115,11 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
             if armed[0]:
                 armed[0] = False
                 clock[0] += 1_000_000
-                taken.extend([clock[0]] * len(os.read(other._page.pipe, 2)))
+                taken.extend([clock[0]] * len(os.read(other._page.files.pipe, 2)))
 
         real_count, real_read, real_flock = (
-            _ratelimit._pool_count,
-            _ratelimit._read_some,
+            _rlstate._pool_count,
+            _rlstate._read_some,
             _ratelimit._flock,
         )
 
@@ -133,13 +134,13 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
             return real_read(pipe, n)
 
         def flock(fd: int, op: int) -> None:
-            if op == _ratelimit._EX and fd == a._page.fd and not taken and not armed[0]:
+            if op == _ratelimit._EX and fd == a._page.files.fd and not taken and not armed[0]:
                 other._state_for_tests()  # the other process filled the pool meanwhile
                 armed[0] = True
             real_flock(fd, op)
 
-        monkeypatch.setattr(_ratelimit, "_pool_count", count)
-        monkeypatch.setattr(_ratelimit, "_read_some", read_some)
+        monkeypatch.setattr(_rlstate, "_pool_count", count)
+        monkeypatch.setattr(_rlstate, "_read_some", read_some)
         monkeypatch.setattr(_ratelimit, "_flock", flock)
         assert a.reserve(1, within=5.0) > 0  # nothing in the pool when looked at: booked
         assert taken == [100 * s + 1_000_000] * 2
@@ -156,13 +157,13 @@ def test_an_interrupted_refund_called_again_gives_back_nothing_twice(
     with RateLimiter(1.0, burst=3) as lim:
         lim._state_for_tests()  # the pool holds the burst
         assert lim.reserve(3) == 0.0
-        real = _ratelimit._pool_count
+        real = _rlstate._pool_count
 
         def interrupted(pipe: int) -> int:  # a Ctrl-C inside the refund's update
-            monkeypatch.setattr(_ratelimit, "_pool_count", real)
+            monkeypatch.setattr(_rlstate, "_pool_count", real)
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(_ratelimit, "_pool_count", interrupted)
+        monkeypatch.setattr(_rlstate, "_pool_count", interrupted)
         with pytest.raises(KeyboardInterrupt):
             lim.refund(3)
         with pytest.raises(ValueError, match="must not exceed the 0 token"):
@@ -183,7 +184,7 @@ def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
     clock = literal_clock(monkeypatch, 100 * s)
     with sharing(1.0, 3, 2) as (a, other):
         other._state_for_tests()  # the pool holds the burst
-        real = a._page.mv
+        real = a._page.files.mv
         reads = [0]
 
         class Moving:  # the page as `a` sees it: another update publishes after seq is read
@@ -197,9 +198,9 @@ def test_a_pool_take_whose_count_may_be_torn_is_refunded_strictly(
             def __setitem__(self, i: int, v: int) -> None:
                 real[i] = v
 
-        monkeypatch.setattr(a._page, "mv", Moving())
+        monkeypatch.setattr(a._page.files, "mv", Moving())
         assert a.reserve(1) == 0.0
-        monkeypatch.setattr(a._page, "mv", real)
+        monkeypatch.setattr(a._page.files, "mv", real)
         assert a._page.local.reserved[-1][2] == 0  # floor unknown
         before = a._state_for_tests()
         clock[0] += 5 * s

@@ -51,8 +51,8 @@ def test_description_and_nominal_rate() -> None:
         (-1.5, 1, "rate must be a finite number of events per second > 0 (got -1.5)"),
         (math.nan, 1, "rate must be a finite number of events per second > 0 (got nan)"),
         (math.inf, 1, "rate must be a finite number of events per second > 0 (got inf)"),
-        (True, 1, "rate must be events per second, a pyrate_limiter.Rate or a sequence"),
-        ("10", 1, "rate must be events per second, a pyrate_limiter.Rate or a sequence"),
+        (True, 1, "rate must be a number of events per second > 0, a pyrate-limiter Rate or a"),
+        ("10", 1, "rate must be a number of events per second > 0, a pyrate-limiter Rate or a"),
         ([], 1, "rate must hold 1 to 32 Rate objects (got [])"),
         ([Rate(1, 1000)] * 33, 1, "rate must hold 1 to 32 Rate objects"),
         ([Rate(1, 1000), 5.0], 1, "rate must hold only pyrate_limiter.Rate objects (got 5.0)"),
@@ -60,7 +60,8 @@ def test_description_and_nominal_rate() -> None:
         (10.0, 2.0, "burst must be an int >= 1 (got 2.0)"),
         (10.0, True, "burst must be an int >= 1 (got True)"),
         (Rate(3, 1000), 4, "burst must be <= the smallest Rate.limit, 3 (got 4)"),
-        (Rate(5, 1000, burst=2), 1, "Rate.burst must be left at its default (the limit)"),
+        (Rate(5, 1000, burst=6), 1, "Rate.burst of rate must be an int from 1 to the Rate's"),
+        (Rate(5, 1000, burst=2), 2, "burst must be left at 1 when every Rate of rate has its"),
         (1e-12, 1, "rate must admit at least one event per 30 years (got 1e-12)"),
     ],
 )
@@ -73,13 +74,96 @@ def test_invalid_rates_raise_options_error_naming_field_rule_and_value(
     assert isinstance(info.value, ValueError)
 
 
+def test_a_rate_with_its_own_burst_lets_that_many_go_at_once_and_keeps_its_limit() -> None:
+    # Rate(10, 1 s, burst=3): pyrate's "3 at once"; 10 - 3 + 1 = 8 intervals per second.
+    parsed = parse_rate(Rate(10, Duration.SECOND, burst=3), 1)
+    assert parsed.windows == (Window(NS_PER_S // 8 + 1, 3),)
+    (window,) = parsed.windows
+    assert window.max_units(0) == 3
+    assert window.max_units(NS_PER_S) <= 10
+    assert parsed.per_second == 8.0
+    assert parsed.description == "[Rate(10, 1000 ms, burst=3)], burst=1"
+    g = Gcra(parsed.windows)
+    s = g.initial()
+    for _ in range(3):
+        s = admit(g, s, 10**12, 1)
+    assert g.take(s, 10**12, 1)[1] is None  # the fourth at that instant: refused
+
+
+def test_a_rates_own_burst_is_for_its_window_and_the_limiters_burst_for_the_others() -> None:
+    parsed = parse_rate([Rate(10, Duration.SECOND, burst=3), Rate(100, Duration.MINUTE)], 2)
+    assert [w.capacity for w in parsed.windows] == [3, 2]
+    assert Gcra(parsed.windows).capacity == 2  # every window must hold a take at once
+    # A burst equal to the limit is pyrate's default: the limiter's burst applies.
+    assert parse_rate(Rate(5, Duration.SECOND, burst=5), 2).windows == (
+        Window(NS_PER_S // 4 + 1, 2),
+    )
+    # The limiter's burst is checked against the Rates it applies to only.
+    assert parse_rate([Rate(10, 1000, burst=4), Rate(3, 1000)], 3).windows[0].capacity == 4
+    with pytest.raises(OptionsError, match=r"burst must be <= the smallest Rate.limit, 3 \(got 4"):
+        parse_rate([Rate(10, 1000, burst=2), Rate(3, 1000)], 4)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limits=st.lists(
+        st.tuples(st.integers(1, 12), st.integers(1, 40), st.integers(1, 12)),
+        min_size=1,
+        max_size=2,
+    ),
+    steps=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 3), st.booleans()), max_size=200),
+)
+def test_rates_with_their_own_bursts_never_admit_more_than_burst_at_once_or_limit_per_interval(
+    limits: list[tuple[int, int, int]], steps: list[tuple[int, int, bool]]
+) -> None:
+    rates = [Rate(limit, interval, burst=min(b, limit)) for limit, interval, b in limits]
+    g = Gcra(parse_rate(rates, 1).windows)  # the limiter's burst, 1, for the Rates at default
+    smallest_interval_ns = min(interval for _, interval, _ in limits) * 1_000_000
+    state, now, events = g.initial(), 0, []
+    for step, weight, book in steps:
+        now += step * smallest_interval_ns // 10
+        w = min(weight, g.capacity)
+        wait, new = g.take(state, now, w, 10**12 if book else 0)
+        if new is not None:
+            state = new
+            events.append(Admitted(now + wait, w, new[0]))
+    for r in rates:
+        assert max_units_in_span(events, r.interval * 1_000_000) <= r.limit
+        at_once = r.burst if r.burst < r.limit else 1  # else the limiter's burst, 1 here
+        assert max_units_in_span(events, 0) <= at_once
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "message"),
+    [
+        ("fast", 1, "qps_limit must be a number of events per second > 0, a pyrate-limiter "),
+        (-2.0, 1, "qps_limit must be a finite number of events per second > 0 (got -2.0)"),
+        ([], 1, "qps_limit must hold 1 to 32 Rate objects (got [])"),
+        ([Rate(1, 1000), "x"], 1, "qps_limit must hold only pyrate_limiter.Rate objects"),
+        (1e-12, 1, "qps_limit must admit at least one event per 30 years (got 1e-12)"),
+        (5.0, 0, "qps_burst must be an int >= 1 (got 0)"),
+        (Rate(2, 1000), 3, "qps_burst must be <= the smallest Rate.limit, 2 (got 3)"),
+        (Rate(9, 1000, burst=2), 3, "qps_burst must be left at 1 when every Rate of qps_limit"),
+        (Rate(2, 1000, burst=3), 1, "Rate.burst of qps_limit must be an int from 1 to the"),
+    ],
+)
+def test_messages_name_the_options_as_the_caller_spelled_them(
+    rate: object, burst: object, message: str
+) -> None:
+    with pytest.raises(OptionsError) as info:
+        parse_rate(rate, burst, what="qps_limit", burst_what="qps_burst")
+    assert message in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("field", "value"), [("limit", 0), ("limit", -3), ("interval", 0), ("interval", -1000)]
 )
 def test_rate_with_non_positive_limit_or_interval_is_refused(field: str, value: int) -> None:
     rate = Rate(5, 1000)  # pyrate-limiter asserts on some of these itself: build, then break
     setattr(rate, field, value)
-    with pytest.raises(OptionsError, match=rf"Rate.{field} must be an int > 0 \(got {value} in"):
+    with pytest.raises(
+        OptionsError, match=rf"Rate.{field} of rate must be an int > 0 \(got {value} in"
+    ):
         parse_rate([Rate(5, 1000), rate], 1)
 
 
