@@ -110,9 +110,9 @@ class ProcessChannel(Generic[T]):
         else:
             adm._pending_sized = True
         opts.backend.open(send_fn, opts)  # before any thread or process exists: may refuse
-        limiter = _make_limiter(opts.qps_limit, opts.qps_burst)
+        limiter = _make_limiter(opts.qps)
         # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
-        owned = limiter is not None and limiter is not opts.qps_limit
+        owned = limiter is not None and limiter is not opts.qps
         self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
         coord.start()
@@ -269,11 +269,13 @@ class ProcessChannel(Generic[T]):
         )
 
 
-def _make_limiter(qps_limit: object, burst: int) -> Any:
-    if qps_limit is None:
+def _make_limiter(qps: Any) -> Any:
+    """The channel's limiter: the user's RateLimiter as given, or one of our own for a parsed
+    rate (from the one parse of qps_limit; ours to close)."""
+    if qps is None:
         return None
     from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
 
-    if isinstance(qps_limit, RateLimiter):
-        return qps_limit
-    return RateLimiter(qps_limit, burst=burst)  # type: ignore[arg-type]
+    if isinstance(qps, RateLimiter):
+        return qps
+    return RateLimiter._for(qps)

@@ -231,6 +231,9 @@ class Coordinator:
             for b in buf.force_lease_all():
                 buf.ack(b)
                 self.outcomes.drop(b)
+            if self._qps_booked and self._limiter is not None:
+                self._qps_booked = False
+                self._limiter.refund()  # nothing will be sent with it
             return
         if now < self._qps_wait_until:
             return
@@ -317,6 +320,11 @@ class Coordinator:
         for s in pool.slots:
             if s.batches or s.state is STARTING:  # send_timeout, or start_timeout
                 deadline = min(deadline, s.deadline)
+        if self._qps_booked:
+            # A booked token is good at its instant only: the loop wakes then to use it or
+            # give it back, even with no worker free now (used later, next to a fresh token,
+            # it could make a burst the limiter never allowed).
+            deadline = min(deadline, self._qps_wait_until)
         if cancelling:
             deadline = min(deadline, self._cancel_deadline)
         if self.workers.to_respawn:

@@ -18,10 +18,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._fullbehavior import check_int_limit
 from .backends import Backend, make_backend
+
+if TYPE_CHECKING:
+    from ._gcra import ParsedRate
+    from ._ratelimit import RateLimiter
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
@@ -255,14 +259,13 @@ class Options:
                 f"batch_size_max needs item_size to measure items (got batch_size_max="
                 f"{self.batch_size_max!r}, item_size=None)"
             )
-        _int("qps_burst", self.qps_burst, allow_none=False)
-        check_qps_limit(self.qps_limit)
+        qps = _qps(self.qps_limit, self.qps_burst)
         min_qps = self.min_qps
         _number("min_qps", min_qps, minimum=0, strict=True, allow_none=True)
         if min_qps is not None:
             if math.isinf(min_qps):
                 raise OptionsError(f"min_qps must be finite (got {min_qps!r})")
-            cap = qps_rate(self.qps_limit)
+            cap = None if qps is None else _per_second(qps)
             if cap is not None and min_qps > cap:
                 raise OptionsError(
                     f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
@@ -288,8 +291,7 @@ class Options:
             max_leases=leases,
             buffer=buf,
             item_size=self.item_size,
-            qps_limit=self.qps_limit,
-            qps_burst=self.qps_burst,
+            qps=qps,
             min_qps=_float_or_none(min_qps),
             on_error=self.on_error,
             on_drop=self.on_drop,
@@ -329,8 +331,9 @@ class ChannelOptions:
     max_leases: int
     buffer: BufferOptions
     item_size: Callable[[Any], int] | None
-    qps_limit: object
-    qps_burst: int
+    #: ``qps_limit`` normalised once: the user's RateLimiter, the parsed rate of a number or
+    #: Rate(s) (with ``qps_burst``), or None.
+    qps: RateLimiter | ParsedRate | None
     min_qps: float | None
     on_error: Callable[[Any, BaseException], bool] | None
     on_drop: Callable[[Any, bool], None] | None
@@ -347,40 +350,26 @@ class ChannelOptions:
     backend: Backend
 
 
-def check_qps_limit(qps_limit: object) -> None:
-    """Validate ``qps_limit``: None, a rate > 0, pyrate-limiter Rate(s), or a RateLimiter."""
+def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | None:
+    """``qps_limit`` normalised once; OptionsError names the options as the user spelled them."""
     if qps_limit is None:
-        return
+        _int("qps_burst", qps_burst, allow_none=False)
+        return None
     from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
 
     if isinstance(qps_limit, RateLimiter):
+        _int("qps_burst", qps_burst, allow_none=False)
         if qps_limit.closed:
             raise OptionsError(f"qps_limit must be an open RateLimiter (got {qps_limit!r})")
-        return
-    if isinstance(qps_limit, bool):
-        raise OptionsError(
-            f"qps_limit must be a rate > 0, Rate(s) or a RateLimiter (got {qps_limit!r})"
-        )
-    if isinstance(qps_limit, (int, float)):
-        if math.isnan(qps_limit) or math.isinf(qps_limit) or qps_limit <= 0:
-            raise OptionsError(
-                f"qps_limit must be a finite number of sends per second > 0 or None "
-                f"(got {qps_limit!r})"
-            )
-        return
-    # Rate objects (or a sequence of them) are validated by RateLimiter itself.
-    RateLimiter.check_rates(qps_limit)
+        return qps_limit
+    from ._gcra import parse_rate
+
+    return parse_rate(qps_limit, qps_burst, what="qps_limit", burst_what="qps_burst")
 
 
-def qps_rate(qps_limit: object) -> float | None:
-    """The long-run sends per second that ``qps_limit`` allows (None: unlimited)."""
-    if qps_limit is None:
-        return None
-    if isinstance(qps_limit, (int, float)) and not isinstance(qps_limit, bool):
-        return float(qps_limit)
-    from ._ratelimit import RateLimiter
+def _per_second(qps: RateLimiter | ParsedRate) -> float:
+    """The long-run sends per second a normalised ``qps_limit`` allows (one formula:
+    :func:`~procdispatch._gcra.parse_rate`'s)."""
+    from ._gcra import ParsedRate
 
-    if isinstance(qps_limit, RateLimiter):
-        return float(qps_limit.rate_per_second)
-    rates: Sequence[Any] = qps_limit if isinstance(qps_limit, Sequence) else [qps_limit]
-    return float(min(r.limit * 1000.0 / r.interval for r in rates))
+    return qps.per_second if isinstance(qps, ParsedRate) else qps.rate_per_second

@@ -95,6 +95,15 @@ class RateLimiter:
         sweep()
         self._setup(name, parsed, kept)
 
+    @classmethod
+    def _for(cls, parsed: ParsedRate) -> RateLimiter:
+        """An unnamed limiter for a rate the caller has already parsed (a channel's
+        ``qps_limit``: parsed once, with the channel's option names in its messages)."""
+        limiter = cls.__new__(cls)
+        sweep()
+        limiter._setup(f"a{os.getpid()}x{secrets.token_hex(8)}", parsed, False)
+        return limiter
+
     @staticmethod
     def check_rates(
         rate: object, burst: object = 1, *, what: str = "rate", burst_what: str = "burst"

@@ -55,8 +55,8 @@ class AdmissionLog(pd.RateLimiter):
 
     made: ClassVar[list[AdmissionLog]] = []
 
-    def __init__(self, rate: Any, *, burst: int = 1, name: str | None = None) -> None:
-        super().__init__(rate, burst=burst, name=name)
+    def _setup(self, *args: Any) -> None:  # every way of making a limiter goes through here
+        super()._setup(*args)
         AdmissionLog.made.append(self)
         self.entries: list[list[float]] = []  # [earliest ns, latest ns, still counted]
         self._mine = threading.local()

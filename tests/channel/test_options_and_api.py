@@ -65,8 +65,14 @@ def test_all_is_exactly_the_documented_api():
         ({"delivery_timeout": -1}, "delivery_timeout must be a number > 0 or None (got -1)"),
         ({"raise_on_drop": 1}, "raise_on_drop must be a bool (got 1)"),
         ({"fifo": True, "workers": 2}, "fifo=True needs max_leases == 1 (got 2)"),
-        ({"qps_limit": 0}, "qps_limit must be a finite number of sends per second > 0"),
+        ({"qps_limit": 0}, "qps_limit must be a finite number of events per second > 0"),
         ({"qps_limit": float("inf")}, "qps_limit must be a finite number"),
+        (
+            {"qps_limit": "fast"},
+            "qps_limit must be a number of events per second > 0, a pyrate-limiter Rate or a "
+            "sequence of Rates (got 'fast')",
+        ),
+        ({"qps_limit": 5, "qps_burst": 0}, "qps_burst must be an int >= 1 (got 0)"),
         ({"qps_burst": 0}, "qps_burst must be an int >= 1 (got 0)"),
         ({"min_qps": 0}, "min_qps must be a number > 0 or None (got 0)"),
         ({"min_qps": 10, "qps_limit": 5}, "min_qps must be <= qps_limit (5 per second) (got 10)"),

@@ -1,0 +1,227 @@
+"""The coordinator's decisions at literal times, on a fake clock with fake workers.
+
+Each test runs the real coordinator loop to the end in this thread (see tests/fakeworld.py):
+the clock jumps from one deadline or scripted event to the next, so ten-second timeouts take
+microseconds and every time asserted is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fakeworld import FakeLimiter, Plan, World, always, run
+
+import procdispatch as pd
+from procdispatch import retry
+
+
+def sends(r: Any) -> list[tuple[float, int, int, list[Any]]]:
+    return [(s.t, s.wid, s.attempt, s.data) for s in r.rec.sent if not s.synthetic]
+
+
+def test_a_partly_filled_batch_is_cut_when_it_reaches_batch_age_max() -> None:
+    r = run(
+        always(Plan("done")),
+        ["a", "b", "c"],
+        close_at=None,
+        script=[(30.0, lambda c: c.adm.request_close())],
+        batch_items_max=10,
+        batch_age_max=10.0,
+    )
+    assert sends(r) == [(10.0, 1, 1, ["a", "b", "c"])]
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (3, 0)
+
+
+def test_close_cuts_the_batch_being_filled_at_once() -> None:
+    r = run(always(Plan("done")), ["a", "b"], close_at=4.0, batch_items_max=10)
+    assert sends(r) == [(4.0, 1, 1, ["a", "b"])]
+
+
+def test_retries_wait_out_the_policy_s_delays() -> None:
+    def fail_three_times(b: pd.Batch[Any], w: Any) -> Plan:
+        if b.attempt <= 3:
+            return Plan("fail", error=pd.TransientError("later"))
+        return Plan("done")
+
+    r = run(
+        fail_three_times,
+        ["x"],
+        batch_items_max=1,
+        retry=retry.exponential(initial=0.25, multiplier=2.0),
+    )
+    assert [(t, a) for t, _, a, _ in sends(r)] == [(0.0, 1), (0.25, 2), (0.75, 3), (1.75, 4)]
+    assert [(t, attempt) for t, _, attempt, _ in r.errors] == [(0.0, 1), (0.25, 2), (0.75, 3)]
+    assert r.stats.items_delivered == 1
+
+
+def test_qps_tokens_space_the_sends() -> None:
+    r = run(
+        always(Plan("done")),
+        list(range(5)),
+        batch_items_max=1,
+        limiter=lambda world: FakeLimiter(world, rate=8.0),
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 0.125, 0.25, 0.375, 0.5]
+
+
+def test_a_token_booked_ahead_and_not_used_is_refunded() -> None:
+    limiters: list[FakeLimiter] = []
+
+    def make(world: World) -> FakeLimiter:
+        limiters.append(FakeLimiter(world, rate=25.0))  # a token every 0.04 s: booked ahead
+        return limiters[0]
+
+    # Workers take 0.1 s to be ready. "a" goes to worker 1 at 0.1; a token is booked for "b"
+    # at 0.14 on worker 2, which dies at 0.12: when the token comes due no worker can take
+    # "b", and the token must not be kept for later (next to a fresh one it could burst).
+    r = run(
+        always(Plan("done", after=1.0)),
+        ["a", "b"],
+        workers=2,
+        batch_items_max=1,
+        limiter=make,
+        ready=0.1,
+        script=[(0.12, lambda c: c.backend.workers[2].kill())],
+    )
+    (lim,) = limiters
+    assert lim.refunds == [0.14]
+    assert [(t, wid) for t, wid, _, _ in sends(r)] == [(0.1, 1), (0.22, 3)]
+    assert lim.admitted == [0.1, 0.22]
+
+
+def test_a_cancel_gives_back_a_token_booked_ahead() -> None:
+    limiters: list[FakeLimiter] = []
+
+    def make(world: World) -> FakeLimiter:
+        limiters.append(FakeLimiter(world, rate=25.0))
+        return limiters[0]
+
+    r = run(
+        always(Plan("done", after=1.0)),
+        ["a", "b"],
+        workers=2,
+        batch_items_max=1,
+        limiter=make,
+        ready=0.1,
+        close_at=None,
+        script=[(0.12, lambda c: c.adm.request_cancel())],
+    )
+    (lim,) = limiters
+    assert lim.refunds == [0.12]
+    assert lim.admitted == [0.1]
+    assert [(t, data) for t, _, _, data, _ in r.drops] == [(0.12, ["b"])]
+
+
+def test_send_timeout_kills_the_worker_and_the_batch_is_retried_on_a_new_one() -> None:
+    def hang_first(b: pd.Batch[Any], w: Any) -> Plan:
+        return Plan("hang") if b.attempt == 1 else Plan("done")
+
+    r = run(hang_first, ["x"], batch_items_max=1, send_timeout=1.0)
+    assert r.rec.kills == [(1.0, 1)]
+    assert r.rec.starts == [(0.0, 1), (1.0, 2)]
+    ((t, bid, attempt, err),) = r.errors
+    assert (t, bid, attempt, type(err)) == (1.0, 1, 1, pd.SendTimeout)
+    assert sends(r) == [(0.0, 1, 1, ["x"]), (1.2, 2, 2, ["x"])]  # the default first delay
+    assert r.stats.worker_restarts == 1
+
+
+def test_min_qps_sends_keep_alive_batches_while_idle() -> None:
+    r = run(always(Plan("done")), [], close_at=1.6, min_qps=2.0)
+    assert [s.t for s in r.rec.sent if s.synthetic] == [0.5, 1.0, 1.5]
+    assert r.stats.items_put == 0  # keep-alives are not items
+
+
+def test_cancel_drops_what_is_queued_and_gives_sends_in_flight_their_grace() -> None:
+    r = run(
+        always(Plan("hang")),
+        ["a", "b", "c"],
+        close_at=None,
+        script=[(1.0, lambda c: c.adm.request_cancel())],
+        batch_items_max=1,
+        cancel_grace=2.0,
+    )
+    assert sends(r) == [(0.0, 1, 1, ["a"])]
+    assert [(t, data) for t, _, _, data, _ in r.drops] == [(1.0, ["b"]), (1.0, ["c"]), (3.0, ["a"])]
+    assert r.rec.kills == [(3.0, 1)]
+    assert all(why is None for *_, why in r.drops)
+
+
+def test_a_second_interrupt_ends_the_grace_at_once() -> None:
+    r = run(
+        always(Plan("hang")),
+        ["a"],
+        close_at=None,
+        script=[
+            (1.0, lambda c: c.adm.request_cancel()),
+            (1.5, lambda c: c.adm.request_cancel(kill=True)),
+        ],
+        batch_items_max=1,
+        cancel_grace=60.0,
+    )
+    assert r.rec.kills == [(1.5, 1)]
+    assert [(t, data) for t, _, _, data, _ in r.drops] == [(1.5, ["a"])]
+
+
+def test_a_worker_is_handed_at_most_max_batches_per_worker_then_replaced() -> None:
+    r = run(
+        always(Plan("done", after=1.0)),
+        list(range(5)),
+        batch_items_max=1,
+        max_batches_per_worker=2,
+    )
+    assert [(t, wid) for t, wid, _, _ in sends(r)] == [
+        (0.0, 1),
+        (1.0, 1),
+        (2.0, 2),
+        (3.0, 2),
+        (4.0, 3),
+    ]
+    assert r.rec.stops == [(2.0, 1), (4.0, 2), (5.0, 3)]  # the last one at the shutdown
+    assert r.rec.starts == [(0.0, 1), (2.0, 2), (4.0, 3)]
+
+
+def test_delivery_timeout_drops_a_batch_waiting_for_its_retry_at_its_deadline() -> None:
+    r = run(
+        always(Plan("fail", after=0.1, error=pd.TransientError("down"))),
+        ["x"],
+        batch_items_max=1,
+        retry=retry.limited(10, delay=1.0),
+        delivery_timeout=2.5,
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 1.1, 2.2]
+    ((t, bid, attempt, data, why),) = r.drops
+    assert (t, bid, attempt, data) == (2.5, 1, 3, ["x"])
+    assert isinstance(why, pd.DeliveryTimeout)
+    assert isinstance(why.last_error, pd.TransientError)
+
+
+def test_a_send_in_flight_at_the_delivery_deadline_decides_by_its_result() -> None:
+    r = run(
+        always(Plan("done", after=5.0)),
+        ["x"],
+        batch_items_max=1,
+        delivery_timeout=1.0,
+    )
+    assert r.drops == []
+    assert r.stats.items_delivered == 1
+
+
+def test_a_worker_not_ready_within_start_timeout_is_killed_and_counts_as_a_failed_start() -> None:
+    with pytest.raises(pd.WorkerStartFailed, match="3 attempts failed in a row") as info:
+        run(always(Plan("done")), ["x"], ready=float("inf"), start_timeout=5.0)
+    assert "did not become ready within start_timeout=5.0s" in str(info.value.__cause__)
+
+
+def test_age_cut_retry_and_timeouts_together_take_no_real_time() -> None:
+    import time
+
+    t0 = time.monotonic()
+    r = run(
+        always(Plan("done", after=3600.0)),
+        list(range(3)),
+        batch_items_max=1,
+        max_leases=1,
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 3600.0, 7200.0]
+    assert time.monotonic() - t0 < 5  # three simulated hours (a bound, not a measurement)
