@@ -63,6 +63,9 @@ class ThreadWorker(WorkerHandle):
         self._ready = threading.Condition(threading.Lock())
         self._out: collections.deque[proto.WorkerMessage] = collections.deque()
         self._abandoned = False
+        # Set once _main has posted its last message: receive() then reports the worker gone,
+        # as a process's end of file does (an init that raised is a failed start at once).
+        self._ended = False
         self._thread: threading.Thread | None = None
         self.pid = os.getpid()
 
@@ -80,6 +83,14 @@ class ThreadWorker(WorkerHandle):
             self._w.send(b"\0")
 
     def _main(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._ended = True
+            with contextlib.suppress(OSError):
+                self._w.send(b"\0")
+
+    def _serve(self) -> None:
         try:
             if self._init is not None:
                 self._init()
@@ -114,7 +125,8 @@ class ThreadWorker(WorkerHandle):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
-        return self.drain(), False
+        ended = self._ended  # read first: every message posted before it is drained below
+        return self.drain(), ended
 
     def drain(self) -> list[proto.WorkerMessage]:
         out: list[proto.WorkerMessage] = []

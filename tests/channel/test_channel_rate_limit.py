@@ -159,6 +159,7 @@ def test_batches_keep_filling_while_the_limit_holds_them_back(tmp_path, make_cha
     assert all(len(d) == 10 for d in sent)  # full batches, not a send per item
 
 
+@pytest.mark.needs("processes", why="the limiter is shared by worker processes")
 def test_workers_pace_sub_requests_with_a_shared_limiter(tmp_path, make_channel):
     from workerfns import PacedSender
 

@@ -6,11 +6,12 @@ import collections
 import gc
 import threading
 import time
+import traceback
 import warnings
 from typing import Any
 
 import pytest
-from conftest import worker_processes
+from conftest import CAPABILITIES, worker_processes
 from workerfns import Gate, Log, Recorder, delivered_items, wait_for
 
 import procdispatch as pd
@@ -75,7 +76,7 @@ def test_on_error_false_drops_the_batch_and_the_rest_arrive(tmp_path, make_chann
     assert (s.items_delivered, s.items_dropped, s.batches_dropped) == (6, 2, 2)
 
 
-def test_exception_keeps_its_type_with_worker_traceback_as_cause(make_channel):
+def test_exception_keeps_its_type_with_worker_traceback_as_cause(make_channel, backend):
     seen: list[BaseException] = []
 
     def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
@@ -87,8 +88,11 @@ def test_exception_keeps_its_type_with_worker_traceback_as_cause(make_channel):
     assert ch.close_and_drain(30)
     (e,) = seen
     assert type(e) is KeyError
-    assert isinstance(e.__cause__, pd.errors.RemoteTraceback)
-    assert "_raise_keyerror" in str(e.__cause__)
+    if "pickling" in CAPABILITIES[backend]:  # the worker's traceback came back as text
+        assert isinstance(e.__cause__, pd.errors.RemoteTraceback)
+        assert "_raise_keyerror" in str(e.__cause__)
+    else:  # the exception itself, with its own traceback
+        assert "_raise_keyerror" in "".join(traceback.format_tb(e.__traceback__))
 
 
 def _raise_keyerror(batch: pd.Batch[Any]) -> None:
@@ -187,7 +191,7 @@ def test_cancel_releases_blocked_producer_and_drains(tmp_path, make_channel):
     assert not worker_processes()
 
 
-def test_ten_thousand_items_exactly_once(tmp_path, make_channel):
+def test_ten_thousand_items_exactly_once(tmp_path, make_channel, backend):
     log = Log(tmp_path / "log")
     ch = make_channel(
         _JitterRecorder(log), workers=4, max_leases=10, batch_items_max=50, batch_age_max=0.05
@@ -199,7 +203,8 @@ def test_ten_thousand_items_exactly_once(tmp_path, make_channel):
     assert collections.Counter(got) == collections.Counter(range(10_000))
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (10_000, 10_000, 0)
-    assert len({r["pid"] for r in log.read()}) >= 2
+    if "processes" in CAPABILITIES[backend]:
+        assert len({r["pid"] for r in log.read()}) >= 2
 
 
 class _JitterRecorder(Recorder):

@@ -16,8 +16,6 @@ import procdispatch as pd
 from procdispatch import _transient
 from procdispatch.buffer import Buffer, BufferOptions
 
-BACKENDS = ["process", "thread"]
-
 
 def _errors_and_drops(
     make_channel: Any, send_fn: Any, items: list[Any], **kw: Any
@@ -45,7 +43,6 @@ def _errors_and_drops(
 # ---- which errors are transient ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("how", "retried"),
     [
@@ -78,7 +75,6 @@ def test_default_on_error_reads_the_cause_chain_in_the_worker(
         assert sorted(delivered_items(log)) == [2, 3]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_retry_on_retries_a_library_s_own_types(
     tmp_path: Any, make_channel: Any, backend: str
 ) -> None:

@@ -17,7 +17,6 @@ def _runs_per_worker(log: Log) -> Counter[str]:
     return Counter(r["worker"] for r in log.read() if r["ev"] == "start")
 
 
-@pytest.mark.parametrize("backend", ["process", "thread"])
 @pytest.mark.parametrize(("workers", "max_leases"), [(1, 2), (2, 4), (2, 6)])
 def test_max_batches_per_worker_holds_under_pipelining(
     tmp_path, make_channel, backend, workers, max_leases
@@ -41,6 +40,7 @@ def test_max_batches_per_worker_holds_under_pipelining(
     assert s.worker_restarts >= N // 5 - workers
 
 
+@pytest.mark.needs("processes", why="a worker's memory is its process's")
 @pytest.mark.parametrize(("workers", "max_leases"), [(1, 2), (2, 4), (2, 6)])
 def test_max_worker_memory_holds_under_pipelining(tmp_path, make_channel, workers, max_leases):
     log = Log(tmp_path / "log")

@@ -11,6 +11,8 @@ import sys
 import types
 from typing import Any
 
+import pytest
+
 from scriptrun import modes, run_program
 from workerfns import Log, Recorder, noop
 
@@ -207,6 +209,7 @@ def test_what_names_the_main_module_is_pickled_by_value(monkeypatch):
     assert dumps([1, "a"]) == pickle.dumps([1, "a"], 5)
 
 
+@pytest.mark.needs("processes", why="cloudpickle is imported in the parent that runs the tests")
 def test_recorder_in_the_workers_sees_no_cloudpickle(tmp_path, make_channel):
     log = Log(tmp_path / "log")
     ch = make_channel(ModuleProbe(log), workers=1)

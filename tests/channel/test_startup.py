@@ -17,6 +17,9 @@ from workerfns import Gate, GatedInit, Log, Recorder, delivered_items, wait_for
 import procdispatch as pd
 
 METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"])
+pytestmark = pytest.mark.needs(
+    "processes", why="only workers that cost a core to start are started one at a time"
+)
 
 
 def three_gated_workers(

@@ -33,6 +33,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.needs("processes", why="a worker that crashes or is killed is a process of its own")
 def test_poison_batch_is_dropped_after_three_worker_faults(tmp_path, make_channel, caplog):
     caplog.set_level(logging.INFO, logger="procdispatch")
     log = Log(tmp_path / "log")
@@ -56,6 +57,7 @@ def test_poison_batch_is_dropped_after_three_worker_faults(tmp_path, make_channe
     assert sum("transient error, will retry" in m for m in msgs) == 2
 
 
+@pytest.mark.needs("processes", why="workers are told apart by their process ids")
 def test_recycling_after_n_batches(tmp_path, make_channel):
     log = Log(tmp_path / "log")
     ch = make_channel(Recorder(log), workers=1, batch_items_max=1, max_batches_per_worker=3)
@@ -73,6 +75,7 @@ def test_recycling_after_n_batches(tmp_path, make_channel):
     assert s.worker_restarts == 3
 
 
+@pytest.mark.needs("processes", why="a worker's memory is its process's")
 def test_recycling_above_max_worker_memory(tmp_path, make_channel):
     log = Log(tmp_path / "log")
     # Any real process is above 1 byte of RSS: every worker is replaced after each batch.
@@ -192,6 +195,7 @@ class _Jitter(Recorder):
         super().__call__(batch)
 
 
+@pytest.mark.needs("processes", why="a worker that crashes or is killed is a process of its own")
 def test_chaos_random_sigkills(tmp_path, make_channel):
     log = Log(tmp_path / "log")
     dropped: list[int] = []

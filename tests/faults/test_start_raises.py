@@ -13,6 +13,10 @@ from workerfns import Log, Recorder, delivered_items
 import procdispatch as pd
 from procdispatch.backends import process as _backends
 
+pytestmark = pytest.mark.needs(
+    "processes", why="the failures are those of starting a worker process"
+)
+
 
 @pytest.fixture
 def failing_starts(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -22,7 +22,6 @@ def gate(tmp_path: Path) -> object:
     g.open()  # let abandoned thread workers end
 
 
-@pytest.mark.parametrize("backend", ["process", "thread"])
 def test_a_worker_init_that_never_returns_fails_the_channel(tmp_path, make_channel, gate, backend):
     log = Log(tmp_path / "log")
     drops: list[object] = []
@@ -56,7 +55,6 @@ def test_a_worker_init_that_never_returns_fails_the_channel(tmp_path, make_chann
         assert not worker_processes()
 
 
-@pytest.mark.parametrize("backend", ["process", "thread"])
 def test_a_worker_that_hangs_in_worker_init_is_replaced(
     tmp_path, make_channel, gate, backend, caplog
 ):

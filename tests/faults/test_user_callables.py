@@ -17,8 +17,6 @@ from workerfns import Gate, Log, Recorder, delivered_items
 import procdispatch as pd
 from procdispatch import _outcomes
 
-BACKENDS = ["process", "thread"]
-
 
 def _run(make_channel: Any, send_fn: Any, items: list[Any], **kw: Any) -> dict[str, Any]:
     errors: list[tuple[BaseException, list[Any], int, int]] = []
@@ -79,7 +77,6 @@ BAD_POLICIES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(BAD_POLICIES))
 def test_a_misbehaving_retry_policy_drops_only_its_batch(
     tmp_path: Any, make_channel: Any, caplog: Any, name: str, backend: str
@@ -202,7 +199,6 @@ def test_item_size_that_fails_fails_the_put_and_the_item_never_counts(
 # ---- what send_fn leaves behind ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["data_none", "data_tuple"])
 def test_a_send_fn_that_breaks_batch_data_fails_only_its_batch_with_a_type_error(
     tmp_path: Any, make_channel: Any, backend: str, how: str
@@ -225,6 +221,7 @@ def test_a_send_fn_that_breaks_batch_data_fails_only_its_batch_with_a_type_error
     assert out["stats"].worker_restarts == 0
 
 
+@pytest.mark.needs("pickling", why="answers are pickled by the worker and unpickled here")
 @pytest.mark.parametrize("what", ["meta", "data"])
 def test_an_answer_the_parent_cannot_unpickle_fails_only_its_batch(
     tmp_path: Any, make_channel: Any, what: str
@@ -250,6 +247,7 @@ def test_an_answer_the_parent_cannot_unpickle_fails_only_its_batch(
 # ---- batches the callbacks see -----------------------------------------------------------------
 
 
+@pytest.mark.needs("pickling", why="leases are pickled to reach the worker")
 def test_an_unpicklable_item_is_reported_alone_with_its_position(
     tmp_path: Any, make_channel: Any
 ) -> None:
