@@ -12,7 +12,6 @@ import types
 from typing import Any
 
 import pytest
-
 from scriptrun import modes, run_program
 from workerfns import Log, Recorder, noop
 
