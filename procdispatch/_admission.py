@@ -57,16 +57,27 @@ class Stats:
     ``items_put == items_delivered + items_dropped + items_buffered + items_in_flight``.
     """
 
+    #: Items accepted by ``put`` / ``put_many`` since the channel was made.
     items_put: int
+    #: Items in batches a worker's ``send_fn`` returned from.
     items_delivered: int
+    #: Items given to ``on_drop`` (evicted, out of retries, cancelled, unsendable, timed out).
     items_dropped: int
+    #: Items in the buffer: waiting to be leased, or waiting for a retry.
     items_buffered: int
+    #: Items in batches leased to workers now.
     items_in_flight: int
+    #: Leases handed to workers (a retry counts again).
     batches_sent: int
+    #: Sends that ended in an error (raised by ``send_fn``, a crash, ``send_timeout``).
     batches_failed: int
+    #: Failed batches put back for another attempt.
     batches_retried: int
+    #: Batches given to ``on_drop``.
     batches_dropped: int
+    #: Workers running now (started and not yet gone).
     workers_alive: int
+    #: Workers started to replace one that crashed, was killed or was recycled.
     worker_restarts: int
     #: Batches leased to workers now (sends under way or queued in a worker's pipe).
     batches_in_flight: int = 0
@@ -292,7 +303,7 @@ class Admission:
         if mi is not None:
             room = max(0, min(room, mi - self.admitted - len(self._pending)))
         if ms is not None and room:
-            # Soft cap, as in the reference: an item may go in while the total is below it.
+            # A soft cap: an item may go in while the total is below it.
             total = self.admitted_size + self._pending_size
             k = 0
             while k < room and total < ms:

@@ -39,7 +39,9 @@ class Batch(Generic[T]):
     ``data`` holds the items in ``put`` order; ``send_fn`` may remove the ones it delivered.
     ``meta`` is free for the user and survives retries. ``id`` is 1-based and increases with
     age (0 for a batch made outside the buffer); ``attempt`` is 1 for the first send (and for
-    a batch dropped before its first send), 2 for the first retry, and so on.
+    a batch dropped before its first send), 2 for the first retry, and so on. ``synthetic`` is
+    True for a keep-alive batch (the ``keep_alive`` option): the channel made it, its data is
+    ``[None]``, and it never counts in the channel's item stats or reaches ``on_drop``.
     """
 
     __slots__ = (

@@ -23,14 +23,17 @@ class BufferStats:
 
     @property
     def total(self) -> int:
+        """Items held, leased or not."""
         return self.unleased_items + self.leased_items
 
     @property
     def total_size(self) -> int:
+        """The summed ``item_size`` of the items held, leased or not."""
         return self.unleased_size + self.leased_size
 
     @property
     def empty(self) -> bool:
+        """True when the buffer holds nothing."""
         return self.total == 0
 
 

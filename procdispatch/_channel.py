@@ -37,7 +37,8 @@ log = logging.getLogger("procdispatch")
 class ProcessChannel(Generic[T]):
     """Batch items from producers and send them through ``send_fn`` in worker processes.
 
-    Every option is keyword-only; the README's table says what each means and its default.
+    Every option is keyword-only; the documentation's options page (and the README's table)
+    gives each one's meaning and default.
     Leaving a ``with`` block closes the channel and waits until every batch was delivered or
     dropped; a KeyboardInterrupt or SystemExit cancels instead (a second Ctrl-C ends the sends
     still in flight). A channel still open at interpreter exit is closed and drained.

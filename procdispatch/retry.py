@@ -38,7 +38,7 @@ def exponential(
     """Delays ``initial``, ``initial*multiplier``, ... capped at ``max_delay``.
 
     ``max_attempts`` counts sends, so ``max_attempts=3`` allows two retries; ``None`` retries
-    for ever (the default policy, as in the reference).
+    for ever (the default policy).
     """
     initial = _check_delay("exponential.initial", initial)
     max_delay = _check_delay("exponential.max_delay", max_delay)
