@@ -26,8 +26,8 @@ if TYPE_CHECKING:
         retry_on,
     )
     from ._channel import ProcessChannel
+    from ._limiter.limiter import RateLimiter
     from ._process_end import drain_on_sigterm
-    from ._ratelimit import RateLimiter
     from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
     from .errors import (
         BufferFull,
@@ -62,7 +62,7 @@ _WHERE = {
     "OptionsError": ".errors",
     "ProcDispatchError": ".errors",
     "ProcessChannel": "._channel",
-    "RateLimiter": "._ratelimit",
+    "RateLimiter": "._limiter.limiter",
     "RemoteError": ".errors",
     "SendTimeout": ".errors",
     "Stats": "._admission",

@@ -275,7 +275,7 @@ def _make_limiter(qps: Any) -> Any:
     rate (from the one parse of qps_limit; ours to close)."""
     if qps is None:
         return None
-    from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
+    from ._limiter.limiter import RateLimiter  # only with a limit: it is not needed otherwise
 
     if isinstance(qps, RateLimiter):
         return qps

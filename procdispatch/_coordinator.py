@@ -60,7 +60,7 @@ from .buffer import Buffer
 from .errors import InternalError
 
 if TYPE_CHECKING:
-    from ._ratelimit import RateLimiter
+    from ._limiter.limiter import RateLimiter
 
 __all__ = ["QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
 

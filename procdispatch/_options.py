@@ -24,8 +24,8 @@ from ._fullbehavior import check_int_limit
 from .backends import Backend, make_backend
 
 if TYPE_CHECKING:
-    from ._gcra import ParsedRate
-    from ._ratelimit import RateLimiter
+    from ._limiter.gcra import ParsedRate
+    from ._limiter.limiter import RateLimiter
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
@@ -355,21 +355,21 @@ def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | Non
     if qps_limit is None:
         _int("qps_burst", qps_burst, allow_none=False)
         return None
-    from ._ratelimit import RateLimiter  # only with a limit: it is not needed otherwise
+    from ._limiter.limiter import RateLimiter  # only with a limit: it is not needed otherwise
 
     if isinstance(qps_limit, RateLimiter):
         _int("qps_burst", qps_burst, allow_none=False)
         if qps_limit.closed:
             raise OptionsError(f"qps_limit must be an open RateLimiter (got {qps_limit!r})")
         return qps_limit
-    from ._gcra import parse_rate
+    from ._limiter.gcra import parse_rate
 
     return parse_rate(qps_limit, qps_burst, what="qps_limit", burst_what="qps_burst")
 
 
 def _per_second(qps: RateLimiter | ParsedRate) -> float:
     """The long-run sends per second a normalised ``qps_limit`` allows (one formula:
-    :func:`~procdispatch._gcra.parse_rate`'s)."""
-    from ._gcra import ParsedRate
+    :func:`~procdispatch._limiter.gcra.parse_rate`'s)."""
+    from ._limiter.gcra import ParsedRate
 
     return qps.per_second if isinstance(qps, ParsedRate) else qps.rate_per_second

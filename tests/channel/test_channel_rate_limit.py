@@ -82,7 +82,7 @@ class AdmissionLog(pd.RateLimiter):
 @pytest.fixture
 def recorded_limiters(monkeypatch: pytest.MonkeyPatch) -> list[AdmissionLog]:
     """Every limiter a channel builds from its qps_limit records its admissions."""
-    from procdispatch import _ratelimit
+    from procdispatch._limiter import limiter as _ratelimit
 
     AdmissionLog.made = []
     monkeypatch.setattr(_ratelimit, "RateLimiter", AdmissionLog)

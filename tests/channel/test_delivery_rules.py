@@ -313,7 +313,7 @@ def test_a_closed_rate_limiter_is_refused_at_construction() -> None:
 def test_shutdown_goes_on_when_closing_its_limiter_raises(
     make_channel: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    from procdispatch import _ratelimit
+    from procdispatch._limiter import limiter as _ratelimit
 
     def broken_close(self: Any) -> None:
         raise OSError("cannot close")

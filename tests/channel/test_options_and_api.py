@@ -224,7 +224,7 @@ def test_where_table_matches_all_and_workers_import_light():
     loaded = eval(out.stdout)
     assert "procdispatch._channel" not in loaded
     assert "procdispatch._coordinator" not in loaded
-    assert "procdispatch._ratelimit" not in loaded
+    assert "procdispatch._limiter.limiter" not in loaded
 
 
 def test_the_constructor_signature_is_the_options_declaration():

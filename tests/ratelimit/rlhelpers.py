@@ -12,8 +12,8 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
-from procdispatch._ratelimit import RateLimiter
-from procdispatch._shmpage import paths, prefix, segment_dir
+from procdispatch._limiter.limiter import RateLimiter
+from procdispatch._limiter.shmpage import paths, prefix, segment_dir
 
 NS = 1_000_000_000
 
@@ -32,8 +32,9 @@ def our_files() -> list[str]:
 def judge_later(base: str, seconds: float = 1e8) -> None:
     """Let the sweep judge one set of files (by its path without suffix) as it would
     ``seconds`` from now: a kept page then owes nothing, so it goes unless someone holds it."""
-    from procdispatch import _rlpage, _rlstate
-    from procdispatch._shmpage import Files, base_paths
+    from procdispatch._limiter import page as _rlpage
+    from procdispatch._limiter import state as _rlstate
+    from procdispatch._limiter.shmpage import Files, base_paths
 
     real = _rlstate._now
     _rlstate._now = lambda: real() + int(seconds * NS)
@@ -290,10 +291,10 @@ def use_dir(path: str) -> None:
     process sweeps)."""
     import sys
 
-    from procdispatch import _shmpage
+    from procdispatch._limiter import shmpage as _shmpage
 
     _shmpage.segment_dir = lambda: path  # type: ignore[assignment]
-    page_module = sys.modules.get("procdispatch._rlpage")
+    page_module = sys.modules.get("procdispatch._limiter.page")
     if page_module is not None:
         page_module.segment_dir = lambda: path
 

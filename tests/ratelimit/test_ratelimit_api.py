@@ -16,8 +16,8 @@ import pytest
 from pyrate_limiter import Duration, Rate
 from rlhelpers import check_no_leftovers, count_tries, discard, our_files, unique_name
 
-from procdispatch._ratelimit import _SLOTS, _W_SEQ, RateLimiter
-from procdispatch._shmpage import paths
+from procdispatch._limiter.limiter import _SLOTS, _W_SEQ, RateLimiter
+from procdispatch._limiter.shmpage import paths
 from procdispatch.errors import OptionsError
 
 HOURLY = 1 / 3600  # slow enough that nothing refills while a test runs

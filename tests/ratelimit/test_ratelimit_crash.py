@@ -35,8 +35,8 @@ from rlhelpers import (
     unique_name,
 )
 
-from procdispatch._ratelimit import RateLimiter
-from procdispatch._shmpage import paths
+from procdispatch._limiter.limiter import RateLimiter
+from procdispatch._limiter.shmpage import paths
 
 CTX = multiprocessing.get_context("forkserver")
 

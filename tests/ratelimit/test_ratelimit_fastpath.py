@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from pyrate_limiter import Rate
 from rlhelpers import check_no_leftovers, unique_name
 
-from procdispatch import _ratelimit, _rlstate
-from procdispatch._ratelimit import RateLimiter
+from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import state as _rlstate
+from procdispatch._limiter.limiter import RateLimiter
 
 
 @pytest.fixture(autouse=True)

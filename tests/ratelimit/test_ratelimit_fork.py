@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from rlhelpers import check_no_leftovers
 
-from procdispatch import _ratelimit, _shmpage
-from procdispatch._ratelimit import RateLimiter
+from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import shmpage as _shmpage
+from procdispatch._limiter.limiter import RateLimiter
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 HOURLY = 1 / 3600

@@ -29,13 +29,16 @@ from typing import Any
 import pytest
 from rlhelpers import assert_nothing_held
 
-from procdispatch import _ratelimit, _rlpage, _rlstate, _shmpage
-from procdispatch._ratelimit import RateLimiter
-from procdispatch._shmpage import paths
+from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import page as _rlpage
+from procdispatch._limiter import shmpage as _shmpage
+from procdispatch._limiter import state as _rlstate
+from procdispatch._limiter.limiter import RateLimiter
+from procdispatch._limiter.shmpage import paths
 
 OURS = {
     os.path.abspath(m.__file__ or "")
-    for m in (_ratelimit, _rlpage, _rlstate, _shmpage, sys.modules["procdispatch._gcra"])
+    for m in (_ratelimit, _rlpage, _rlstate, _shmpage, sys.modules["procdispatch._limiter.gcra"])
 }
 REAL_FLOCK = fcntl.flock
 S = 1_000_000_000

@@ -15,20 +15,21 @@ from pathlib import Path
 import pytest
 from rlhelpers import NS, max_in_window, take_burst_then_wait, try_once_named
 
-from procdispatch import _ratelimit, _shmpage
-from procdispatch._ratelimit import RateLimiter
-from procdispatch._shmpage import paths
+from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import shmpage as _shmpage
+from procdispatch._limiter.limiter import RateLimiter
+from procdispatch._limiter.shmpage import paths
 
 CTX = multiprocessing.get_context("forkserver")
 HOURLY = 1 / 3600
 
 
 def page_module() -> object | None:
-    return sys.modules.get("procdispatch._rlpage")
+    return sys.modules.get("procdispatch._limiter.page")
 
 
 def state_module() -> object:
-    return sys.modules.get("procdispatch._rlstate", _ratelimit)
+    return sys.modules.get("procdispatch._limiter.state", _ratelimit)
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from rlhelpers import (
     unique_name,
 )
 
-from procdispatch._ratelimit import RateLimiter
+from procdispatch._limiter.limiter import RateLimiter
 
 HOURLY = 1 / 3600
 CTX = multiprocessing.get_context("forkserver")
@@ -122,7 +122,7 @@ def test_unrelated_process_opening_the_name_shares_the_budget() -> None:
     with RateLimiter(HOURLY, burst=5, name=name) as lim:
         assert lim.try_acquire(2) is True
         done = run_python(f"""
-            from procdispatch._ratelimit import RateLimiter
+            from procdispatch._limiter.limiter import RateLimiter
             with RateLimiter({HOURLY!r}, burst=5, name={name!r}) as lim:
                 print(sum(lim.try_acquire() for _ in range(10)))
         """)
@@ -149,7 +149,7 @@ def test_unrelated_process_with_other_rate_for_the_name_gets_options_error() -> 
     name = unique_name()
     with RateLimiter(HOURLY, burst=5, name=name):
         done = run_python(f"""
-            from procdispatch._ratelimit import RateLimiter
+            from procdispatch._limiter.limiter import RateLimiter
             from procdispatch.errors import OptionsError
             try:
                 RateLimiter(10.0, burst=5, name={name!r})

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyrate_limiter import Duration, Rate
 
-from procdispatch._gcra import NS_PER_S, Gcra, State, Window, parse_rate
+from procdispatch._limiter.gcra import NS_PER_S, Gcra, State, Window, parse_rate
 from procdispatch.errors import OptionsError
 
 # ---- windows chosen from user rates -----------------------------------------------------------

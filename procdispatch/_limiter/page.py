@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The files and their locks are :mod:`._shmpage`'s, the state on the page :mod:`._rlstate`'s.
+The files and their locks are :mod:`.shmpage`'s, the state on the page :mod:`.state`'s.
 This module decides when a page is joined, kept, removed or left for another:
 
 *Open* (:meth:`SharedPage._open`): register as a user (LOCK_SH on the users file), open the page
@@ -13,7 +13,7 @@ them, marked dead and unlinked, and its debt goes into the page opened in its pl
 that its path no longer names, or a dead one still there, is passed over.
 
 *Leave* (:meth:`SharedPage.close`): a user that finds itself the last (LOCK_EX on the users
-file without waiting) drains and records the pool under the page lock (:meth:`._rlstate.Ledger.
+file without waiting) drains and records the pool under the page lock (:meth:`.state.Ledger.
 retire`), and removes the files only if the page owes nothing, marking it dead first. So a
 named limiter's bound holds across users whose lifetimes do not overlap, and a page that goes
 is one a fresh page would replace exactly. Holding LOCK_EX on the users file keeps new users
@@ -36,7 +36,7 @@ possibly twice (by its opener and by its old users): strict. A take from the old
 already found it non-empty before the charge can still complete after it.
 
 *Fork*: the child gets its own open file descriptions without waiting (see
-:meth:`._shmpage.Files.after_fork`), a fresh thread lock and no reservations; where a file could
+:meth:`.shmpage.Files.after_fork`), a fresh thread lock and no reservations; where a file could
 not be reached again, its next locked update moves it to the page its path names.
 
 Lock order: a page's users-file lock is never awaited while holding a page lock, and page locks
@@ -52,10 +52,9 @@ import time
 import weakref
 from collections.abc import Iterator
 
-from . import _rlstate
-from ._gcra import State
-from ._rlstate import Ledger, ledger_for
-from ._shmpage import (
+from . import state as _rlstate
+from .gcra import State
+from .shmpage import (
     _EX,
     _NB,
     _OPEN_FLAGS,
@@ -74,6 +73,7 @@ from ._shmpage import (
     segment_dir,
     unlink_set,
 )
+from .state import Ledger, ledger_for
 
 __all__ = ["RECHECK_NS", "SharedPage", "sweep"]
 

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
 
-from .errors import OptionsError
+from ..errors import OptionsError
 
 __all__ = [
     "MAX_WINDOWS",

@@ -2,13 +2,13 @@
 
 Theory of operation
 -------------------
-The state and its updates under the page's lock are :mod:`._rlstate`'s; the files, locks and
-lifetime :mod:`._rlpage`'s and :mod:`._shmpage`'s. This module is the API, and the *fast path*:
+The state and its updates under the page's lock are :mod:`.state`'s; the files, locks and
+lifetime :mod:`.page`'s and :mod:`.shmpage`'s. This module is the API, and the *fast path*:
 a take of tokens waiting in the page's pool (its FIFO) is one ``read``, with no lock of any
 kind. Only a take the pool falls short of goes through :meth:`RateLimiter._take`, under this
 instance's thread lock and the page's cross-process lock.
 
-Why the fast path needs no lock. It loads the instance's current :class:`._shmpage.Files` once
+Why the fast path needs no lock. It loads the instance's current :class:`.shmpage.Files` once
 and uses only its mapping (``mv``, to see whether the pool holds anything) and its pipe number.
 Neither is ever freed or reused while that object lives, and the fast path holds it: closing,
 or moving to another page, points the pipe number at a dead pipe (``dup2``, atomic), after
@@ -36,13 +36,13 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._gcra import NS_PER_S, ParsedRate, State, parse_rate, seconds_ns
-from ._rlpage import SharedPage, sweep
-from ._rlstate import REFILL_MAX, Ledger, _write_some
-from ._rlstate import SLOTS as _SLOTS  # noqa: F401 (the page layout, for tests)
-from ._rlstate import W_SEQ as _W_SEQ
-from ._shmpage import Files, _flock
-from .errors import OptionsError
+from ..errors import OptionsError
+from .gcra import NS_PER_S, ParsedRate, State, parse_rate, seconds_ns
+from .page import SharedPage, sweep
+from .shmpage import Files, _flock
+from .state import REFILL_MAX, Ledger, _write_some
+from .state import SLOTS as _SLOTS  # noqa: F401 (the page layout, for tests)
+from .state import W_SEQ as _W_SEQ
 
 if TYPE_CHECKING:
     from pyrate_limiter import Rate
@@ -395,7 +395,7 @@ class RateLimiter:
 
     def _pool_for_tests(self) -> tuple[int, int]:
         """(bytes the page says are in the pool, bytes there now)."""
-        from ._rlstate import _pool_count
+        from .state import _pool_count
 
         with self._page.locked() as f:
             return self._ledger.live(f)[2], _pool_count(f.pipe)

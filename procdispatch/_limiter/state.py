@@ -3,13 +3,13 @@
 Theory of operation
 -------------------
 The budget is a GCRA state (units admitted, latest admission, one TAT per window) on a page
-(:mod:`._shmpage`), changed only under the page's lock; the decisions are the pure
-:class:`._gcra.Gcra`. A :class:`Ledger` reads and writes that state for one set of windows, on
-whichever page's :class:`._shmpage.Files` it is given (a user moving to a new page works on two).
+(:mod:`.shmpage`), changed only under the page's lock; the decisions are the pure
+:class:`.gcra.Gcra`. A :class:`Ledger` reads and writes that state for one set of windows, on
+whichever page's :class:`.shmpage.Files` it is given (a user moving to a new page works on two).
 
 *The pool* is the page's FIFO: one byte per token that conforms now and that nobody has taken.
 A take that finds enough bytes reads them, one atomic ``read`` without the lock (see
-:mod:`._ratelimit`). Under the lock, an update
+:mod:`.limiter`). Under the lock, an update
 
 1. *settles* (:meth:`Ledger.settled`): the page remembers how many bytes it left in the pool
    (``pool``); fewer are there now, so the difference were taken since, and are charged to the
@@ -28,7 +28,7 @@ stop at, since the state only ever changes by one publishing store (below).
 
 *Leaving* (:meth:`Ledger.retire`): the last user of a page drains the pool (its bytes were
 never charged) and records it empty, so that nothing depends on a FIFO whose contents vanish
-with its last holder; the page may then go only if it owes nothing (:meth:`._gcra.Gcra.owes`),
+with its last holder; the page may then go only if it owes nothing (:meth:`.gcra.Gcra.owes`),
 which is what lets a named limiter keep its budget between users whose lifetimes do not
 overlap. Only a page made for a name given by the user is *kept* (``kept``, set by its creator):
 nobody can open an unnamed limiter's page once its last user has gone, so it goes then. A page
@@ -37,14 +37,14 @@ then gone, so all of them are charged, as if taken (strict).
 
 *Moving* (:meth:`Ledger.evacuate`, :meth:`Ledger.absorb`, :meth:`Ledger.clear`): a page that
 lost its files (a temporary-file cleaner) is drained and its debt added to the page its path
-names now (:meth:`._gcra.Gcra.merge`) before it is cleared and marked dead; a page whose FIFO
+names now (:meth:`.gcra.Gcra.merge`) before it is cleared and marked dead; a page whose FIFO
 was replaced is charged for everything its old FIFO may still hold (:meth:`Ledger.repair`).
 
 The page, in native int64 words::
 
     0 magic   1 window count   2 seq   3 kept   4.. (emission ns, capacity) per window (32 max)
     slot 0, slot 1: (units admitted, latest admission ns, TAT of each window, pool)
-    the last words: the page's own (FIFO pairing, dead mark; see ._shmpage)
+    the last words: the page's own (FIFO pairing, dead mark; see .shmpage)
 
 *No torn state*: ``seq``'s parity names the live slot. An update writes the whole new state into
 the idle slot, then publishes it by storing ``seq + 1``, one aligned 8-byte write. A writer
@@ -66,9 +66,9 @@ import termios
 import time
 from collections.abc import Sequence
 
-from ._gcra import MAX_WINDOWS, Gcra, State, Window
-from ._shmpage import W_FIFO, W_MOVED, Files
-from .errors import OptionsError
+from ..errors import OptionsError
+from .gcra import MAX_WINDOWS, Gcra, State, Window
+from .shmpage import W_FIFO, W_MOVED, Files
 
 __all__ = ["REFILL_MAX", "SLOTS", "W_SEQ", "Ledger", "describe", "ledger_for"]
 
@@ -131,7 +131,7 @@ def ledger_for(mv: memoryview) -> Ledger | None:
 
 class Ledger:
     """The GCRA state of one set of windows on a page: every method but :meth:`setup` runs under
-    the page's lock, on the page whose :class:`._shmpage.Files` it is given."""
+    the page's lock, on the page whose :class:`.shmpage.Files` it is given."""
 
     def __init__(self, windows: tuple[Window, ...], *, kept: bool = False) -> None:
         self.windows = windows
