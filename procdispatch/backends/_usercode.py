@@ -47,7 +47,11 @@ class UserCode:
         if _is_async(send_fn) or (worker_init is not None and _is_async(worker_init)):
             self._make_loop()
         if worker_init is not None:
-            self._settle(worker_init())
+            try:
+                self._settle(worker_init())
+            except BaseException:
+                self.close()  # the worker ends here: a failed start
+                raise
 
     def send(self, batch: Any) -> object:
         """What ``run_lease`` calls: ``send_fn``, awaited on the worker's loop when async."""
