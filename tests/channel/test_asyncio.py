@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiofns import AsyncInit, AsyncSender, ReturnsAwaitable, failing_init, sleep_forever
-from workerfns import Gate, Log, Recorder, delivered_items
+from workerfns import Gate, Log, Recorder, delivered_items, wait_for
 
 import procdispatch as pd
 
@@ -380,3 +380,39 @@ def test_await_drained_from_a_loop_other_than_the_producer(make_channel, tmp_pat
     t.join(60)
     assert results == [True]
     assert sorted(delivered_items(log)) == list(range(5))
+
+
+def test_room_freed_just_before_an_aput_registers_is_not_missed(make_channel, tmp_path):
+    """The race a waiter must not lose: the aput finds the buffer full, and the last item in
+    the channel is delivered (releasing every waiter registered so far) before this aput's
+    waiter is registered. Nothing else will free room, so only the try after registering
+    lets the aput in."""
+    gate = Gate(tmp_path / "gate")
+    log = Log(tmp_path / "log")
+    ch = make_channel(
+        Recorder(log, gate),
+        workers=1,
+        batch_items_max=1,
+        full_behavior=pd.BlockNewItems(max_items=1),
+    )
+    adm = ch._adm
+    register = adm.add_waiter
+
+    def late_register(waiter: Any) -> None:
+        gate.open()
+        wait_for(lambda: ch.stats().items_delivered == 1, what="the held item's delivery")
+        register(waiter)
+
+    adm.add_waiter = late_register
+
+    async def main() -> None:
+        await ch.aput(0)
+        # Full until the delivery late_register waits for; a missed wake-up would wait for ever.
+        await asyncio.wait_for(ch.aput(1), 10)
+        assert await ch.aclose_and_drain(60)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.open()
+    assert sorted(delivered_items(log)) == [0, 1]
