@@ -123,6 +123,21 @@ class Latch:
                     self._waiters.remove(waiter)
         return self._flag
 
+    def add_waiter(self, waiter: Any) -> bool:
+        """Register ``waiter``, whose ``release()`` (which must neither block nor raise) ``set``
+        calls once, from the thread that sets the latch; False, with nothing registered, when
+        the latch is already set. For waiters that cannot block a thread (asyncio's)."""
+        with self._lock:
+            if self._flag:
+                return False
+            self._waiters.append(waiter)
+            return True
+
+    def remove_waiter(self, waiter: Any) -> None:
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
 
 class Ledger:
     """Counter moves booked by the coordinator's thread (no lock), handed to producers by
@@ -286,6 +301,19 @@ class Admission:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
         return added
+
+    def add_waiter(self, waiter: Any) -> None:
+        """Register ``waiter`` as a producer waiting for room; its ``release()`` (which must
+        neither block nor raise) is called once, under the lock, the next time room may have
+        appeared or the channel closed. A caller that registers first and then retries its
+        non-blocking ``admit`` cannot miss a wake-up (asyncio producers: see :mod:`._aio`)."""
+        with self.lock:
+            self._waiters.append(waiter)
+
+    def remove_waiter(self, waiter: Any) -> None:
+        with self.lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _check_open(self, added: int) -> None:
         """Under the lock: raise what a put must raise when the channel takes no items."""

@@ -261,6 +261,60 @@ class ProcessChannel(Generic[T]):
         if not self.wait_drained(max(0.0, deadline - time.monotonic())):
             self._cancel_and_wait("SIGTERM drain timed out")
 
+    # ---- asyncio (the machinery, and its rules, are in ._aio) -------------------------------
+
+    async def aput(self, item: T, *, timeout: float | None = None) -> None:
+        """``put`` for asyncio: await room under BlockNewItems without blocking the event loop
+        (TimeoutError after ``timeout``).
+
+        Cancellation-atomic: an ``aput`` that raised CancelledError did not add its item; one
+        that returned did (``items_put`` counts it, and it is delivered or dropped). Waiting
+        ``aput`` calls and blocked ``put`` calls are woken together when room appears, with no
+        priority between them.
+        """
+        from . import _aio
+
+        await _aio.put_one(self, item, timeout)
+
+    async def aput_many(self, items: Iterable[T], *, timeout: float | None = None) -> int:
+        """``put_many`` for asyncio: add the items in order and return how many were added.
+
+        An early exit (closed, timeout, an item of a forbidden size, a cancellation) raises
+        with the count added so far as ``exc.added``.
+        """
+        from . import _aio
+
+        return await _aio.put_many(self, items, timeout)
+
+    async def await_drained(self, timeout: float | None = None) -> bool:
+        """:meth:`wait_drained` for asyncio: True once drained, False after ``timeout``."""
+        from . import _aio
+
+        return await _aio.await_drained(self, timeout)
+
+    async def aclose_and_drain(self, timeout: float | None = None) -> bool:
+        """:meth:`close_and_drain` for asyncio (the same errors once drained)."""
+        self.close()
+        ok = await self.await_drained(timeout)
+        if ok:
+            self._raise_after_drain()
+        return ok
+
+    async def __aenter__(self) -> ProcessChannel[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """A normal exit awaits :meth:`aclose_and_drain`; an exception or a cancellation in the
+        block cancels the channel and awaits the end of the sends in flight."""
+        from . import _aio
+
+        await _aio.aexit(self, exc_type)
+
     def __repr__(self) -> str:
         s = self.stats()
         state = "drained" if self.drained else ("closed" if self._adm.closed else "open")

@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import _protocol as proto
 from .._batch import Batch
+from ._usercode import UserCode
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
 
@@ -120,13 +121,13 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     lease_fd, result_fd = leases.fileno(), results.fileno()
     try:
         send_fn, worker_init = pickle.loads(payload)
-        if worker_init is not None:
-            worker_init()
+        user = UserCode(send_fn, worker_init)  # runs worker_init (on an event loop when async)
     except BaseException as exc:
         proto.write_frame(result_fd, proto.encode_init_failed(exc))
         os._exit(3)
     proto.write_frame(result_fd, proto.encode_ready(os.getpid()))
-    _serve(lease_fd, result_fd, send_fn)
+    _serve(lease_fd, result_fd, user.send)
+    user.close()
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
     for stream in (sys.stdout, sys.stderr):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
 from . import Backend, WorkerHandle
+from ._usercode import UserCode
 from ._worker import run_lease
 
 if TYPE_CHECKING:
@@ -92,20 +93,22 @@ class ThreadWorker(WorkerHandle):
 
     def _serve(self) -> None:
         try:
-            if self._init is not None:
-                self._init()
+            user = UserCode(self._send_fn, self._init)  # an event loop of this thread if async
         except BaseException as exc:
             self._post(proto.InitFailed(exc))
             return
-        self._post(proto.Ready(self.pid or 0))
-        while True:
-            with self._ready:
-                while not self._inbox:
-                    self._ready.wait()
-                lease = self._inbox.popleft()
-            if lease is None or self._abandoned:
-                return
-            self._post(run_lease(self._send_fn, lease))
+        try:
+            self._post(proto.Ready(self.pid or 0))
+            while True:
+                with self._ready:
+                    while not self._inbox:
+                        self._ready.wait()
+                    lease = self._inbox.popleft()
+                if lease is None or self._abandoned:
+                    return
+                self._post(run_lease(user.send, lease))
+        finally:
+            user.close()
 
     def send_lease(self, batch: Batch[Any]) -> bool:
         # The coordinator's own list: nothing changes it while it is leased, and run_lease
