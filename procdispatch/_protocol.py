@@ -46,6 +46,7 @@ __all__ = [
     "UnsendableItems",
     "decode_lease",
     "decode_from_worker",
+    "describe_error",
     "dumps",
     "encode_done",
     "encode_failed",
@@ -398,6 +399,17 @@ def _decode_failed(buf: bytes) -> Failed:
         attach(err, chain)
         return Failed(bid, attempt, err, None, None, False, None)
     return Failed(bid, attempt, exc, kept, new_data, meta_sent, meta)
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: message`` of an exception that may come from user code, whose ``__str__`` may
+    raise (whatever it raises)."""
+    name = type(e).__name__
+    try:
+        text = str(e)
+    except BaseException:  # user code: a __str__ that raises
+        text = "<str() of the exception failed>"
+    return f"{name}: {text}" if text else name
 
 
 def _exception_from(blob: bytes | None, type_name: str, message: str, tb: str) -> BaseException:

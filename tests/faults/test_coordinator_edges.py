@@ -8,12 +8,17 @@ the drain every item is delivered or dropped, and no worker is left.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import pytest
+from conftest import worker_processes
 from faultfns import FailsFirst
 from workerfns import Log, Recorder, delivered_items, wait_for
 
 import procdispatch as pd
+from procdispatch import _outcomes
 
 MONTH = 2.6e6  # beyond the longest wait the OS takes under the selector (about 24.8 days)
 
@@ -70,3 +75,172 @@ def test_a_retry_delay_of_1e300_waits_until_the_cancel(
     assert drops == [[0, 1]]
     _accounted(ch, [2, 3, 4, 5], [0, 1])
     _no_coordinator_failure(caplog)
+
+
+# ---- user callables that fail, whatever they raise --------------------------------------------
+
+#: Where the user's code misbehaves, and how the coordinator names it in its log.
+WHERE = {
+    "on_error": "on_error",
+    "on_drop": "on_drop",
+    "on_drop_flush": "on_drop(None, True)",
+    "on_drained": "on_drained",
+    "retry_factory": "the retry policy",
+    "retry_iterator": "the retry policy",
+}
+
+
+def _callables(where: str, act: Callable[[], None], seen: dict[str, list[Any]]) -> dict[str, Any]:
+    """The channel's callables, with ``act`` run inside the one named ``where``. The batch
+    holding item 0 fails once (transiently); it is retried, except when ``on_drop`` is under
+    test: then it is dropped, so that on_drop runs."""
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        if where == "on_error":
+            act()
+        return where != "on_drop"
+
+    def on_drop(b: pd.Batch[Any] | None, flush: bool) -> None:
+        if b is not None:
+            seen["dropped"].extend(b.data)
+        if (where == "on_drop" and b is not None) or (where == "on_drop_flush" and flush):
+            act()
+
+    def on_drained() -> None:
+        seen["drained"].append(True)
+        if where == "on_drained":
+            act()
+
+    def delays() -> Iterator[float]:
+        if where == "retry_iterator":
+            act()
+        yield 0.0
+
+    def retry() -> Iterator[float]:
+        if where == "retry_factory":
+            act()
+        return delays()
+
+    return {"on_error": on_error, "on_drop": on_drop, "on_drained": on_drained, "retry": retry}
+
+
+def _run(
+    tmp_path: Any, make_channel: Any, where: str, act: Callable[[], None]
+) -> tuple[pd.ProcessChannel[Any], Log, dict[str, list[Any]]]:
+    log = Log(tmp_path / "log")
+    seen: dict[str, list[Any]] = {"dropped": [], "drained": []}
+    ch = make_channel(
+        FailsFirst(log, "transient"),
+        workers=1,
+        batch_items_max=2,
+        **_callables(where, act, seen),
+    )
+    ch.put_many(range(6))
+    assert ch.close_and_drain(60)
+    return ch, log, seen
+
+
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, GeneratorExit])
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_a_callable_raising_a_base_exception_fails_only_what_it_was_called_for(
+    tmp_path: Any,
+    make_channel: Any,
+    caplog: Any,
+    backend: str,
+    where: str,
+    error: type[BaseException],
+) -> None:
+    def act() -> None:
+        raise error(f"raised in {where}")
+
+    with caplog.at_level(logging.ERROR, logger="procdispatch"):
+        ch, log, seen = _run(tmp_path, make_channel, where, act)
+    # A failing on_error or retry policy means "do not retry": the batch is dropped (through
+    # on_drop); a failing on_drop still counts its drop; the final callbacks changed nothing.
+    # The channel was not cancelled: every other batch was delivered.
+    lost = [0, 1] if where in ("on_error", "on_drop", "retry_factory", "retry_iterator") else []
+    assert sorted(seen["dropped"]) == lost
+    assert sorted(delivered_items(log)) == [x for x in range(6) if x not in lost]
+    _accounted(ch, [x for x in range(6) if x not in lost], lost)
+    assert seen["drained"] == [True]  # on_drained ran, even after a failing final on_drop
+    name = error.__name__
+    assert [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+        and r.getMessage().startswith(WHERE[where])
+        and f"{name}: raised in {where}" in r.getMessage()
+    ], [r.getMessage() for r in caplog.records]
+    _no_coordinator_failure(caplog)
+    if backend == "process":
+        wait_for(lambda: not worker_processes(), what="no worker left")
+
+
+def test_on_error_that_breaks_batch_data_drops_the_batch_as_it_was(
+    tmp_path: Any, make_channel: Any, caplog: Any
+) -> None:
+    log = Log(tmp_path / "log")
+    dropped: list[list[Any]] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        b.data = None  # type: ignore[assignment]
+        return True
+
+    with caplog.at_level(logging.ERROR, logger="procdispatch"):
+        ch = make_channel(
+            FailsFirst(log, "transient"),
+            workers=1,
+            batch_items_max=2,
+            on_error=on_error,
+            on_drop=lambda b, f: b is not None and dropped.append(list(b.data)),
+        )
+        ch.put_many(range(6))
+        assert ch.close_and_drain(60)
+    assert dropped == [[0, 1]]
+    assert sorted(delivered_items(log)) == [2, 3, 4, 5]
+    _accounted(ch, [2, 3, 4, 5], [0, 1])
+    assert any(
+        "on_error left batch.data of batch 1 (attempt 1) a NoneType" in r.getMessage()
+        for r in caplog.records
+    )
+    _no_coordinator_failure(caplog)
+
+
+# ---- slow callables ----------------------------------------------------------------------------
+
+
+class _Stopwatch:
+    """Stands for the monotonic clock the coordinator times callbacks with: it moves only when
+    a callback says it took long, so that no test waits for real."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize("where", sorted(WHERE))
+def test_every_callable_the_coordinator_runs_is_reported_when_slow(
+    tmp_path: Any,
+    make_channel: Any,
+    caplog: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    clock = _Stopwatch()
+    monkeypatch.setattr(_outcomes, "monotonic", clock)
+
+    def act() -> None:
+        clock.t += 2.5 * _outcomes.SLOW_CALLBACK
+
+    with caplog.at_level(logging.WARNING, logger="procdispatch"):
+        ch, _, _ = _run(tmp_path, make_channel, where, act)
+    slow = [r.getMessage() for r in caplog.records if "on the coordinator thread" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert slow[0].startswith(f"{WHERE[where]} (")
+    named = {"retry_factory": "retry", "retry_iterator": "retry", "on_drop_flush": "on_drop"}
+    assert f"_callables.<locals>.{named.get(where, where)})" in slow[0]
+    assert f"took {2.5 * _outcomes.SLOW_CALLBACK:.1f}s" in slow[0]
+    s = ch.stats()
+    assert s.items_put == s.items_delivered + s.items_dropped == 6
