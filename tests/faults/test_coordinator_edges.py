@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 from conftest import worker_processes
-from faultfns import FailsFirst
+from edgefns import AnswersBadly, InitFailsBadly, Unpicklable
+from faultfns import FailsFirst, UnpicklableError
 from workerfns import Log, Recorder, delivered_items, wait_for
 
 import procdispatch as pd
@@ -244,3 +245,158 @@ def test_every_callable_the_coordinator_runs_is_reported_when_slow(
     assert f"took {2.5 * _outcomes.SLOW_CALLBACK:.1f}s" in slow[0]
     s = ch.stats()
     assert s.items_put == s.items_delivered + s.items_dropped == 6
+
+
+# ---- foreign bytes: items pickled and answers unpickled in the parent ----------------------------
+
+
+@pytest.mark.needs("pickling", why="leases are pickled to reach the worker")
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_an_item_whose_pickling_raises_a_base_exception_fails_alone(
+    tmp_path: Any, make_channel: Any, caplog: Any, how: str
+) -> None:
+    log = Log(tmp_path / "log")
+    errors: list[tuple[BaseException, int]] = []
+    dropped: list[list[Any]] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        errors.append((e, len(b.data)))
+        return False
+
+    bad = Unpicklable(how)
+    ch = make_channel(
+        Recorder(log),
+        workers=1,
+        batch_items_max=3,
+        on_error=on_error,
+        on_drop=lambda b, f: b is not None and dropped.append(list(b.data)),
+    )
+    ch.put_many([0, 1, bad, 3, 4, 5])
+    assert ch.close_and_drain(60)
+    ((exc, n),) = errors
+    assert n == 1
+    raised = {"exit": SystemExit, "interrupt": KeyboardInterrupt}[how]
+    assert str(exc) == (
+        "item 2 of batch 1 (attempt 1) cannot be pickled to reach a worker: "
+        f"{raised.__name__}: raised while pickling ({how})"
+    )
+    assert type(exc.__cause__) is raised
+    assert dropped == [[bad]]
+    assert sorted(delivered_items(log)) == [0, 1, 3, 4, 5]
+    _accounted(ch, [0, 1, 3, 4, 5], [bad])
+    _no_coordinator_failure(caplog)
+
+
+@pytest.mark.needs("pickling", why="leases are pickled to reach the worker")
+def test_a_meta_set_by_on_error_whose_pickling_raises_a_base_exception_fails_its_batch(
+    tmp_path: Any, make_channel: Any, caplog: Any
+) -> None:
+    log = Log(tmp_path / "log")
+    errors: list[BaseException] = []
+    dropped: list[list[Any]] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        errors.append(e)
+        b.meta = Unpicklable("exit")  # the retry's lease cannot be pickled
+        return len(errors) == 1
+
+    ch = make_channel(
+        FailsFirst(log, "transient"),
+        workers=1,
+        batch_items_max=2,
+        on_error=on_error,
+        on_drop=lambda b, f: b is not None and dropped.append(list(b.data)),
+    )
+    ch.put_many(range(6))
+    assert ch.close_and_drain(60)
+    assert [type(e) for e in errors] == [pd.TransientError, SystemExit]
+    assert dropped == [[0, 1]]
+    _accounted(ch, [2, 3, 4, 5], [0, 1])
+    _no_coordinator_failure(caplog)
+
+
+@pytest.mark.needs("pickling", why="answers are pickled by the worker and unpickled here")
+@pytest.mark.parametrize("how", ["exit", "interrupt", "value"])
+@pytest.mark.parametrize("where", ["error", "meta", "data"])
+def test_an_answer_whose_unpickling_raises_fails_its_batch_saying_why(
+    tmp_path: Any, make_channel: Any, caplog: Any, where: str, how: str
+) -> None:
+    log = Log(tmp_path / "log")
+    errors: list[tuple[BaseException, list[Any]]] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        errors.append((e, list(b.data)))
+        return True
+
+    ch = make_channel(
+        AnswersBadly(log, where, how),
+        workers=1,
+        batch_items_max=2,
+        retry=pd.retry.limited(1),
+        on_error=on_error,
+    )
+    ch.put_many(range(6))
+    assert ch.close_and_drain(60)
+    ((exc, data),) = errors
+    assert isinstance(exc, pd.RemoteError)
+    raised = {"exit": "SystemExit", "interrupt": "KeyboardInterrupt", "value": "ValueError"}[how]
+    part = "" if where == "error" else f"batch.{where}: "
+    assert exc.reason == (
+        "the worker's answer for batch 1 (attempt 1) could not be unpickled in the parent: "
+        f"{part}{raised}: raised while unpickling ({how})"
+    )
+    assert f"({exc.reason}; worker traceback follows)" in str(exc)
+    assert "pickled back from the worker" not in str(exc)
+    if where == "error":
+        assert (exc.type_name, exc.message) == (
+            "edgefns.UnrebuildableError",
+            f"the send failed ({how})",
+        )
+    else:
+        assert f"its change to batch.{where} could not be unpickled" in exc.message
+    assert data == [0, 1]  # the change was not applied: the batch as it was sent
+    assert sorted(delivered_items(log)) == list(range(6))  # the retry delivered it
+    _accounted(ch, list(range(6)), [])
+    _no_coordinator_failure(caplog)
+
+
+@pytest.mark.needs("pickling", why="answers are pickled by the worker and unpickled here")
+def test_an_error_the_worker_cannot_pickle_says_so(tmp_path: Any, make_channel: Any) -> None:
+    errors: list[BaseException] = []
+
+    def send(b: pd.Batch[Any]) -> None:
+        raise UnpicklableError("holds a lock")
+
+    ch = make_channel(
+        send, workers=1, retry=pd.retry.none(), on_error=lambda b, e: errors.append(e) or False
+    )
+    ch.put(0)
+    assert ch.close_and_drain(60)
+    ((exc,),) = [errors]
+    assert isinstance(exc, pd.RemoteError)
+    assert "could not be unpickled" not in str(exc)
+    assert "pickled back from the worker" in exc.reason
+
+
+@pytest.mark.needs("pickling", why="a worker's start-up error is pickled to reach the parent")
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_a_start_up_error_whose_unpickling_raises_fails_the_start_saying_why(
+    make_channel: Any, caplog: Any, how: str
+) -> None:
+    ch = make_channel(print, workers=1, worker_init=InitFailsBadly(how))
+
+    def put_until_it_fails() -> None:
+        for i in range(10_000):
+            ch.put(i, timeout=30)
+
+    with pytest.raises(pd.WorkerStartFailed) as info:
+        put_until_it_fails()
+    cause = info.value.__cause__
+    assert isinstance(cause, pd.RemoteError)
+    raised = {"exit": "SystemExit", "interrupt": "KeyboardInterrupt"}[how]
+    assert cause.reason == (
+        "the worker's start-up error could not be unpickled in the parent: "
+        f"{raised}: raised while unpickling ({how})"
+    )
+    assert ch.wait_drained(60)
+    _no_coordinator_failure(caplog)
