@@ -265,6 +265,17 @@ def test_a_retry_delay_of_1e300_waits_for_delivery_timeout_in_bounded_waits() ->
     assert longest_wait(r) == MAX_WAIT
 
 
+def test_a_qps_limit_of_one_send_in_four_months_spaces_sends_in_bounded_waits() -> None:
+    r = run(
+        always(Plan("done")),
+        ["a", "b"],
+        batch_items_max=1,
+        limiter=lambda world: FakeLimiter(world, rate=1e-7),
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 1e7]
+    assert longest_wait(r) == MAX_WAIT
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [("batch_age_max", 1e308), ("send_timeout", 1e300), ("start_timeout", 1e300)],
