@@ -3,6 +3,7 @@ coordinator's edge tests (importable in worker processes)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from workerfns import Log, Recorder
@@ -85,3 +86,23 @@ class InitFailsBadly:
 
     def __call__(self) -> None:
         raise UnrebuildableError(self.how)
+
+
+class StrFailsElsewhere(Exception):
+    """An exception whose ``str()`` works only in the process that raised it."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self.pid = os.getpid()
+
+    def __str__(self) -> str:
+        if os.getpid() != self.pid:
+            raise RuntimeError("str() of this error works only where it was raised")
+        return str(self.args[0])
+
+
+class InitFailsStrangely:
+    """worker_init that raises an error whose str() fails in the parent."""
+
+    def __call__(self) -> None:
+        raise StrFailsElsewhere("init cannot start")

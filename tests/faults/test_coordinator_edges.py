@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import worker_processes
-from edgefns import AnswersBadly, InitFailsBadly, Unpicklable
+from edgefns import AnswersBadly, InitFailsBadly, InitFailsStrangely, Unpicklable
 from faultfns import FailsFirst, UnpicklableError
 from workerfns import Log, Recorder, delivered_items, wait_for
 
@@ -398,5 +398,22 @@ def test_a_start_up_error_whose_unpickling_raises_fails_the_start_saying_why(
         "the worker's start-up error could not be unpickled in the parent: "
         f"{raised}: raised while unpickling ({how})"
     )
+    assert ch.wait_drained(60)
+    _no_coordinator_failure(caplog)
+
+
+@pytest.mark.needs("processes", why="the error's str() fails only outside the worker's process")
+def test_a_start_up_error_whose_str_fails_in_the_parent_fails_the_start(
+    make_channel: Any, caplog: Any
+) -> None:
+    ch = make_channel(print, workers=1, worker_init=InitFailsStrangely())
+
+    def put_until_it_fails() -> None:
+        for i in range(10_000):
+            ch.put(i, timeout=30)
+
+    with pytest.raises(pd.WorkerStartFailed) as info:
+        put_until_it_fails()
+    assert str(info.value).endswith("last: StrFailsElsewhere: <str() of the exception failed>")
     assert ch.wait_drained(60)
     _no_coordinator_failure(caplog)
