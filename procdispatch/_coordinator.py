@@ -26,7 +26,8 @@ The loop. Each turn (:meth:`Coordinator.step`) handles what the last wait found 
 and deaths, overdue workers), takes what producers handed over, drops what outlived
 ``delivery_timeout``, leases and sends what it can, publishes, and computes its next deadline
 (batch age, retry delay, qps token, min_qps, send_timeout, start_timeout, cancel grace, expiry);
-then it waits once, in the clock's wait over the pool's selector. Nothing else on the loop's path
+then it waits once, in the clock's wait over the pool's selector, for at most ``MAX_WAIT`` (any
+finite option value is a valid deadline, however far). Nothing else on the loop's path
 blocks: pipes are non-blocking both ways, and the only other waits are for a killed worker's
 end, at most ``KILL_WAIT`` each.
 
@@ -62,7 +63,7 @@ from .errors import InternalError
 if TYPE_CHECKING:
     from ._limiter.limiter import RateLimiter
 
-__all__ = ["QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
+__all__ = ["MAX_WAIT", "QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
 
 log = logging.getLogger("procdispatch")
 
@@ -70,6 +71,8 @@ log = logging.getLogger("procdispatch")
 QPS_BOOK_AHEAD = 0.05
 #: How long shutdown waits for stopped workers to exit before killing them.
 STOP_JOIN_TIMEOUT = 5.0
+#: The longest the loop waits in one go, whatever its next deadline (see :func:`_bounded`).
+MAX_WAIT = 3600.0
 
 
 class Lifecycle(enum.Enum):
@@ -158,7 +161,7 @@ class Coordinator:
                 timeout = self.step(woke, ready)
                 if timeout == FINISHED:
                     break
-                woke, ready = self._clock.wait(self.pool.wait, timeout)
+                woke, ready = self._clock.wait(self.pool.wait, _bounded(timeout))
         except BaseException as exc:
             log.critical("procdispatch coordinator failed; the channel is dead", exc_info=True)
             err = InternalError(f"coordinator failed: {exc!r}")
@@ -381,13 +384,28 @@ class Coordinator:
             _guarded("close the channel's rate limiter", self._limiter.close)
         self.ledger.alive = 0
         self.admission.publish(self.ledger, 0)
-        _guarded("call on_drop(None, True)", self.outcomes.flush_drops)
-        if self.opts.on_drained is not None:
-            _guarded("call on_drained", self.opts.on_drained)
+        # User code: each is guarded, and reported when slow, by Outcomes itself.
+        self.outcomes.flush_drops()
+        self.outcomes.drained()
 
 
 def _guarded(what: str, fn: Any, *args: Any) -> None:
+    """Run one of the shutdown's own steps (never user code: that goes through
+    :func:`~._outcomes.call_user`)."""
     try:
         fn(*args)
     except Exception:
         log.exception("procdispatch: could not %s; going on with the shutdown", what)
+
+
+def _bounded(timeout: float | None) -> float | None:
+    """The loop's wait, clamped to ``MAX_WAIT``: deadlines may lie at any finite distance (a
+    send_timeout of a month, a retry delay of 1e300 s), but the waits under the selector take
+    at most about 24 days (epoll counts int milliseconds) or what fits a ``time_t``; past the
+    clamp the loop wakes, finds nothing due and waits again. Anything not a number <=
+    ``MAX_WAIT`` (a NaN, too) waits ``MAX_WAIT``."""
+    if timeout is None:
+        return None
+    if timeout <= MAX_WAIT:
+        return max(0.0, timeout)
+    return MAX_WAIT

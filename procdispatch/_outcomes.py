@@ -15,6 +15,10 @@ user's callbacks and the ledger, and nothing of workers or pipes. The worker sid
 
 Every way out ends the lease exactly once, and every item leaves the channel exactly once, as
 delivered or dropped: the moves are booked in the :class:`~._admission.Ledger`.
+
+User code (``on_error``, ``on_drop``, ``on_drained``, the retry policy) runs only through
+:func:`call_user`: whatever it raises, of whatever class, is its own failure and never the
+loop's, and a call that takes longer than ``SLOW_CALLBACK`` is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import pickle
 from collections.abc import Callable
 from time import monotonic
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _protocol as proto
 from ._admission import Ledger
@@ -33,7 +37,7 @@ from ._options import ChannelOptions
 from .buffer import Batch, Buffer
 from .errors import DeliveryTimeout
 
-__all__ = ["REPEATED_RETRY_WARNING", "SLOW_CALLBACK", "Outcomes"]
+__all__ = ["REPEATED_RETRY_WARNING", "SLOW_CALLBACK", "Outcomes", "Raised", "call_user"]
 
 log = logging.getLogger("procdispatch")
 
@@ -42,6 +46,8 @@ REPEATED_RETRY_WARNING = 5
 #: A user callback that runs longer than this (in real seconds) on the coordinator thread logs
 #: a WARNING.
 SLOW_CALLBACK = 1.0
+
+R = TypeVar("R")
 
 
 class Outcomes:
@@ -124,23 +130,22 @@ class Outcomes:
             self.buffer.ack(b)
             self._drop_expired(b, now)
             return
-        t0 = monotonic()
-        try:
-            exhausted = self.buffer.nack(now, b, exc)
-        except Exception as policy_error:
+        # nack asks the retry policy (user code) for the next delay.
+        exhausted = call_user(
+            "the retry policy", self._nack, now, b, exc, named=self.opts.buffer.retry
+        )
+        if isinstance(exhausted, Raised):
+            policy_error = exhausted.error
             log.error(
-                "the retry policy failed for batch %d (attempt %d): %s: %s; dropping the batch",
+                "the retry policy failed for batch %d (attempt %d): %s; dropping the batch",
                 b.id,
                 b.attempt,
-                type(policy_error).__name__,
-                policy_error,
+                proto.describe_error(policy_error),
                 exc_info=policy_error,
             )
-            self.buffer.ack(b)
+            self.buffer.ack(b)  # a policy that raised left the batch leased
             self.drop(b, policy_error)
             return
-        finally:
-            _warn_if_slow("the retry policy", self.opts.buffer.retry, t0)
         if exhausted is not None:
             self.drop(exhausted, exc)
             return
@@ -150,15 +155,17 @@ class Outcomes:
             age = now - b._first_lease if b._first_lease is not None else 0.0
             log.warning(
                 "batch %d has failed %d times in %.1fs and will be sent again (attempt %d); "
-                "last error: %s: %s. It is retried until the retry policy gives up: set "
+                "last error: %s. It is retried until the retry policy gives up: set "
                 "delivery_timeout= or retry= to bound this",
                 b.id,
                 b.attempt,
                 age,
                 nxt,
-                type(exc).__name__,
-                exc,
+                proto.describe_error(exc),
             )
+
+    def _nack(self, now: float, b: Batch[Any], exc: BaseException) -> Batch[Any] | None:
+        return self.buffer.nack(now, b, exc)
 
     def unsendable(self, b: Batch[Any], err: proto.UnsendableItems, now: float) -> bool:
         """A leased batch could not be handed over as it is. Each item that will not pickle
@@ -170,7 +177,7 @@ class Outcomes:
             one = self.buffer.split_off(b, i - pos)  # earlier ones are already out
             exc = pickle.PicklingError(
                 f"item {i} of batch {id_} (attempt {attempt}) cannot be pickled to reach a "
-                f"worker: {type(why).__name__}: {why}"
+                f"worker: {proto.describe_error(why)}"
             )
             exc.__cause__ = why
             self.call_on_error(one, exc)
@@ -191,20 +198,39 @@ class Outcomes:
         if not batch.synthetic and not self._dropped_any:
             self._dropped_any = True
             self.first_drop_error = error
-        t0 = monotonic()
-        try:
-            self._on_drop(batch, False)
-        except Exception:
-            log.exception("on_drop raised for batch %d; ignored", batch.id)
-        finally:
-            _warn_if_slow("on_drop", self._on_drop, t0)
+        res = call_user("on_drop", self._on_drop, batch, False)
+        if isinstance(res, Raised):
+            log.error(
+                "on_drop raised for batch %d: %s; ignored (the drop is counted)",
+                batch.id,
+                proto.describe_error(res.error),
+                exc_info=res.error,
+            )
         self.ledger.batches_dropped += 1
         if not batch.synthetic:
             self.ledger.book(dropped=batch._count, size=batch._size)
 
     def flush_drops(self) -> None:
         """The final ``on_drop(None, True)``."""
-        self._on_drop(None, True)
+        res = call_user("on_drop(None, True)", self._on_drop, None, True)
+        if isinstance(res, Raised):
+            log.error(
+                "on_drop(None, True) raised: %s; ignored",
+                proto.describe_error(res.error),
+                exc_info=res.error,
+            )
+
+    def drained(self) -> None:
+        """``on_drained()``, once, at the very end."""
+        on_drained = self.opts.on_drained
+        if on_drained is not None:
+            res = call_user("on_drained", on_drained)
+            if isinstance(res, Raised):
+                log.error(
+                    "on_drained raised: %s; ignored",
+                    proto.describe_error(res.error),
+                    exc_info=res.error,
+                )
 
     def expire(self, now: float) -> None:
         """Drop the batches that wait for a retry past ``delivery_timeout``."""
@@ -214,14 +240,38 @@ class Outcomes:
                 self._drop_expired(b, now)
 
     def call_on_error(self, batch: Batch[Any], exc: BaseException) -> bool:
-        t0 = monotonic()
+        """Ask ``on_error`` whether to retry ``batch``. An ``on_error`` that raises, or that
+        leaves ``batch.data`` something other than a list (removing items from it is how it
+        reports them delivered), means "do not retry"; the batch keeps its data list."""
+        data = batch.data
+        res = call_user("on_error", self._retry_wanted, batch, exc, named=self._on_error)
+        if isinstance(res, Raised):
+            log.error(
+                "on_error raised for batch %d (attempt %d): %s; treating it as 'do not retry'",
+                batch.id,
+                batch.attempt,
+                proto.describe_error(res.error),
+                exc_info=res.error,
+            )
+            res = False
         try:
-            return bool(self._on_error(batch, exc))
-        except Exception:
-            log.exception("on_error raised for batch %d; treating it as 'do not retry'", batch.id)
+            now_data = batch.data
+        except AttributeError:  # `del batch.data`
+            now_data = None
+        if type(now_data) is not list:
+            log.error(
+                "on_error left batch.data of batch %d (attempt %d) a %s; batch.data must stay "
+                "a list: the batch keeps the list it had and is not retried",
+                batch.id,
+                batch.attempt,
+                type(now_data).__name__,
+            )
+            batch.data = data
             return False
-        finally:
-            _warn_if_slow("on_error", self._on_error, t0)
+        return res
+
+    def _retry_wanted(self, batch: Batch[Any], exc: BaseException) -> bool:
+        return bool(self._on_error(batch, exc))  # bool() of what it returned is user code too
 
     def _drop_expired(self, b: Batch[Any], now: float) -> None:
         """Drop a batch (no longer leased nor queued) that outlived ``delivery_timeout``."""
@@ -248,14 +298,53 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+class Raised:
+    """What :func:`call_user` returns when the callable raised: the error, whatever its class."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def call_user(what: str, fn: Callable[..., R], *args: Any, named: object = None) -> R | Raised:
+    """Run user code on the coordinator thread: what it returned, or :class:`Raised` with what
+    it raised, whatever its class; and a WARNING, naming ``what`` and ``named`` (by default
+    ``fn``), when it ran longer than ``SLOW_CALLBACK``.
+
+    ``BaseException`` is caught here, and only in guards like this one that run user code or
+    unpickle foreign bytes: a ``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` out of
+    a callback is that callback's failure, handled as an ``Exception`` would be (logged, and
+    the batch concerned dropped where that is the rule). It does not cancel the channel:
+    Python delivers signals to the main thread only, so a ``KeyboardInterrupt`` on this thread
+    never comes from Ctrl-C (which reaches the producer's ``with`` block and cancels there); it
+    was raised by the callback itself, and cancelling would drop every queued batch for one
+    callback's error. A callback that means to stop the channel calls ``cancel()``.
+    """
+    t0 = monotonic()
+    try:
+        return fn(*args)
+    except BaseException as exc:  # user code: see the docstring
+        return Raised(exc)
+    finally:
+        _warn_if_slow(what, fn if named is None else named, t0)
+
+
+def _name_of(fn: object) -> str:
+    try:
+        name = getattr(fn, "__qualname__", None)
+        return name if isinstance(name, str) else repr(fn)
+    except BaseException:  # user code: a __getattr__ or __repr__ that raises
+        return f"a {type(fn).__qualname__} object"
+
+
 def _warn_if_slow(what: str, fn: object, t0: float) -> None:
     took = monotonic() - t0
     if took > SLOW_CALLBACK:
-        name = getattr(fn, "__qualname__", None) or repr(fn)
         log.warning(
             "%s (%s) took %.1fs on the coordinator thread; while a callback runs no batch is "
             "leased, acknowledged or retried",
             what,
-            name,
+            _name_of(fn),
             took,
         )

@@ -46,6 +46,7 @@ __all__ = [
     "UnsendableItems",
     "decode_lease",
     "decode_from_worker",
+    "describe_error",
     "dumps",
     "encode_done",
     "encode_failed",
@@ -132,6 +133,11 @@ def dumps(obj: object) -> bytes:
         )
 
         return dumps_by_value(obj)
+    except BaseException:
+        # A __reduce__ raising SystemExit, say: not retried by value, but the half-used
+        # pickler must not be reused either.
+        del _reuse.pickler
+        raise
     finally:
         buf.seek(0)
         buf.truncate()
@@ -328,11 +334,14 @@ class UnsendableItems(Exception):
 
 def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
     """A lease of ``batch`` (id, attempt, synthetic flag, data, meta), framed; raises
-    UnsendableItems naming what will not pickle."""
+    UnsendableItems naming what will not pickle.
+
+    Pickling runs the items' own code (``__reduce__``, ``__getstate__``): whatever it raises,
+    of whatever class (a ``SystemExit`` too), is that item's failure, never the caller's."""
     try:
         payload = dumps((batch.data, batch.meta))
-    except Exception:
-        raise _unsendable(batch.data, batch.meta) from None
+    except BaseException as exc:  # user code: see the docstring
+        raise _unsendable(batch.data, batch.meta, exc) from None
     head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
@@ -341,78 +350,110 @@ def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
     return (size + head, payload)
 
 
-def _unsendable(data: list[Any], meta: object) -> UnsendableItems:
+def _unsendable(data: list[Any], meta: object, whole: BaseException) -> UnsendableItems:
+    """What of a lease will not pickle, ``whole`` being what pickling all of it raised. When
+    each part pickles alone, the whole is what fails (its size, say, or a ``__reduce__`` that
+    fails only sometimes): it is reported as the meta's error, so that the lease fails instead
+    of being tried again and again."""
     items: list[tuple[int, BaseException]] = []
     for i, item in enumerate(data):
         try:
             dumps(item)
-        except Exception as exc:
+        except BaseException as exc:  # user code, as in encode_lease
             items.append((i, exc))
     meta_error: BaseException | None = None
     try:
         dumps(meta)
-    except Exception as exc:
+    except BaseException as exc:  # user code, as in encode_lease
         meta_error = exc
-    if not items and meta_error is None:  # only the whole will not pickle (its size, say)
-        try:
-            dumps((data, meta))
-        except Exception as exc:
-            meta_error = exc
+    if not items and meta_error is None:
+        meta_error = whole
     return UnsendableItems(items, meta_error)
 
 
 def _decode_failed(buf: bytes) -> Failed:
     """A Failed frame: header, part sizes, then the error, the data change and the meta
     change, each pickled alone. A part that cannot be unpickled here (a ``__reduce__`` that
-    raises in the parent, a class the parent cannot import) fails the batch with a RemoteError
-    that names it, and its change is not applied; it never reaches the coordinator as an
-    exception."""
+    raises in the parent, whatever it raises, a class the parent cannot import) fails the
+    batch with a RemoteError that says so, and its change is not applied; it never reaches the
+    coordinator as an exception."""
     _, bid, attempt, _ = HEADER.unpack_from(buf)
     err_size, data_size = PARTS.unpack_from(buf, HEADER.size)
     at = HEADER.size + PARTS.size
     blob, type_name, message, tb, chain = pickle.loads(buf[at : at + err_size])
-    exc = _exception_from(blob, type_name, message, tb)
-    attach(exc, chain)
+    answer = f"the worker's answer for batch {bid} (attempt {attempt})"
+    exc = _exception_from(blob, type_name, message, tb, chain, answer)
     at += err_size
     kept: list[int] | None = None
     new_data: list[Any] | None = None
     meta: object = None
     meta_sent = False
-    undecodable: list[str] = []
+    undecodable: list[tuple[str, BaseException]] = []
     try:
-        kept, new_data = pickle.loads(buf[at : at + data_size])
-    except Exception as e:
-        undecodable.append(f"batch.data ({type(e).__name__}: {e})")
+        kept, new_data = _loads_foreign(buf[at : at + data_size])
+    except BaseException as e:  # foreign bytes: see _loads_foreign
+        undecodable.append(("batch.data", e))
     try:
-        meta_sent, meta = pickle.loads(buf[at + data_size :])
-    except Exception as e:
-        undecodable.append(f"batch.meta ({type(e).__name__}: {e})")
+        meta_sent, meta = _loads_foreign(buf[at + data_size :])
+    except BaseException as e:  # foreign bytes: see _loads_foreign
+        undecodable.append(("batch.meta", e))
     if undecodable:
+        what = " and ".join(name for name, _ in undecodable)
+        why = "; ".join(f"{name}: {describe_error(e)}" for name, e in undecodable)
         err = RemoteError(
             type_name,
-            f"the send failed ({type_name}: {message}) and its change to "
-            f"{' and '.join(undecodable)} could not be unpickled in the parent; the batch is "
-            "kept as it was sent",
+            f"{message} (the send failed, and its change to {what} could not be unpickled in "
+            "the parent: the batch is kept as it was sent)",
             tb,
+            reason=f"{answer} could not be unpickled in the parent: {why}",
         )
         attach(err, chain)
         return Failed(bid, attempt, err, None, None, False, None)
     return Failed(bid, attempt, exc, kept, new_data, meta_sent, meta)
 
 
-def _exception_from(blob: bytes | None, type_name: str, message: str, tb: str) -> BaseException:
-    exc: BaseException
+def _loads_foreign(data: bytes | memoryview) -> Any:
+    """Unpickle what a worker sent that holds user objects. Unpickling runs their code
+    (``__reduce__``'s callable, ``__setstate__``) here, in the parent: whatever it raises, of
+    whatever class (a ``SystemExit``, a ``KeyboardInterrupt``), is that answer's failure, and
+    the caller turns it into a RemoteError."""
+    return pickle.loads(data)
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: message`` of an exception that may come from user code, whose ``__str__`` may
+    raise (whatever it raises)."""
+    name = type(e).__name__
+    try:
+        text = str(e)
+    except BaseException:  # user code: a __str__ that raises
+        text = "<str() of the exception failed>"
+    return f"{name}: {text}" if text else name
+
+
+def _exception_from(
+    blob: bytes | None, type_name: str, message: str, tb: str, chain: Chain | None, answer: str
+) -> BaseException:
+    """The worker's exception rebuilt from ``blob``, its worker traceback as ``__cause__``; a
+    RemoteError when it could not be pickled in the worker (``blob`` is None), or not be
+    rebuilt here (saying with what error). ``answer`` names the message, for that text."""
+    reason: str | None = None  # RemoteError's default: it could not be pickled in the worker
     if blob is not None:
         try:
-            loaded = pickle.loads(blob)
-        except Exception:
-            loaded = None
-        exc = loaded if isinstance(loaded, BaseException) else RemoteError(type_name, message, tb)
-    else:
-        exc = RemoteError(type_name, message, tb)
-    if not isinstance(exc, RemoteError):
-        exc.__cause__ = RemoteTraceback(tb)
-    return exc
+            loaded = _loads_foreign(blob)
+            if not isinstance(loaded, BaseException):
+                raise TypeError(f"it holds a {type(loaded).__name__}, not an exception")
+            if not isinstance(loaded, RemoteError):  # still user code: it may guard attributes
+                loaded.__cause__ = RemoteTraceback(tb)
+            if chain is not None:
+                attach(loaded, chain)
+            return loaded
+        except BaseException as e:  # foreign bytes: see _loads_foreign
+            reason = f"{answer} could not be unpickled in the parent: {describe_error(e)}"
+    err = RemoteError(type_name, message, tb, reason=reason)
+    if chain is not None:
+        attach(err, chain)
+    return err
 
 
 def decode_from_worker(buf: bytes) -> WorkerMessage:
@@ -427,7 +468,9 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
         return Ready(pickle.loads(buf[1:]))
     if kind == K_INIT_FAILED:
         blob, type_name, message, tb = pickle.loads(buf[1:])
-        return InitFailed(_exception_from(blob, type_name, message, tb))
+        return InitFailed(
+            _exception_from(blob, type_name, message, tb, None, "the worker's start-up error")
+        )
     raise ValueError(f"unknown frame kind {kind!r} from worker")
 
 

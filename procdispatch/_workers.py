@@ -259,18 +259,19 @@ class Workers:
 
     def _start_failed(self, slot: Slot, cause: BaseException) -> None:
         self._start_failures += 1
+        why = proto.describe_error(cause)  # the user's error: its str() may fail here
+        tail = cause.__cause__
         log.error(
-            "worker %d (pid %s) could not start: %s: %s%s",
+            "worker %d (pid %s) could not start: %s%s",
             slot.wid,
             slot.handle.pid,
-            type(cause).__name__,
-            cause,
-            cause.__cause__ or "",
+            why,
+            "" if tail is None else tail,
         )
         if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
             err = WorkerStartFailed(
                 f"workers cannot start: {self._start_failures} attempts failed in a row; "
-                f"last: {type(cause).__name__}: {cause}"
+                f"last: {why}"
             )
             err.__cause__ = cause
             self.admission.set_fatal(err)

@@ -184,21 +184,29 @@ def _rebuild_send_timeout(
 
 
 class RemoteError(ProcDispatchError):
-    """An exception raised in a worker that could not be pickled back to the parent.
+    """An exception raised in a worker that could not reach the parent as itself.
 
-    Carries the worker-side facts as text: ``type_name``, ``message`` and ``remote_traceback``.
+    Carries the worker-side facts as text: ``type_name``, ``message`` and ``remote_traceback``;
+    ``reason`` says why it came as text (it could not be pickled in the worker, or the
+    worker's answer could not be unpickled in the parent, and with what error).
     """
 
-    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+    #: Why the error came as text, when nothing more precise is known.
+    DEFAULT_REASON = "it could not be pickled back from the worker"
+
+    def __init__(
+        self, type_name: str, message: str, remote_traceback: str, *, reason: str | None = None
+    ) -> None:
         self.type_name = type_name
         self.message = message
         self.remote_traceback = remote_traceback
+        self.reason = reason if reason is not None else self.DEFAULT_REASON
         super().__init__(type_name, message, remote_traceback)
 
     def __str__(self) -> str:
         return (
             f"{self.type_name}: {self.message}\n"
-            f"(it could not be pickled back from the worker; worker traceback follows)\n"
+            f"({self.reason}; worker traceback follows)\n"
             f"{self.remote_traceback}"
         )
 

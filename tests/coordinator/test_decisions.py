@@ -7,6 +7,7 @@ microseconds and every time asserted is exact.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from fakeworld import FakeLimiter, Plan, World, always, run
 
 import procdispatch as pd
 from procdispatch import retry
+from procdispatch._coordinator import MAX_WAIT, _bounded
 
 
 def sends(r: Any) -> list[tuple[float, int, int, list[Any]]]:
@@ -225,3 +227,101 @@ def test_age_cut_retry_and_timeouts_together_take_no_real_time() -> None:
     )
     assert [t for t, _, _, _ in sends(r)] == [0.0, 3600.0, 7200.0]
     assert time.monotonic() - t0 < 5  # three simulated hours (a bound, not a measurement)
+
+
+# ---- deadlines of any finite length ----------------------------------------------------------
+
+
+def longest_wait(r: Any) -> float:
+    return max(t for _, t in r.world.waits if t is not None)
+
+
+def test_a_month_long_send_timeout_kills_at_its_deadline_waiting_at_most_max_wait() -> None:
+    month = 2.6e6  # beyond what the OS wait under the selector takes (about 24.8 days)
+
+    def hang_first(b: pd.Batch[Any], w: Any) -> Plan:
+        return Plan("hang") if b.attempt == 1 else Plan("done")
+
+    r = run(hang_first, ["x"], batch_items_max=1, send_timeout=month, start_timeout=month)
+    assert r.rec.kills == [(month, 1)]
+    ((t, _, attempt, err),) = r.errors
+    assert (t, attempt, type(err)) == (month, 1, pd.SendTimeout)
+    assert r.stats.items_delivered == 1
+    assert longest_wait(r) == MAX_WAIT
+
+
+def test_a_retry_delay_of_1e300_waits_for_delivery_timeout_in_bounded_waits() -> None:
+    r = run(
+        always(Plan("fail", error=pd.TransientError("down"))),
+        ["x"],
+        batch_items_max=1,
+        retry=lambda: iter([1e300]),
+        delivery_timeout=2.5 * MAX_WAIT,
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0]
+    ((t, _, _, data, why),) = r.drops
+    assert (t, data) == (2.5 * MAX_WAIT, ["x"])
+    assert isinstance(why, pd.DeliveryTimeout)
+    assert longest_wait(r) == MAX_WAIT
+
+
+def test_a_qps_limit_of_one_send_in_four_months_spaces_sends_in_bounded_waits() -> None:
+    r = run(
+        always(Plan("done")),
+        ["a", "b"],
+        batch_items_max=1,
+        limiter=lambda world: FakeLimiter(world, rate=1e-7),
+    )
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 1e7]
+    assert longest_wait(r) == MAX_WAIT
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("batch_age_max", 1e308), ("send_timeout", 1e300), ("start_timeout", 1e300)],
+)
+def test_huge_deadlines_leave_the_loop_s_decisions_as_they_were(option: str, value: float) -> None:
+    r = run(
+        always(Plan("done", after=1.0)),
+        ["a", "b", "c"],
+        close_at=5.0,
+        batch_items_max=2,
+        **{option: value},
+    )
+    assert sends(r) == [(0.0, 1, 1, ["a", "b"]), (5.0, 1, 1, ["c"])]
+    assert r.stats.items_delivered == 3
+    assert longest_wait(r) <= MAX_WAIT
+
+
+def test_a_cancel_grace_of_1e10_still_ends_at_a_second_interrupt() -> None:
+    r = run(
+        always(Plan("hang")),
+        ["a"],
+        close_at=None,
+        script=[
+            (1.0, lambda c: c.adm.request_cancel()),
+            (2.0 * MAX_WAIT, lambda c: c.adm.request_cancel(kill=True)),
+        ],
+        batch_items_max=1,
+        cancel_grace=1e10,
+    )
+    assert r.rec.kills == [(2.0 * MAX_WAIT, 1)]
+    assert [(t, data) for t, _, _, data, _ in r.drops] == [(2.0 * MAX_WAIT, ["a"])]
+    assert longest_wait(r) == MAX_WAIT
+
+
+@pytest.mark.parametrize(
+    ("timeout", "waited"),
+    [
+        (None, None),
+        (0.25, 0.25),
+        (-1.0, 0.0),
+        (MAX_WAIT, MAX_WAIT),
+        (2.6e6, MAX_WAIT),
+        (1e300, MAX_WAIT),
+        (math.inf, MAX_WAIT),
+        (math.nan, MAX_WAIT),
+    ],
+)
+def test_the_loop_s_wait_is_clamped(timeout: float | None, waited: float | None) -> None:
+    assert _bounded(timeout) == waited
