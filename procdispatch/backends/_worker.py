@@ -25,7 +25,7 @@ from typing import Any
 from .. import _protocol as proto
 from .._batch import Batch
 from .._transient import attach
-from ..errors import RemoteError
+from ..errors import RemoteError, WorkerStartFailed
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
 
@@ -203,8 +203,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def worker_main(leases: Connection, results: Connection, payload: bytes, parent_pid: int) -> None:
-    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+def worker_main(
+    leases: Connection,
+    results: Connection,
+    payload: bytes,
+    parent_pid: int,
+    wid: int = 0,
+    shipped: str = "send_fn",
+) -> None:
+    """Entry point of a worker process (the target of ``multiprocessing.Process``): worker
+    ``wid``; ``shipped`` names what ``payload`` holds (see ``_shipping.describe_payload``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import multiprocessing
 
@@ -218,6 +226,17 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     lease_fd, result_fd = leases.fileno(), results.fileno()
     try:
         send_fn, worker_init = pickle.loads(payload)
+    except BaseException as exc:
+        from ._shipping import FIX
+
+        err = WorkerStartFailed(
+            f"{shipped} could not be loaded in worker {wid} (pid {os.getpid()}): "
+            f"{type(exc).__name__}: {proto.text_of(exc)}; {FIX}"
+        )
+        err.__cause__ = exc
+        proto.write_frame(result_fd, proto.encode_init_failed(err))
+        os._exit(3)
+    try:
         if worker_init is not None:
             worker_init()
     except BaseException as exc:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _protocol as proto
 from . import Backend, WorkerHandle
 from ._procstart import WorkerContext
-from ._shipping import pickle_payload
+from ._shipping import describe_payload, pickle_payload
 from ._worker import worker_main
 
 if TYPE_CHECKING:
@@ -46,10 +46,11 @@ class ProcessBackend(Backend):
 
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._payload = pickle_payload(send_fn, options.worker_init, options.start_method)
+        self._shipped = describe_payload(send_fn, options.worker_init)
         self._ctx = WorkerContext(options.start_method)
 
     def start_worker(self, wid: int) -> WorkerHandle:
-        handle = ProcessWorker(self._ctx, self._payload, wid)
+        handle = ProcessWorker(self._ctx, self._payload, wid, self._shipped)
         handle.start()
         return handle
 
@@ -62,10 +63,11 @@ class ProcessWorker(WorkerHandle):
     small result, or several, instead of two reads per frame.
     """
 
-    def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
+    def __init__(self, ctx: Any, payload: bytes, wid: int, shipped: str = "send_fn") -> None:
         self._ctx = ctx
         self._payload = payload
         self._wid = wid
+        self._shipped = shipped
         self._lease_w: Connection | None = None
         self._lease_fd = -1
         self._result_r: Connection | None = None
@@ -78,7 +80,7 @@ class ProcessWorker(WorkerHandle):
         result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(lease_r, result_w, self._payload, os.getpid()),
+            args=(lease_r, result_w, self._payload, os.getpid(), self._wid, self._shipped),
             name=f"procdispatch-worker-{self._wid}",
             daemon=True,
         )
