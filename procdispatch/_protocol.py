@@ -45,6 +45,7 @@ __all__ = [
     "FrameSplitter",
     "InitFailed",
     "Lease",
+    "Log",
     "Ready",
     "UnsendableItems",
     "decode_lease",
@@ -54,6 +55,7 @@ __all__ = [
     "encode_failed",
     "encode_init_failed",
     "encode_lease",
+    "encode_log",
     "encode_ready",
     "encode_result",
     "frame",
@@ -68,6 +70,7 @@ K_READY = 0x52  # "R"  worker -> parent
 K_INIT_FAILED = 0x49  # "I"
 K_DONE = 0x44  # "D"
 K_FAILED = 0x46  # "F"
+K_LOG = 0x47  # "G"    worker -> parent: a log record
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
@@ -228,7 +231,17 @@ class Failed(_Message):
         self.meta = meta
 
 
-WorkerMessage = Ready | InitFailed | Done | Failed
+class Log(_Message):
+    """worker -> parent: a record a worker logged, as the attributes of a ``LogRecord``
+    (see :mod:`procdispatch._worker_logging`)."""
+
+    __slots__ = ("attrs",)
+
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.attrs = attrs
+
+
+WorkerMessage = Ready | InitFailed | Done | Failed | Log
 
 
 # ---- framing, both ways -------------------------------------------------------------------
@@ -426,12 +439,29 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
         return Done(bid, attempt)
     if kind == K_FAILED:
         return _decode_failed(buf)
+    if kind == K_LOG:
+        return Log(_decode_log(buf))
     if kind == K_READY:
         return Ready(pickle.loads(buf[1:]))
     if kind == K_INIT_FAILED:
         blob, type_name, message, tb = pickle.loads(buf[1:])
         return InitFailed(_exception_from(blob, type_name, message, tb))
     raise ValueError(f"unknown frame kind {kind!r} from worker")
+
+
+def _decode_log(buf: bytes) -> dict[str, Any]:
+    """A log record's attributes; one the parent cannot unpickle (an extra attribute of a
+    class it cannot import) becomes a WARNING saying so."""
+    from ._worker_logging import unreadable_record
+
+    try:
+        attrs = pickle.loads(buf[1:])
+        if isinstance(attrs, dict):
+            return attrs
+        problem = f"arrived as a {type(attrs).__name__}"
+    except Exception as e:
+        problem = f"could not be unpickled in the parent ({type(e).__name__}: {e})"
+    return unreadable_record({"name": "procdispatch"}, problem)
 
 
 # ---- worker side ---------------------------------------------------------------------------
@@ -455,6 +485,11 @@ def encode_result(res: Done | Failed) -> bytes:
         )
     except BaseException as e:
         return _encode_unencodable(res.batch_id, res.attempt, res.error, e)
+
+
+def encode_log(pickled_attrs: bytes) -> bytes:
+    """A log record, from the pickled dict of its attributes."""
+    return bytes([K_LOG]) + pickled_attrs
 
 
 def encode_ready(pid: int) -> bytes:

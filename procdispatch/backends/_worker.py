@@ -13,6 +13,7 @@ is busy.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 from .. import _protocol as proto
 from .._batch import Batch
 from .._transient import attach
+from .._worker_logging import Shipper, install_shipper
 from ..errors import RemoteError, WorkerStartFailed
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
@@ -210,9 +212,11 @@ def worker_main(
     parent_pid: int,
     wid: int = 0,
     shipped: str = "send_fn",
+    log_level: int = logging.WARNING,
 ) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``): worker
-    ``wid``; ``shipped`` names what ``payload`` holds (see ``_shipping.describe_payload``)."""
+    ``wid``; ``shipped`` names what ``payload`` holds (see ``_shipping.describe_payload``);
+    records at ``log_level`` and above go to the parent's logging."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import multiprocessing
 
@@ -223,7 +227,10 @@ def worker_main(
     threading.Thread(
         target=_watch_parent, args=(parent_pid, sentinel), name="procdispatch-watchdog", daemon=True
     ).start()
-    lease_fd, result_fd = leases.fileno(), results.fileno()
+    lease_fd = leases.fileno()
+    out = _ResultPipe(results.fileno())
+    shipper = install_shipper(wid, log_level, out.send_log)
+    shipper.begin(None)
     try:
         send_fn, worker_init = pickle.loads(payload)
     except BaseException as exc:
@@ -234,16 +241,19 @@ def worker_main(
             f"{type(exc).__name__}: {proto.text_of(exc)}; {FIX}"
         )
         err.__cause__ = exc
-        proto.write_frame(result_fd, proto.encode_init_failed(err))
+        shipper.end()
+        out.send(proto.encode_init_failed(err))
         os._exit(3)
     try:
         if worker_init is not None:
             worker_init()
     except BaseException as exc:
-        proto.write_frame(result_fd, proto.encode_init_failed(exc))
+        shipper.end()
+        out.send(proto.encode_init_failed(exc))
         os._exit(3)
-    proto.write_frame(result_fd, proto.encode_ready(os.getpid()))
-    _serve(lease_fd, result_fd, send_fn)
+    shipper.end()
+    out.send(proto.encode_ready(os.getpid()))
+    _serve(lease_fd, out, send_fn, shipper)
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
     for stream in (sys.stdout, sys.stderr):
@@ -252,7 +262,25 @@ def worker_main(
     os._exit(0)
 
 
-def _serve(lease_fd: int, result_fd: int, send_fn: Callable[[Batch[Any]], object]) -> None:
+class _ResultPipe:
+    """The result pipe: one frame at a time, from the worker's loop and from whatever thread
+    of ``send_fn`` logs (frames of two threads must not interleave)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.RLock()
+
+    def send(self, body: bytes) -> None:
+        with self._lock:
+            proto.write_frame(self._fd, body)
+
+    def send_log(self, pickled_attrs: bytes) -> None:
+        self.send(proto.encode_log(pickled_attrs))
+
+
+def _serve(
+    lease_fd: int, out: _ResultPipe, send_fn: Callable[[Batch[Any]], object], shipper: Shipper
+) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
     while True:
         try:
@@ -261,15 +289,17 @@ def _serve(lease_fd: int, result_fd: int, send_fn: Callable[[Batch[Any]], object
             return
         if body is None or body[0] != proto.K_LEASE:
             return  # the end of the pipe, or the stop request
+        _, bid, attempt, _ = proto.HEADER.unpack_from(body)
+        shipper.begin(bid)
         try:
             lease = proto.decode_lease(body)
         except BaseException as exc:
-            _, bid, attempt, _ = proto.HEADER.unpack_from(body)
-            out = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
+            answer = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
         else:
-            out = proto.encode_result(run_lease(send_fn, lease))
+            answer = proto.encode_result(run_lease(send_fn, lease))
         del body
+        shipper.end()  # its records go before its answer
         try:
-            proto.write_frame(result_fd, out)
+            out.send(answer)
         except OSError:
             return

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
+from .._worker_logging import current, stamp_thread_records
 from . import Backend, WorkerHandle
 from ._worker import run_lease
 
@@ -35,6 +36,7 @@ class ThreadBackend(Backend):
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._send_fn = send_fn
         self._init = options.worker_init
+        stamp_thread_records()
 
     def start_worker(self, wid: int) -> WorkerHandle:
         handle = ThreadWorker(self._send_fn, self._init, wid)
@@ -91,6 +93,8 @@ class ThreadWorker(WorkerHandle):
                 self._w.send(b"\0")
 
     def _serve(self) -> None:
+        # This thread's records carry its worker number, and the batch it is sending.
+        current.set((self._wid, None))
         try:
             if self._init is not None:
                 self._init()
@@ -105,7 +109,10 @@ class ThreadWorker(WorkerHandle):
                 lease = self._inbox.popleft()
             if lease is None or self._abandoned:
                 return
-            self._post(run_lease(self._send_fn, lease))
+            current.set((self._wid, lease.batch_id))
+            result = run_lease(self._send_fn, lease)
+            current.set((self._wid, None))
+            self._post(result)
 
     def send_lease(self, batch: Batch[Any]) -> bool:
         # The coordinator's own list: nothing changes it while it is leased, and run_lease
