@@ -29,10 +29,13 @@ import threading
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
+from ._transient import _ATTR as CHAIN_ATTR
 from ._transient import Chain, attach, chain_names
 from .errors import RemoteError, RemoteTraceback
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ._batch import Batch
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "FrameSplitter",
     "InitFailed",
     "Lease",
+    "Log",
     "Ready",
     "UnsendableItems",
     "decode_lease",
@@ -52,6 +56,7 @@ __all__ = [
     "encode_failed",
     "encode_init_failed",
     "encode_lease",
+    "encode_log",
     "encode_ready",
     "encode_result",
     "frame",
@@ -66,6 +71,7 @@ K_READY = 0x52  # "R"  worker -> parent
 K_INIT_FAILED = 0x49  # "I"
 K_DONE = 0x44  # "D"
 K_FAILED = 0x46  # "F"
+K_LOG = 0x47  # "G"    worker -> parent: a log record
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
@@ -231,7 +237,17 @@ class Failed(_Message):
         self.meta = meta
 
 
-WorkerMessage = Ready | InitFailed | Done | Failed
+class Log(_Message):
+    """worker -> parent: a record a worker logged, as the attributes of a ``LogRecord``
+    (see :mod:`procdispatch._worker_logging`)."""
+
+    __slots__ = ("attrs",)
+
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.attrs = attrs
+
+
+WorkerMessage = Ready | InitFailed | Done | Failed | Log
 
 
 # ---- framing, both ways -------------------------------------------------------------------
@@ -464,6 +480,8 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
         return Done(bid, attempt)
     if kind == K_FAILED:
         return _decode_failed(buf)
+    if kind == K_LOG:
+        return Log(_decode_log(buf))
     if kind == K_READY:
         return Ready(pickle.loads(buf[1:]))
     if kind == K_INIT_FAILED:
@@ -472,6 +490,21 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
             _exception_from(blob, type_name, message, tb, None, "the worker's start-up error")
         )
     raise ValueError(f"unknown frame kind {kind!r} from worker")
+
+
+def _decode_log(buf: bytes) -> dict[str, Any]:
+    """A log record's attributes; one the parent cannot unpickle (an extra attribute of a
+    class it cannot import) becomes a WARNING saying so."""
+    from ._worker_logging import unreadable_record
+
+    try:
+        attrs = pickle.loads(buf[1:])
+        if isinstance(attrs, dict):
+            return attrs
+        problem = f"arrived as a {type(attrs).__name__}"
+    except Exception as e:
+        problem = f"could not be unpickled in the parent ({type(e).__name__}: {e})"
+    return unreadable_record({"name": "procdispatch"}, problem)
 
 
 # ---- worker side ---------------------------------------------------------------------------
@@ -485,11 +518,21 @@ def decode_lease(body: bytearray) -> Lease:
 
 
 def encode_result(res: Done | Failed) -> bytes:
+    """A result, framed for the parent. Never raises: whatever ``send_fn`` raised or left in
+    the batch, the parent hears about this batch (see :func:`encode_failed`)."""
     if isinstance(res, Done):
         return encode_done(res.batch_id, res.attempt)
-    return encode_failed(
-        res.batch_id, res.attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
-    )
+    try:
+        return encode_failed(
+            res.batch_id, res.attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
+        )
+    except BaseException as e:
+        return _encode_unencodable(res.batch_id, res.attempt, res.error, e)
+
+
+def encode_log(pickled_attrs: bytes) -> bytes:
+    """A log record, from the pickled dict of its attributes."""
+    return bytes([K_LOG]) + pickled_attrs
 
 
 def encode_ready(pid: int) -> bytes:
@@ -500,20 +543,107 @@ def encode_done(batch_id: int, attempt: int) -> bytes:
     return HEADER.pack(K_DONE, batch_id, attempt, 0)
 
 
-def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str, Chain]:
+def text_of(obj: object, how: Callable[[object], str] = str) -> str:
+    """``str(obj)`` (or ``how(obj)``), or a placeholder saying why it could not be had: an
+    exception's ``__str__`` is user code, and the worker must answer whatever it does."""
+    try:
+        text = how(obj)
+        if type(text) is str:
+            return text
+        problem = f"returned a {type(text).__name__}"
+    except BaseException as e:
+        problem = f"raised {type(e).__name__}"
+    return f"<{getattr(how, '__name__', 'str')}() of the {type(obj).__name__} {problem}>"
+
+
+def type_name_of(exc: BaseException) -> str:
+    return _class_name(type(exc))
+
+
+def _class_name(cls: type) -> str:
+    return f"{text_of(cls, _module_of)}.{text_of(cls, _qualname_of)}"
+
+
+def _module_of(cls: object) -> str:
+    return str(getattr(cls, "__module__", "?"))
+
+
+def _qualname_of(cls: object) -> str:
+    return str(getattr(cls, "__qualname__", "?"))
+
+
+def safe_chain(exc: BaseException) -> tuple[Chain, str | None]:
+    """The exception's chain as :func:`chain_names` reads it; when reading it raises (a
+    ``reason``, ``__cause__`` or ``__context__`` that is a property of user code), the
+    exception's own classes only, and what went wrong."""
+    try:
+        kept: Chain | None = vars(exc).get(CHAIN_ATTR)  # read once already, in the worker
+        return (kept if kept is not None else chain_names(exc)), None
+    except BaseException as e:
+        own = tuple(_class_name(c) for c in type(exc).__mro__)
+        return (own,), f"its cause chain could not be read ({type(e).__name__})"
+
+
+def format_remote_tb(exc: BaseException, type_name: str, message: str) -> str:
+    """The worker's traceback of ``exc`` as text; only its frames when the full report (the
+    chain, the notes) cannot be formatted."""
     import traceback  # only when a send fails: a worker starts faster without it
 
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        message = str(exc)
-    except Exception:
-        message = "<str() of the exception failed>"
-    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        pass
     try:
-        blob: bytes | None = dumps(exc)
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+    except BaseException:
+        frames = ""
+    return f"Traceback (most recent call last):\n{frames}{type_name}: {message}\n"
+
+
+def _dumps_guarded(obj: object) -> bytes:
+    """:func:`dumps`, for what user code may make fail in any way (a ``__reduce__`` that
+    raises SystemExit, returns garbage, or pickles to something too large): the error is
+    raised as an Exception, and the thread's pickler is not reused after a BaseException."""
+    try:
+        return dumps(obj)
     except Exception:
+        raise
+    except BaseException as e:
+        if hasattr(_reuse, "pickler"):
+            del _reuse.pickler
+        raise _EncodeError(f"{type(e).__name__}: {text_of(e)}") from None
+
+
+class _EncodeError(Exception):
+    """Pickling raised a BaseException that is not an Exception (SystemExit, say)."""
+
+
+def _why(e: BaseException) -> str:
+    """``Type: text`` of an encoding error (an _EncodeError's text already names its type)."""
+    text = text_of(e)
+    return text if isinstance(e, _EncodeError) else f"{type(e).__name__}: {text}"
+
+
+def _describe(exc: BaseException) -> tuple[bytes | None, str, str, str, Chain]:
+    """What crosses the pipe about an exception: itself pickled (None when it will not
+    pickle), its type's name, its message, its traceback and its chain, as text. Every step
+    is guarded, so that whatever the exception does, the worker can still answer; the
+    message says what could not be read or pickled."""
+    type_name = type_name_of(exc)
+    message = text_of(exc)
+    notes: list[str] = []
+    chain, chain_problem = safe_chain(exc)
+    if chain_problem is not None:
+        notes.append(chain_problem)
+    tb = format_remote_tb(exc, type_name, message)
+    try:
+        blob: bytes | None = _dumps_guarded(exc)
+    except BaseException as e:
         blob = None
-    return blob, type_name, message, tb, chain_names(exc)
+        notes.append(f"it could not be pickled back to the parent ({_why(e)})")
+    if notes:
+        message = f"{message} [{'; '.join(notes)}]"
+    return blob, type_name, message, tb, chain
 
 
 def encode_init_failed(exc: BaseException) -> bytes:
@@ -529,23 +659,55 @@ def encode_failed(
     meta_sent: bool,
     meta: object,
 ) -> bytes:
-    """Frame a failure; a mutation that will not pickle becomes a RemoteError instead."""
+    """Frame a failure. A mutation that will not pickle (whatever its pickling does) fails the
+    batch with a RemoteError instead, naming what could not be sent, and the batch is kept as
+    it was sent."""
     head = HEADER.pack(K_FAILED, batch_id, attempt, 0)
     blob, type_name, message, tb, chain = _describe(exc)
+    failures: dict[str, str] = {}
     try:
-        data_part = dumps((kept, new_data))
-        meta_part = dumps((meta_sent, meta))
-    except Exception as pickling_error:
-        what = "batch.data" if new_data is not None else "batch.meta"
+        data_part = _dumps_guarded((kept, new_data))
+    except BaseException as e:
+        failures["batch.data"] = _why(e)
+    try:
+        meta_part = _dumps_guarded((meta_sent, meta))
+    except BaseException as e:
+        failures["batch.meta"] = _why(e)
+    if failures:
+        what = " and ".join(failures)
+        reasons = list(failures.values())
+        if len(failures) > 1:
+            reasons = [f"{k}: {v}" for k, v in failures.items()]
+        why = "; ".join(reasons)
         err = RemoteError(
-            type(pickling_error).__name__,
-            f"the send failed ({type_name}: {message}) and its change to {what} could not be "
-            f"pickled back to the parent: {pickling_error}",
+            type_name,
+            f"the send of batch {batch_id} (attempt {attempt}) failed ({type_name}: {message}) "
+            f"and its change to {what} could not be pickled back to the parent ({why}); the "
+            "batch is kept as it was sent",
             tb,
         )
         blob, type_name, message = pickle.dumps(err, PROTOCOL), _REMOTE_ERROR, err.message
-        data_part = pickle.dumps((None, None), PROTOCOL)
-        meta_part = pickle.dumps((False, None), PROTOCOL)
+        data_part = _NO_DATA_CHANGE
+        meta_part = _NO_META_CHANGE
     err_part = pickle.dumps((blob, type_name, message, tb, chain), PROTOCOL)
     sizes = PARTS.pack(len(err_part), len(data_part))
     return b"".join((head, sizes, err_part, data_part, meta_part))
+
+
+_NO_DATA_CHANGE = pickle.dumps((None, None), PROTOCOL)
+_NO_META_CHANGE = pickle.dumps((False, None), PROTOCOL)
+
+
+def _encode_unencodable(
+    batch_id: int, attempt: int, exc: BaseException, why: BaseException
+) -> bytes:
+    """The last resort of :func:`encode_result`: a RemoteError made of plain text only."""
+    type_name = type_name_of(exc)
+    message = (
+        f"the failure of batch {batch_id} (attempt {attempt}) could not be encoded "
+        f"({_why(why)}); the batch is kept as it was sent"
+    )
+    err_part = pickle.dumps((None, type_name, message, "", ()), PROTOCOL)
+    head = HEADER.pack(K_FAILED, batch_id, attempt, 0)
+    sizes = PARTS.pack(len(err_part), len(_NO_DATA_CHANGE))
+    return b"".join((head, sizes, err_part, _NO_DATA_CHANGE, _NO_META_CHANGE))

@@ -31,6 +31,7 @@ from ._clock import Clock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
+from ._worker_logging import handle_record
 from .backends import Backend
 from .buffer import Batch
 from .errors import InternalError, ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
@@ -190,6 +191,9 @@ class Workers:
             m, failed = msg, None
         elif isinstance(msg, proto.Failed):
             m = failed = msg
+        elif isinstance(msg, proto.Log):
+            handle_record(msg.attrs)  # the user's handlers run here, on the coordinator thread
+            return
         elif isinstance(msg, proto.Ready):
             if slot.state is STARTING:
                 slot.move(IDLE)

@@ -12,7 +12,16 @@ cloudpickle: worker start-up is a measured cost. Its ``reducer_override`` sees e
 class the standard pickler is about to write by reference and gives up at the first one that must
 travel by value; the finished pickle is also searched for the main module's names, which catches
 references written by other routes (an object whose ``__reduce__`` returns a global's name). Only
-then is the payload pickled with cloudpickle.
+then is the payload pickled with cloudpickle. Two wrappers are reduced by name alone and so get
+their own checks: a bound method (``getattr(instance, name)``, which rebuilds nothing when the
+function is not the instance's attribute of that name, as with ``types.MethodType(lambda ...,
+obj)``), and an ``lru_cache`` wrapper (its module and qualified name). Sent by value, an
+``lru_cache`` wrapper travels as its function and cache parameters and is wrapped again in the
+worker, with an empty cache.
+
+A worker that cannot load the payload all the same (a module the parent has and the worker
+cannot import) fails its start with a message naming what the payload holds
+(:func:`describe_payload`) and the fix (:data:`FIX`).
 
 cloudpickle 3.1 writes ``"<dynamic-code>"`` as the file name of every code object it sends by
 value, so that its output does not depend on where a function was defined. Our subclass sends
@@ -24,18 +33,20 @@ the parent's linecache entry for it, which the worker installs in its own lineca
 
 from __future__ import annotations
 
+import functools
 import io
 import marshal
 import pickle
 import re
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import OptionsError
 from ._procstart import check_main_guard
 
-__all__ = ["dumps_by_value", "pickle_payload"]
+__all__ = ["FIX", "describe_payload", "dumps_by_value", "pickle_payload"]
 
 PROTOCOL = 5
 _MAIN_NAMES = ("__main__", "__mp_main__")
@@ -64,6 +75,39 @@ def pickle_payload(send_fn: Any, worker_init: Any, start_method: str) -> bytes:
     return _by_value(payload)
 
 
+#: How to fix what cannot reach the workers, for the messages that say so.
+FIX = (
+    "define it, and what it uses, in a module the workers can import, or have that module "
+    "sent by value with cloudpickle.register_pickle_by_value(module) before making the channel"
+)
+
+
+def describe_payload(send_fn: Any, worker_init: Any) -> str:
+    """Names what the payload holds, for a worker that cannot load it to say what failed."""
+    what = f"send_fn ({describe(send_fn)})"
+    if worker_init is not None:
+        what += f" or worker_init ({describe(worker_init)})"
+    return what
+
+
+def describe(obj: Any) -> str:
+    """A callable's module and qualified name, through partials and bound methods."""
+    try:
+        if isinstance(obj, functools.partial):
+            return f"functools.partial of {describe(obj.func)}"
+        if isinstance(obj, types.MethodType):
+            return f"{describe(obj.__func__)} bound to a {_name_of(type(obj.__self__))}"
+        if isinstance(obj, (types.FunctionType, type, _LRU_WRAPPER)):
+            return _name_of(obj)
+        return f"a {_name_of(type(obj))} instance"
+    except Exception:
+        return f"a {type(obj).__name__}"
+
+
+def _name_of(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+
+
 def dumps_by_value(obj: object) -> bytes:
     """Pickle with cloudpickle, sending code with its file name: for a lease, a result or an
     error that names the main module or that only cloudpickle can pickle."""
@@ -82,11 +126,53 @@ class _ByReference(pickle.Pickler):
         self._by_value = by_value
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (types.FunctionType, type)) and _needs_value(
-            getattr(obj, "__module__", None), self._by_value
-        ):
+        if isinstance(obj, (types.FunctionType, type)):
+            if _needs_value(getattr(obj, "__module__", None), self._by_value):
+                raise _MustGoByValue(obj)
+        elif isinstance(obj, types.MethodType):
+            # The standard reduction is getattr(instance, name): it names neither the function
+            # nor its module, and rebuilds nothing when the function is not the instance's
+            # attribute of that name (a lambda bound with MethodType).
+            if not _found_on_instance(obj):
+                raise _MustGoByValue(obj)
+        elif isinstance(obj, _LRU_WRAPPER) and _lru_by_value(obj, self._by_value):
             raise _MustGoByValue(obj)
         return NotImplemented
+
+
+#: What functools.lru_cache (and functools.cache) return: pickled by its module and name only.
+_LRU_WRAPPER: type = functools._lru_cache_wrapper
+
+
+def _found_on_instance(method: types.MethodType) -> bool:
+    """Whether ``getattr(method.__self__, name)`` gives this method back, as the standard
+    reduction of a bound method relies on."""
+    try:
+        return bool(getattr(method.__self__, method.__func__.__name__) == method)
+    except Exception:
+        return False
+
+
+def _lru_by_value(wrapper: Any, by_value: tuple[str, ...]) -> bool:
+    """Whether an lru_cache wrapper must travel by value: it comes from the main module or
+    a module sent by value, or its module does not hold it under its name (a cached lambda)."""
+    module = getattr(wrapper, "__module__", None)
+    return _needs_value(module, by_value) or not _found_by_name(wrapper, module)
+
+
+def _found_by_name(obj: Any, module_name: object) -> bool:
+    try:
+        found: Any = sys.modules[module_name]  # type: ignore[index]
+        for part in obj.__qualname__.split("."):
+            found = getattr(found, part)
+    except Exception:
+        return False
+    return found is obj
+
+
+def _lru_cached(fn: Callable[..., Any], maxsize: int | None, typed: bool) -> Any:
+    """Worker side: the lru_cache wrapper of a function that came by value (empty cache)."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
 
 
 def _needs_value(module_name: object, by_value: tuple[str, ...]) -> bool:
@@ -114,7 +200,7 @@ def _by_value(payload: tuple[Any, Any]) -> bytes:
         except Exception as exc:
             raise OptionsError(
                 f"{name} must be picklable with cloudpickle to reach the workers "
-                f"(got {fn!r}: {type(exc).__name__}: {exc})"
+                f"(got {fn!r}: {type(exc).__name__}: {exc}); {FIX}"
             ) from exc
     buf = io.BytesIO()
     pickler(buf, PROTOCOL).dump(payload)
@@ -140,6 +226,12 @@ def _value_pickler() -> Any:
                     pass  # a constant marshal cannot write: cloudpickle's own reduction
                 else:
                     return _load_code, (blob, _pseudo_file(obj.co_filename))
+            if isinstance(obj, _LRU_WRAPPER) and _lru_by_value(obj, _registered_by_value()):
+                # cloudpickle writes an lru_cache wrapper by name, which a worker that never
+                # ran the main module cannot find: send the function, wrap it again there.
+                wrapper: Any = obj
+                params = wrapper.cache_parameters()
+                return _lru_cached, (wrapper.__wrapped__, params["maxsize"], params["typed"])
             return super().reducer_override(obj)
 
     _value_pickler_class = ValuePickler

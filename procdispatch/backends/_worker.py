@@ -13,6 +13,7 @@ is busy.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -24,6 +25,9 @@ from typing import Any
 
 from .. import _protocol as proto
 from .._batch import Batch
+from .._transient import attach
+from .._worker_logging import Shipper, install_shipper
+from ..errors import RemoteError, WorkerStartFailed
 from ._usercode import UserCode
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
@@ -60,6 +64,7 @@ def run_lease(
 
     ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
     thread backend it is the coordinator's own list, which nothing changes while it is leased).
+    Never raises: whatever ``send_fn`` raises or leaves in the batch becomes the batch's answer.
     """
     orig = lease.data
     batch: Batch[Any] = Batch(
@@ -68,19 +73,114 @@ def run_lease(
     try:
         send_fn(batch)
     except BaseException as exc:
-        data = batch.data
-        if not isinstance(data, list):
-            # Not a change we can apply: the batch fails as it was sent, and says why.
-            bad = TypeError(
-                f"send_fn set batch.data to a {type(data).__name__} and then raised "
-                f"{type(exc).__name__}: {exc}; batch.data must stay a list (remove from it the "
-                "items that were delivered)"
+        try:
+            return _failed(lease, batch, exc)
+        except BaseException as e:  # a last resort: _failed guards each of its steps
+            return proto.Failed(
+                lease.batch_id, lease.attempt, _unreadable(lease, exc, e), None, None, False, None
             )
-            bad.__cause__ = exc
-            return proto.Failed(lease.batch_id, lease.attempt, bad, None, None, True, batch.meta)
-        kept, new = diff_data(orig, data)
-        return proto.Failed(lease.batch_id, lease.attempt, exc, kept, new, True, batch.meta)
     return proto.Done(lease.batch_id, lease.attempt)
+
+
+_MISSING: Any = object()
+
+
+def _failed(lease: proto.Lease, batch: Batch[Any], exc: BaseException) -> proto.Failed:
+    bid, attempt = lease.batch_id, lease.attempt
+    error = _vetted(lease, exc)
+    meta = _read(batch, "meta")
+    meta_sent = meta is not _MISSING  # a deleted meta is no change: the batch keeps its own
+    if not meta_sent:
+        meta = None
+    data = _read(batch, "data")
+    problem: str | None = None
+    kept: list[int] | None = None
+    new: list[Any] | None = None
+    if data is _MISSING:
+        problem = "deleted batch.data"
+    else:
+        try:
+            if type(data) is list or isinstance(data, list):
+                kept, new = diff_data(lease.data, data)
+            else:
+                problem = f"set batch.data to a {type(data).__name__}"
+        except BaseException as e:
+            problem = f"left in batch.data a list that could not be read ({type(e).__name__})"
+    if problem is None:
+        return proto.Failed(bid, attempt, error, kept, new, meta_sent, meta)
+    # Not a change we can apply: the batch fails as it was sent, and says why.
+    bad = TypeError(
+        f"send_fn {problem} and then raised {type(exc).__name__}: "
+        f"{proto.text_of(exc)}; batch.data must stay a list (remove from it the items that "
+        "were delivered)"
+    )
+    bad.__cause__ = error
+    return proto.Failed(bid, attempt, bad, None, None, meta_sent, meta)
+
+
+def _read(batch: Batch[Any], name: str) -> Any:
+    try:
+        return getattr(batch, name)
+    except BaseException:
+        return _MISSING
+
+
+def _vetted(lease: proto.Lease, exc: BaseException) -> BaseException:
+    """The exception to report for ``exc``: ``exc`` itself when the parent can read it as it
+    will (its text, repr, args and chain, and its ``__cause__`` set), else a RemoteError
+    saying what could not be read, which keeps what can be read of the chain (so the default
+    ``on_error`` still finds a ConnectionError whose ``reason`` raises transient)."""
+    _, chain_problem = proto.safe_chain(exc)
+    if chain_problem is not None:
+        return _unreadable(lease, exc, None, chain_problem)
+    overridden = _overridden_chain_attrs(type(exc))
+    if overridden:
+        return _unreadable(lease, exc, None, f"its class overrides {overridden}")
+    for what, read in _READS:
+        try:
+            read(exc)
+        except BaseException as e:
+            return _unreadable(lease, exc, e, f"its {what} raised {type(e).__name__}")
+    return exc
+
+
+_CHAIN_ATTRS = ("__cause__", "__context__", "__suppress_context__", "__traceback__")
+
+
+def _overridden_chain_attrs(cls: type) -> str:
+    """The chain attributes a class redefines: the parent sets ``__cause__`` (to the worker's
+    traceback) on the exception it rebuilds, and reads the others."""
+    found = [
+        name
+        for klass in cls.__mro__
+        if klass is not BaseException and klass is not object
+        for name in _CHAIN_ATTRS
+        if name in vars(klass)
+    ]
+    return ", ".join(sorted(set(found)))
+
+
+_READS: tuple[tuple[str, Callable[[BaseException], object]], ...] = (
+    ("str()", lambda e: str(e).__len__()),
+    ("repr()", lambda e: repr(e).__len__()),
+    ("args", lambda e: tuple(e.args)),
+)
+
+
+def _unreadable(
+    lease: proto.Lease, exc: BaseException, why: BaseException | None, what: str = ""
+) -> RemoteError:
+    """A RemoteError standing for an exception that cannot travel or be read as it is."""
+    type_name = proto.type_name_of(exc)
+    if not what:
+        what = f"reading it raised {type(why).__name__}"
+    message = (
+        f"send_fn raised {type_name} in batch {lease.batch_id} (attempt {lease.attempt}), and "
+        f"{what}: {proto.text_of(exc)}"
+    )
+    err = RemoteError(type_name, message, proto.format_remote_tb(exc, type_name, message))
+    attach(err, proto.safe_chain(exc)[0])
+    return err
 
 
 def _watch_parent(parent_pid: int, parent_sentinel: int | None) -> None:
@@ -106,8 +206,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def worker_main(leases: Connection, results: Connection, payload: bytes, parent_pid: int) -> None:
-    """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+def worker_main(
+    leases: Connection,
+    results: Connection,
+    payload: bytes,
+    parent_pid: int,
+    wid: int = 0,
+    shipped: str = "send_fn",
+    log_level: int = logging.WARNING,
+) -> None:
+    """Entry point of a worker process (the target of ``multiprocessing.Process``): worker
+    ``wid``; ``shipped`` names what ``payload`` holds (see ``_shipping.describe_payload``);
+    records at ``log_level`` and above go to the parent's logging."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import multiprocessing
 
@@ -118,15 +228,32 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     threading.Thread(
         target=_watch_parent, args=(parent_pid, sentinel), name="procdispatch-watchdog", daemon=True
     ).start()
-    lease_fd, result_fd = leases.fileno(), results.fileno()
+    lease_fd = leases.fileno()
+    out = _ResultPipe(results.fileno())
+    shipper = install_shipper(wid, log_level, out.send_log)
+    shipper.begin(None)
     try:
         send_fn, worker_init = pickle.loads(payload)
+    except BaseException as exc:
+        from ._shipping import FIX
+
+        err = WorkerStartFailed(
+            f"{shipped} could not be loaded in worker {wid} (pid {os.getpid()}): "
+            f"{type(exc).__name__}: {proto.text_of(exc)}; {FIX}"
+        )
+        err.__cause__ = exc
+        shipper.end()
+        out.send(proto.encode_init_failed(err))
+        os._exit(3)
+    try:
         user = UserCode(send_fn, worker_init)  # runs worker_init (on an event loop when async)
     except BaseException as exc:
-        proto.write_frame(result_fd, proto.encode_init_failed(exc))
+        shipper.end()
+        out.send(proto.encode_init_failed(exc))
         os._exit(3)
-    proto.write_frame(result_fd, proto.encode_ready(os.getpid()))
-    _serve(lease_fd, result_fd, user.send)
+    shipper.end()
+    out.send(proto.encode_ready(os.getpid()))
+    _serve(lease_fd, out, user.send, shipper)
     user.close()
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
@@ -136,7 +263,25 @@ def worker_main(leases: Connection, results: Connection, payload: bytes, parent_
     os._exit(0)
 
 
-def _serve(lease_fd: int, result_fd: int, send_fn: Callable[[Batch[Any]], object]) -> None:
+class _ResultPipe:
+    """The result pipe: one frame at a time, from the worker's loop and from whatever thread
+    of ``send_fn`` logs (frames of two threads must not interleave)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.RLock()
+
+    def send(self, body: bytes) -> None:
+        with self._lock:
+            proto.write_frame(self._fd, body)
+
+    def send_log(self, pickled_attrs: bytes) -> None:
+        self.send(proto.encode_log(pickled_attrs))
+
+
+def _serve(
+    lease_fd: int, out: _ResultPipe, send_fn: Callable[[Batch[Any]], object], shipper: Shipper
+) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
     while True:
         try:
@@ -145,15 +290,17 @@ def _serve(lease_fd: int, result_fd: int, send_fn: Callable[[Batch[Any]], object
             return
         if body is None or body[0] != proto.K_LEASE:
             return  # the end of the pipe, or the stop request
+        _, bid, attempt, _ = proto.HEADER.unpack_from(body)
+        shipper.begin(bid)
         try:
             lease = proto.decode_lease(body)
         except BaseException as exc:
-            _, bid, attempt, _ = proto.HEADER.unpack_from(body)
-            out = proto.encode_failed(bid, attempt, exc, None, None, False, None)
+            answer = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
         else:
-            out = proto.encode_result(run_lease(send_fn, lease))
+            answer = proto.encode_result(run_lease(send_fn, lease))
         del body
+        shipper.end()  # its records go before its answer
         try:
-            proto.write_frame(result_fd, out)
+            out.send(answer)
         except OSError:
             return

@@ -17,6 +17,7 @@ Workers start without running the user's main module (:mod:`._procstart`); ``sen
 from __future__ import annotations
 
 import collections
+import logging
 import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _protocol as proto
 from . import Backend, WorkerHandle
 from ._procstart import WorkerContext
-from ._shipping import pickle_payload
+from ._shipping import describe_payload, pickle_payload
 from ._worker import worker_main
 
 if TYPE_CHECKING:
@@ -46,10 +47,13 @@ class ProcessBackend(Backend):
 
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._payload = pickle_payload(send_fn, options.worker_init, options.start_method)
+        self._shipped = describe_payload(send_fn, options.worker_init)
+        # Workers send records at the level the parent logs at now, and make none below it.
+        self._log_level = logging.getLogger().getEffectiveLevel()
         self._ctx = WorkerContext(options.start_method)
 
     def start_worker(self, wid: int) -> WorkerHandle:
-        handle = ProcessWorker(self._ctx, self._payload, wid)
+        handle = ProcessWorker(self._ctx, self._payload, wid, self._shipped, self._log_level)
         handle.start()
         return handle
 
@@ -62,10 +66,19 @@ class ProcessWorker(WorkerHandle):
     small result, or several, instead of two reads per frame.
     """
 
-    def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        payload: bytes,
+        wid: int,
+        shipped: str = "send_fn",
+        log_level: int = logging.WARNING,
+    ) -> None:
         self._ctx = ctx
         self._payload = payload
         self._wid = wid
+        self._shipped = shipped
+        self._log_level = log_level
         self._lease_w: Connection | None = None
         self._lease_fd = -1
         self._result_r: Connection | None = None
@@ -78,7 +91,15 @@ class ProcessWorker(WorkerHandle):
         result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
             target=worker_main,
-            args=(lease_r, result_w, self._payload, os.getpid()),
+            args=(
+                lease_r,
+                result_w,
+                self._payload,
+                os.getpid(),
+                self._wid,
+                self._shipped,
+                self._log_level,
+            ),
             name=f"procdispatch-worker-{self._wid}",
             daemon=True,
         )

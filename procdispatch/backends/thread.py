@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
+from .._worker_logging import current, stamp_thread_records
 from . import Backend, WorkerHandle
 from ._usercode import UserCode
 from ._worker import run_lease
@@ -36,6 +37,7 @@ class ThreadBackend(Backend):
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._send_fn = send_fn
         self._init = options.worker_init
+        stamp_thread_records()
 
     def start_worker(self, wid: int) -> WorkerHandle:
         handle = ThreadWorker(self._send_fn, self._init, wid)
@@ -92,6 +94,8 @@ class ThreadWorker(WorkerHandle):
                 self._w.send(b"\0")
 
     def _serve(self) -> None:
+        # This thread's records carry its worker number, and the batch it is sending.
+        current.set((self._wid, None))
         try:
             user = UserCode(self._send_fn, self._init)  # an event loop of this thread if async
         except BaseException as exc:
@@ -106,7 +110,10 @@ class ThreadWorker(WorkerHandle):
                     lease = self._inbox.popleft()
                 if lease is None or self._abandoned:
                     return
-                self._post(run_lease(user.send, lease))
+                current.set((self._wid, lease.batch_id))
+                result = run_lease(user.send, lease)
+                current.set((self._wid, None))
+                self._post(result)
         finally:
             user.close()
 
