@@ -227,6 +227,22 @@ class Options:
             shown='`"process"`',
         ),
     )
+    progress: bool | Callable[[Any], object] | Any = field(
+        default=False,
+        metadata=_doc(
+            "`True`: a tqdm bar on stderr (delivered / total, rate; dropped, in flight and "
+            "retried after it), or a status line every 5 s when stderr is not a terminal, and a "
+            "final one; a tqdm bar of yours to update and close; or a callable given a `Stats` "
+            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a bar",
+        ),
+    )
+    progress_total: int | None = field(
+        default=None,
+        metadata=_doc(
+            "the bar's total; `None`: the summed lengths of the sized iterables given to "
+            "`put_many`",
+        ),
+    )
 
     def resolve(self) -> ChannelOptions:
         """Validate every option and fill in what is derived; raise OptionsError naming the
@@ -279,6 +295,9 @@ class Options:
         _bool("raise_on_drop", self.raise_on_drop)
         _int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
         _int("max_worker_memory", self.max_worker_memory, allow_none=True)
+        from ._progress import check_progress
+
+        check_progress(self.progress, self.progress_total)
         backend = make_backend(self.backend)
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:
@@ -306,6 +325,8 @@ class Options:
             max_worker_memory=self.max_worker_memory,
             start_method=self.start_method or default_start_method(),
             backend=backend,
+            progress=self.progress,
+            progress_total=self.progress_total,
         )
 
 
@@ -348,6 +369,9 @@ class ChannelOptions:
     max_worker_memory: int | None
     start_method: str
     backend: Backend
+    #: False, True, the user's tqdm bar, or a callable taking Stats (see :mod:`._progress`).
+    progress: Any = False
+    progress_total: int | None = None
 
 
 def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | None:
