@@ -162,6 +162,13 @@ class Options:
             shown="`default_on_drop`",
         ),
     )
+    on_delivered: Callable[[Any], object] | None = field(
+        default=None,
+        metadata=_doc(
+            "parent side, `(batch)` once per delivered batch, with the items delivered (after a "
+            "send that removed some and raised: only those)",
+        ),
+    )
     on_drained: Callable[[], None] | None = field(
         default=None, metadata=_doc("parent side, once, at the very end")
     )
@@ -286,7 +293,7 @@ class Options:
                 raise OptionsError(
                     f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
                 )
-        for name in ("on_error", "on_drop", "on_drained", "worker_init"):
+        for name in ("on_error", "on_drop", "on_delivered", "on_drained", "worker_init"):
             _callable(name, getattr(self, name))
         _number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
         _number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
@@ -314,6 +321,7 @@ class Options:
             min_qps=_float_or_none(min_qps),
             on_error=self.on_error,
             on_drop=self.on_drop,
+            on_delivered=self.on_delivered,
             on_drained=self.on_drained,
             worker_init=self.worker_init,
             send_timeout=_float_or_none(self.send_timeout),
@@ -358,6 +366,7 @@ class ChannelOptions:
     min_qps: float | None
     on_error: Callable[[Any, BaseException], bool] | None
     on_drop: Callable[[Any, bool], None] | None
+    on_delivered: Callable[[Any], object] | None
     on_drained: Callable[[], None] | None
     worker_init: Callable[[], object] | None
     send_timeout: float | None
