@@ -13,6 +13,7 @@ A channel left open at interpreter exit, or collected while open, is closed and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -23,7 +24,8 @@ from typing import Any, Generic, TypeVar
 from . import _process_end
 from ._admission import Admission, Stats
 from ._coordinator import Coordinator
-from ._options import Options
+from ._options import ChannelOptions, Options
+from ._progress import Reporter, sized_length
 from .backends import Backend
 from .buffer import Batch, Buffer, FullBehavior
 from .errors import ItemsDropped, OptionsError
@@ -62,6 +64,7 @@ class ProcessChannel(Generic[T]):
         min_qps: float | None = None,
         on_error: Callable[[Batch[T], BaseException], bool] | None = None,
         on_drop: Callable[[Batch[T] | None, bool], None] | None = None,
+        on_delivered: Callable[[Batch[T]], object] | None = None,
         on_drained: Callable[[], None] | None = None,
         worker_init: Callable[[], object] | None = None,
         send_timeout: float | None = None,
@@ -73,6 +76,8 @@ class ProcessChannel(Generic[T]):
         max_worker_memory: int | None = None,
         start_method: str | None = None,
         backend: str | Backend = "process",
+        progress: bool | Callable[[Stats], object] | Any = False,
+        progress_total: int | None = None,
     ) -> None:
         if not callable(send_fn):
             raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
@@ -91,6 +96,7 @@ class ProcessChannel(Generic[T]):
             min_qps=min_qps,
             on_error=on_error,
             on_drop=on_drop,
+            on_delivered=on_delivered,
             on_drained=on_drained,
             worker_init=worker_init,
             send_timeout=send_timeout,
@@ -102,6 +108,8 @@ class ProcessChannel(Generic[T]):
             max_worker_memory=max_worker_memory,
             start_method=start_method,
             backend=backend,
+            progress=progress,
+            progress_total=progress_total,
         ).resolve()
         self._adm = adm = Admission(opts.buffer.full_behavior)
         self._item_size = opts.item_size
@@ -111,12 +119,18 @@ class ProcessChannel(Generic[T]):
         else:
             adm._pending_sized = True
         opts.backend.open(send_fn, opts)  # before any thread or process exists: may refuse
+        self._progress: Reporter | None = None
+        if opts.progress is not False:
+            self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
+            opts = _finish_progress_first(opts, self._progress)
         limiter = _make_limiter(opts.qps)
         # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps
         self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
         coord.start()
+        if self._progress is not None:
+            self._progress.start()
         # Collected while open: the coordinator drains what it holds in the background.
         weakref.finalize(self, adm.request_close)
 
@@ -146,6 +160,10 @@ class ProcessChannel(Generic[T]):
         When it has to stop early (closed, timeout, an item of a forbidden size) it raises what
         ``put`` would have raised for that item, with the count added so far as ``exc.added``.
         """
+        if self._progress is not None:
+            n = sized_length(items)
+            if n is not None:
+                self._progress.announce(n)
         batch = list(items)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._item_size is None:
@@ -334,3 +352,19 @@ def _make_limiter(qps: Any) -> Any:
     if isinstance(qps, RateLimiter):
         return qps
     return RateLimiter._for(qps)
+
+
+def _finish_progress_first(opts: ChannelOptions, reporter: Reporter) -> ChannelOptions:
+    """The options with an ``on_drained`` that makes the final progress report first: it runs
+    at the very end of the coordinator, before ``wait_drained()`` returns, so the final totals
+    are on screen before anything the program prints after the drain."""
+    user = opts.on_drained
+
+    def on_drained() -> None:
+        try:
+            reporter.finish()
+        finally:
+            if user is not None:
+                user()
+
+    return dataclasses.replace(opts, on_drained=on_drained)

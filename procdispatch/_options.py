@@ -162,6 +162,13 @@ class Options:
             shown="`default_on_drop`",
         ),
     )
+    on_delivered: Callable[[Any], object] | None = field(
+        default=None,
+        metadata=_doc(
+            "parent side, `(batch)` once per delivered batch, with the items delivered (after a "
+            "send that removed some and raised: only those)",
+        ),
+    )
     on_drained: Callable[[], None] | None = field(
         default=None, metadata=_doc("parent side, once, at the very end")
     )
@@ -227,6 +234,22 @@ class Options:
             shown='`"process"`',
         ),
     )
+    progress: bool | Callable[[Any], object] | Any = field(
+        default=False,
+        metadata=_doc(
+            "`True`: a tqdm bar on stderr (delivered / total, rate; dropped, in flight and "
+            "retried after it), or a status line every 5 s when stderr is not a terminal, and a "
+            "final one; a tqdm bar of yours to update and close; or a callable given a `Stats` "
+            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a bar",
+        ),
+    )
+    progress_total: int | None = field(
+        default=None,
+        metadata=_doc(
+            "the bar's total; `None`: the summed lengths of the sized iterables given to "
+            "`put_many`",
+        ),
+    )
 
     def resolve(self) -> ChannelOptions:
         """Validate every option and fill in what is derived; raise OptionsError naming the
@@ -270,7 +293,7 @@ class Options:
                 raise OptionsError(
                     f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
                 )
-        for name in ("on_error", "on_drop", "on_drained", "worker_init"):
+        for name in ("on_error", "on_drop", "on_delivered", "on_drained", "worker_init"):
             _callable(name, getattr(self, name))
         _number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
         _number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
@@ -279,6 +302,9 @@ class Options:
         _bool("raise_on_drop", self.raise_on_drop)
         _int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
         _int("max_worker_memory", self.max_worker_memory, allow_none=True)
+        from ._progress import check_progress
+
+        check_progress(self.progress, self.progress_total)
         backend = make_backend(self.backend)
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:
@@ -295,6 +321,7 @@ class Options:
             min_qps=_float_or_none(min_qps),
             on_error=self.on_error,
             on_drop=self.on_drop,
+            on_delivered=self.on_delivered,
             on_drained=self.on_drained,
             worker_init=self.worker_init,
             send_timeout=_float_or_none(self.send_timeout),
@@ -306,6 +333,8 @@ class Options:
             max_worker_memory=self.max_worker_memory,
             start_method=self.start_method or default_start_method(),
             backend=backend,
+            progress=self.progress,
+            progress_total=self.progress_total,
         )
 
 
@@ -337,6 +366,7 @@ class ChannelOptions:
     min_qps: float | None
     on_error: Callable[[Any, BaseException], bool] | None
     on_drop: Callable[[Any, bool], None] | None
+    on_delivered: Callable[[Any], object] | None
     on_drained: Callable[[], None] | None
     worker_init: Callable[[], object] | None
     send_timeout: float | None
@@ -348,6 +378,9 @@ class ChannelOptions:
     max_worker_memory: int | None
     start_method: str
     backend: Backend
+    #: False, True, the user's tqdm bar, or a callable taking Stats (see :mod:`._progress`).
+    progress: Any = False
+    progress_total: int | None = None
 
 
 def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | None:

@@ -33,6 +33,7 @@ from . import _protocol as proto
 from ._admission import Ledger
 from ._callbacks import default_on_drop, default_on_error
 from ._clock import Clock
+from ._delivery import DeliveryReports, removed_items
 from ._options import ChannelOptions
 from .buffer import Batch, Buffer
 from .errors import DeliveryTimeout
@@ -64,6 +65,9 @@ class Outcomes:
             opts.on_error or default_on_error
         )
         self._on_drop: Callable[[Batch[Any] | None, bool], None] = opts.on_drop or default_on_drop
+        self._reports = (
+            DeliveryReports(opts.on_delivered, _warn_if_slow) if opts.on_delivered else None
+        )
         #: Set by the coordinator once the channel is cancelled: no failure is retried.
         self.cancelled = False
         #: Why the first item was dropped (None: an eviction or a cancel); for ItemsDropped.
@@ -81,15 +85,18 @@ class Outcomes:
             led.d_in_flight -= count
             led.d_delivered += count
             led.d_size += b._size
+            if self._reports is not None:
+                self._reports.whole(b)
 
     def failed(self, b: Batch[Any], m: proto.Failed, now: float) -> None:
         """The send of ``b`` raised: apply its change to the batch, then fail it."""
         if not b.synthetic:
             self.ledger.book(in_flight=-b._count)
+        sent = b.data  # the change below makes a new list: this one stays as it was sent
         self.buffer.apply_mutation(b, m.kept, m.new_data)
         if m.meta_sent:
             b.meta = m.meta
-        self._shrink(b)
+        self._shrink(b, sent, m.kept)
         self.fail(b, m.error, now)
 
     def released(self, b: Batch[Any]) -> None:
@@ -116,8 +123,9 @@ class Outcomes:
         """A leased batch failed: ask ``on_error``, then retry (nack) or drop it."""
         self.ledger.batches_failed += 1
         b._last_error = exc
+        before = list(b.data) if self._reports is not None else b.data
         retry = self.call_on_error(b, exc)
-        self._shrink(b)
+        self._shrink(b, before)
         if not b.data:
             self.buffer.ack(b)  # everything was delivered by removal: nothing left to retry
             return
@@ -287,11 +295,14 @@ class Outcomes:
         log.warning("%s", err)
         self.drop(b, err)
 
-    def _shrink(self, batch: Batch[Any]) -> None:
-        """Items removed from data by send_fn (or on_error) count as delivered."""
+    def _shrink(self, batch: Batch[Any], before: list[Any], kept: list[int] | None = None) -> None:
+        """Items removed from data by send_fn (or on_error) count as delivered; ``before`` is
+        the data before the removal (and ``kept`` the indices a worker kept of it)."""
         removed, size = self.buffer.settle(batch)
         if (removed or size) and not batch.synthetic:
             self.ledger.book(delivered=removed, size=size)
+            if removed and self._reports is not None:
+                self._reports.part(batch, removed_items(before, kept, batch.data, removed))
 
 
 def _power_of_two(n: int) -> bool:
