@@ -113,6 +113,9 @@ def test_drop_oldest_with_slow_send_delivers_newest(tmp_path, make_channel):
     ch.put_many([0, 1])
     log.wait_count(1, ev="start")  # batch [0, 1] is in flight and held at the gate
     ch.put_many(range(2, 20))
+    # The coordinator takes in all 18 items (evicting as it goes) while [0, 1] is still held:
+    # the newest two are then all that is left, whenever the gate opens.
+    wait_for(lambda: ch.stats().items_dropped == 16, timeout=30)
     gate.open()
     assert ch.close_and_drain(30)
     delivered = delivered_items(log)
