@@ -61,12 +61,16 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def test_every_example_is_tested_here_and_has_a_recipe():
+def test_every_example_is_tested_here_and_listed_in_the_readme_and_the_recipes():
     tested = {"demo_pipeline.py", "http_sink.py", "latest_state.py", "partial_success.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
     recipes = "\n".join(p.read_text() for p in (REPO / "docs" / "recipes").glob("*.md"))
-    for name in tested:
-        assert f"python examples/{name} " in recipes, f"no recipe runs {name}"
+    readme = (REPO / "README.md").read_text()
+    # The README's example commands are the recipes' ones, which the docs tests run.
+    listed = re.findall(r"`(python examples/[^`]+)`", readme)
+    assert sorted(c.split()[1].removeprefix("examples/") for c in listed) == sorted(tested)
+    for command in listed:
+        assert f"\n{command}\n" in recipes, f"the README's {command!r} is in no recipe"
 
 
 # http_sink.py
