@@ -50,13 +50,13 @@ def make_sender(out_dir: str, rounds: int) -> Callable[[pd.Batch[dict[str, float
     return send
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--readings", type=int, default=50_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--rounds", type=int, default=200, help="hash rounds per reading")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     rng = random.Random(42)
     with tempfile.TemporaryDirectory(prefix="procdispatch-demo-") as out_dir:
