@@ -17,12 +17,16 @@ own and hands the loop whole tokens, through the same two calls the loop makes o
   one spare per channel. pyrate buckets have no refund, so a spare the channel never uses is
   spent; and a spare used later than it was acquired can add one send per channel to what the
   Limiter's own bound allows in a window.
-* The helper waits for a token inside ``Limiter.try_acquire(blocking=True, timeout=SLICE)``
-  (the Limiter's own wait, ``buffer_ms`` included), so it looks at the channel's state at
-  least every ``SLICE`` seconds between network calls. A call that raises (Redis down,
-  refused, timed out) is retried with exponential backoff; the first failure of a run is
-  logged at WARNING, then at most one WARNING per ``LOG_EVERY`` seconds while it lasts, and
-  the recovery once.
+* The helper calls ``Limiter.try_acquire(blocking=False)``, each call with a fresh timestamp,
+  and waits between calls itself, on its own condition (so that closing interrupts the wait):
+  as long as the Limiter's bucket says (``bucket.waiting()``, the retry-after of its last
+  answer) when the Limiter is ``Limiter(bucket)``, else one interval of the tightest rate;
+  never longer than ``SLICE``. The Limiter's own blocking loop is not used: it re-puts an
+  item whose timestamp it advances by the time it meant to sleep, so that under contention
+  the stamps fall behind the clock and a share of the rate is lost; its ``buffer_ms`` has no
+  part here. A call that raises (Redis down, refused, timed out) is retried with exponential
+  backoff; the first failure of a run is logged at WARNING, then at most one WARNING per
+  ``LOG_EVERY`` seconds while it lasts, and the recovery once.
 * :meth:`RemoteTokens.close` (the coordinator's shutdown) tells the helper to stop and returns
   at once: the helper ends as soon as its current call returns, which the client's socket
   timeout bounds. The user's Limiter stays open: it is theirs.
@@ -55,17 +59,15 @@ __all__ = [
 
 log = logging.getLogger("procdispatch")
 
-#: Longest wait inside one ``Limiter.try_acquire`` call, in seconds: how often the helper looks
-#: at the channel's state while the Limiter makes it wait.
+#: Longest wait between two ``Limiter.try_acquire`` calls the Limiter denied, in seconds.
 SLICE = 0.5
 #: First and longest pause after a Limiter call that raised, in seconds.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 #: While the Limiter keeps failing, at most one WARNING per this many seconds.
 LOG_EVERY = 30.0
-#: A ``try_acquire`` that answers False faster than this is followed by a pause this long, so
-#: that a Limiter which never waits (a custom bucket factory) cannot make the helper spin.
-MIN_DENIED = 0.01
+#: Shortest wait after a denial, in seconds (the bucket's retry-after has a 1 ms grain).
+MIN_DENIED = 0.001
 
 
 class TokenSource(Protocol):
@@ -92,10 +94,12 @@ class RemoteLimit:
     #: The tightest of the Limiter's rates, per second, when its bucket is known (None: a
     #: bucket factory that makes buckets on demand).
     per_second: float | None
+    #: The bucket of ``Limiter(bucket)`` (None for another bucket factory).
+    bucket: Any
 
     def tokens(self, wake: Callable[[], None]) -> RemoteTokens:
         """A channel's source of tokens from this Limiter; ``wake`` rouses its coordinator."""
-        return RemoteTokens(self.limiter, wake)
+        return RemoteTokens(self.limiter, wake, bucket=self.bucket, per_second=self.per_second)
 
 
 def remote_limit(qps_limit: object, qps_burst: object) -> RemoteLimit | None:
@@ -118,7 +122,7 @@ def remote_limit(qps_limit: object, qps_burst: object) -> RemoteLimit | None:
                 _check_client(client)
     rates = [r for b in buckets for r in (getattr(b, "rates", None) or ())]
     per_second = min((r.limit * 1000.0 / r.interval for r in rates), default=None)
-    return RemoteLimit(qps_limit, per_second)
+    return RemoteLimit(qps_limit, per_second, getattr(qps_limit.bucket_factory, "bucket", None))
 
 
 def _buckets(limiter: Any) -> list[Any]:
@@ -159,9 +163,18 @@ class RemoteTokens:
     need; see the module docstring. :meth:`reserve` and :meth:`refund` are the coordinator's;
     the helper starts at the first :meth:`reserve`."""
 
-    def __init__(self, limiter: Any, wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        limiter: Any,
+        wake: Callable[[], None],
+        *,
+        bucket: Any = None,
+        per_second: float | None = None,
+    ) -> None:
         self._limiter = limiter
         self._wake = wake
+        self._bucket = bucket
+        self._poll = min(SLICE, 1.0 / per_second) if per_second else SLICE / 10
         self._cond = threading.Condition(threading.Lock())
         self._held = 0  # tokens acquired and not yet handed out (0 or 1)
         self._wanted = False  # the loop asked for a token since the last one was fetched
@@ -215,30 +228,43 @@ class RemoteTokens:
                     self._cond.wait()
                 if self._closed:
                     return
-            started = time.monotonic()
             try:
                 got = self._acquire()
             except Exception as exc:
-                pause = failing.failed(exc)
-                with self._cond:
-                    if not self._closed:
-                        self._cond.wait(pause)
+                self._pause(failing.failed(exc))
                 continue
             failing.recovered()
             if not got:
-                pause = MIN_DENIED - (time.monotonic() - started)
-                if pause > 0:
-                    with self._cond:
-                        if not self._closed:
-                            self._cond.wait(pause)
+                self._pause(self._denied_wait())
                 continue
             with self._cond:
                 self._held += 1
                 self._wanted = False
             self._wake()
 
+    def _pause(self, seconds: float) -> None:
+        with self._cond:
+            if not self._closed:
+                self._cond.wait(seconds)
+
+    def _denied_wait(self) -> float:
+        """Seconds until the Limiter may admit a unit: its bucket's retry-after when it can be
+        read, else one interval of the tightest rate."""
+        wait = self._poll
+        bucket = self._bucket
+        if bucket is not None:
+            # The retry-after its last put recorded: a local read for buckets of the current
+            # contract. Another thread's call in between can make it stale: it is a hint.
+            with contextlib.suppress(Exception):
+                from pyrate_limiter import RateItem
+
+                ms = bucket.waiting(RateItem("procdispatch", bucket.now(), 1))
+                if isinstance(ms, int) and ms > 0:
+                    wait = ms / 1000
+        return min(SLICE, max(MIN_DENIED, wait))
+
     def _acquire(self) -> bool:
-        result = self._limiter.try_acquire(blocking=True, timeout=SLICE)
+        result = self._limiter.try_acquire(blocking=False)
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()
