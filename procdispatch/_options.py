@@ -142,7 +142,11 @@ class Options:
         ),
     )
     qps_burst: int = field(
-        default=1, metadata=_doc("sends that may go at once under a float `qps_limit`")
+        default=1,
+        metadata=_doc(
+            "sends that may go at once under a float `qps_limit` (with a `Limiter`, its rates "
+            "decide: leave it at 1)"
+        ),
     )
     min_qps: float | None = field(
         default=None,
