@@ -17,10 +17,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pyrate_limiter import GCRA, Limiter, Rate, RateItem, RedisStateStore, StateBucket
 from workerfns import wait_for
 
@@ -92,6 +93,33 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The fixtures live here, imported by the test modules that use them: a conftest.py in this
+# directory would be found as the module ``conftest`` by worker processes of other test
+# directories, which import the root one under that name (the directories share sys.path).
+
+
+@pytest.fixture(name="redis_unstarted")
+def redis_unstarted_fixture() -> Iterator[RedisServer]:
+    """A redis-server the test starts itself (or never), stopped at teardown."""
+    pytest.importorskip("redis", reason="redis-py is not installed (the project's redis extra)")
+    if REDIS_SERVER is None:
+        pytest.skip(
+            "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+        )
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(redis_unstarted: RedisServer) -> RedisServer:
+    """A running redis-server on a unix socket, with persistence off."""
+    redis_unstarted.start()
+    return redis_unstarted
 
 
 class StampedBucket(StateBucket):  # type: ignore[misc]

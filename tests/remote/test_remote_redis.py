@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 from pyrate_limiter import GCRA, Limiter, Rate, RedisBucket, RedisStateStore, StateBucket
-from redisfns import RedisServer, StampSink, gcra_limiter, read_floats
+from redisfns import (  # noqa: F401 (fixtures: imported, not in a conftest; see redisfns)
+    RedisServer,
+    StampSink,
+    gcra_limiter,
+    read_floats,
+    redis_server_fixture,
+    redis_unstarted_fixture,
+)
 from workerfns import noop, wait_for
 
 import procdispatch as pd

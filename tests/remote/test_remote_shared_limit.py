@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from redisfns import RedisServer, gcra_bound, max_in_window, read_floats
+from redisfns import (  # noqa: F401 (fixtures: imported, not in a conftest; see redisfns)
+    RedisServer,
+    gcra_bound,
+    max_in_window,
+    read_floats,
+    redis_server_fixture,
+    redis_unstarted_fixture,
+)
 
 pytestmark = pytest.mark.slow
 
