@@ -123,8 +123,9 @@ class ProcessChannel(Generic[T]):
         if opts.progress is not False:
             self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
             opts = _finish_progress_first(opts, self._progress)
-        limiter = _make_limiter(opts.qps)
-        # A limiter built here from a rate is ours to close; a RateLimiter given is the user's.
+        limiter = _make_limiter(opts.qps, adm._wake)
+        # A limiter built here (from a rate, or the token source over a Limiter) is ours to
+        # close; a RateLimiter or Limiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps
         self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
@@ -342,15 +343,19 @@ class ProcessChannel(Generic[T]):
         )
 
 
-def _make_limiter(qps: Any) -> Any:
+def _make_limiter(qps: Any, wake: Callable[[], None]) -> Any:
     """The channel's limiter: the user's RateLimiter as given, or one of our own for a parsed
-    rate (from the one parse of qps_limit; ours to close)."""
+    rate (from the one parse of qps_limit; ours to close), or for a pyrate-limiter Limiter a
+    token source whose helper thread rouses the coordinator with ``wake`` (ours to close)."""
     if qps is None:
         return None
     from ._limiter.limiter import RateLimiter  # only with a limit: it is not needed otherwise
+    from ._limiter.remote import RemoteLimit
 
     if isinstance(qps, RateLimiter):
         return qps
+    if isinstance(qps, RemoteLimit):
+        return qps.tokens(wake)
     return RateLimiter._for(qps)
 
 

@@ -61,7 +61,7 @@ from .buffer import Buffer
 from .errors import InternalError
 
 if TYPE_CHECKING:
-    from ._limiter.limiter import RateLimiter
+    from ._limiter.remote import TokenSource
 
 __all__ = ["MAX_WAIT", "QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
 
@@ -101,7 +101,7 @@ class Coordinator:
         opts: ChannelOptions,
         admission: Admission,
         backend: Backend,
-        limiter: RateLimiter | None,
+        limiter: TokenSource | None,
         *,
         owns_limiter: bool = False,
         clock: Clock | None = None,
@@ -181,6 +181,10 @@ class Coordinator:
         cancel_due = self.state is Lifecycle.CANCELLING and now >= self._cancel_deadline
         workers.check_deadlines(now, cancel_due)
         self._ingest(now, woke)
+        if woke and self._qps_wait_until == math.inf:
+            # A source that answered "not before a wake-up" (tokens fetched on another thread,
+            # see _limiter.remote) may have one now: ask again.
+            self._qps_wait_until = 0.0
         self.outcomes.expire(now)
         self._dispatch(now)
         self.admission.publish(self.ledger, self.buffer.leased)

@@ -26,6 +26,7 @@ from .backends import Backend, make_backend
 if TYPE_CHECKING:
     from ._limiter.gcra import ParsedRate
     from ._limiter.limiter import RateLimiter
+    from ._limiter.remote import RemoteLimit
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
@@ -136,11 +137,16 @@ class Options:
         default=None,
         metadata=_doc(
             "cap on `send_fn` calls per second across the channel's workers: a float, "
-            "pyrate-limiter `Rate`(s), or a `RateLimiter` shared with other channels or processes",
+            "pyrate-limiter `Rate`(s), a `RateLimiter` shared with other channels or processes, "
+            "or a pyrate-limiter `Limiter` (e.g. Redis-backed, shared by many hosts)",
         ),
     )
     qps_burst: int = field(
-        default=1, metadata=_doc("sends that may go at once under a float `qps_limit`")
+        default=1,
+        metadata=_doc(
+            "sends that may go at once under a float `qps_limit` (with a `Limiter`, its rates "
+            "decide: leave it at 1)"
+        ),
     )
     min_qps: float | None = field(
         default=None,
@@ -288,7 +294,7 @@ class Options:
         if min_qps is not None:
             if math.isinf(min_qps):
                 raise OptionsError(f"min_qps must be finite (got {min_qps!r})")
-            cap = None if qps is None else _per_second(qps)
+            cap = None if qps is None else _per_second(qps)  # None: not known
             if cap is not None and min_qps > cap:
                 raise OptionsError(
                     f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
@@ -361,8 +367,8 @@ class ChannelOptions:
     buffer: BufferOptions
     item_size: Callable[[Any], int] | None
     #: ``qps_limit`` normalised once: the user's RateLimiter, the parsed rate of a number or
-    #: Rate(s) (with ``qps_burst``), or None.
-    qps: RateLimiter | ParsedRate | None
+    #: Rate(s) (with ``qps_burst``), the user's pyrate-limiter Limiter, or None.
+    qps: RateLimiter | ParsedRate | RemoteLimit | None
     min_qps: float | None
     on_error: Callable[[Any, BaseException], bool] | None
     on_drop: Callable[[Any, bool], None] | None
@@ -383,7 +389,7 @@ class ChannelOptions:
     progress_total: int | None = None
 
 
-def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | None:
+def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | RemoteLimit | None:
     """``qps_limit`` normalised once; OptionsError names the options as the user spelled them."""
     if qps_limit is None:
         _int("qps_burst", qps_burst, allow_none=False)
@@ -395,14 +401,23 @@ def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | Non
         if qps_limit.closed:
             raise OptionsError(f"qps_limit must be an open RateLimiter (got {qps_limit!r})")
         return qps_limit
+    from ._limiter.remote import remote_limit
+
+    remote = remote_limit(qps_limit, qps_burst)
+    if remote is not None:
+        return remote
     from ._limiter.gcra import parse_rate
 
     return parse_rate(qps_limit, qps_burst, what="qps_limit", burst_what="qps_burst")
 
 
-def _per_second(qps: RateLimiter | ParsedRate) -> float:
+def _per_second(qps: RateLimiter | ParsedRate | RemoteLimit) -> float | None:
     """The long-run sends per second a normalised ``qps_limit`` allows (one formula:
-    :func:`~procdispatch._limiter.gcra.parse_rate`'s)."""
+    :func:`~procdispatch._limiter.gcra.parse_rate`'s; a Limiter's tightest rate), or None when
+    a Limiter's buckets are made on demand."""
     from ._limiter.gcra import ParsedRate
+    from ._limiter.remote import RemoteLimit
 
-    return qps.per_second if isinstance(qps, ParsedRate) else qps.rate_per_second
+    if isinstance(qps, (ParsedRate, RemoteLimit)):
+        return qps.per_second
+    return qps.rate_per_second
