@@ -58,6 +58,16 @@ def raw_worker(conn: Connection) -> None:
         conn.send_bytes(b"a")
 
 
+def sink_worker(conn: Connection) -> None:
+    """Read and discard frames; answer ``b"ack"`` with an ack; an empty frame stops."""
+    while True:
+        buf = conn.recv_bytes()
+        if not buf:
+            return
+        if buf == b"ack":
+            conn.send_bytes(b"a")
+
+
 def echo_worker(conn: Connection) -> None:
     """Echo every frame back (pipe round-trip time); an empty frame stops."""
     while True:

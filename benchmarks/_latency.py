@@ -21,7 +21,9 @@ from _throughput import SETTLE, Params, Result, context, wait_until
 
 
 def run_startup(p: Params) -> Result:
-    """Construct -> first call acked, twice in one interpreter: ``cold`` then ``warm``.
+    """Construct -> first call acked (P7), and on to the end of the shutdown (P7'), twice in
+    one interpreter: ``cold`` then ``warm``. PPE's cycle is its ``with`` block (submit one, take
+    the result, leave the block: ``shutdown(wait=True)``).
 
     Cold is the first start of the process: for forkserver it includes starting the forkserver
     process, for both systems alike. Warm is the next start (forkserver up, modules imported).
@@ -42,7 +44,8 @@ def run_startup(p: Params) -> Result:
     method = str(p["method"])
     deadline = time.monotonic() + float(p["budget"])
 
-    def one() -> float:
+    def one() -> tuple[float, float]:
+        """(construct -> first ack, construct -> first ack -> shut down), in ms."""
         if p["lib"] == "procdispatch":
             t0 = time.perf_counter()
             ch = ProcessChannel(fns.noop_batch, workers=2, batch_items_max=1, start_method=method)
@@ -50,24 +53,30 @@ def run_startup(p: Params) -> Result:
                 ch.put(0)
                 wait_until(lambda: ch.stats().items_delivered >= 1, deadline, "first ack")
                 t1 = time.perf_counter()
-                ch.close_and_drain(30.0)
+                if not ch.close_and_drain(30.0):
+                    raise TimeoutError("close_and_drain timed out")
+                t2 = time.perf_counter()
             finally:
                 if not ch.drained:
                     ch.cancel()
                     ch.wait_drained(10.0)
-            return (t1 - t0) * 1e3
+            return (t1 - t0) * 1e3, (t2 - t0) * 1e3
         t0 = time.perf_counter()
-        ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method))
-        try:
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context(method)) as ex:
             ex.submit(fns.noop, 0).result(timeout=max(1.0, deadline - time.monotonic()))
             t1 = time.perf_counter()
-        finally:
-            ex.shutdown(wait=True)
-        return (t1 - t0) * 1e3
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t0) * 1e3
 
-    cold = one()
-    warm = one()
-    return {"import_ms": import_ms, "cold_ms": cold, "warm_ms": warm}
+    cold, cold_cycle = one()
+    warm, warm_cycle = one()
+    return {
+        "import_ms": import_ms,
+        "cold_ms": cold,
+        "warm_ms": warm,
+        "cold_cycle_ms": cold_cycle,
+        "warm_cycle_ms": warm_cycle,
+    }
 
 
 # ---- P8: drain of an idle channel -----------------------------------------------------------

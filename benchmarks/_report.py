@@ -50,6 +50,8 @@ def fmt(value: float | None, unit: str) -> str:
         if value >= 1e3:
             return f"{value / 1e3:.1f} k {suffix}"
         return f"{value:.1f} {suffix}"
+    if unit == "B/s":
+        return f"{value / 1e9:.2f} GB/s" if value >= 1e9 else f"{value / 1e6:.0f} MB/s"
     if unit == "calls":
         return f"{value:.0f} calls"
     if unit == "ms":
@@ -81,22 +83,91 @@ def _target_text(t: Target, wl: Workload) -> str:
     return f"{t.op} {fmt(t.value, wl.metric(t.metric).unit)}"
 
 
-def _evaluate(t: Target, wl: Workload, samples: Samples) -> bool | None:
+def _measure(t: Target, samples: Samples) -> tuple[float | None, float | None]:
+    """(the target's value: a paired ratio or a median, its bound)."""
     mine = samples.get(t.system, {}).get(t.metric, {})
     if t.anchor is not None:
-        value = paired_ratio(mine, samples.get(t.anchor, {}).get(t.metric, {}))
-        bound = t.value
-    else:
-        value = _median(mine)
-        bound = t.value
-        if t.add_median_of is not None:
-            extra = _median(samples.get(t.add_median_of[0], {}).get(t.add_median_of[1], {}))
-            if extra is None:
-                return None
-            bound += extra
-    if value is None:
+        return paired_ratio(mine, samples.get(t.anchor, {}).get(t.metric, {})), t.value
+    bound: float | None = t.value
+    if t.add_median_of is not None:
+        extra = _median(samples.get(t.add_median_of[0], {}).get(t.add_median_of[1], {}))
+        bound = None if extra is None else t.value + extra
+    return _median(mine), bound
+
+
+def _evaluate(t: Target, wl: Workload, samples: Samples) -> bool | None:
+    value, bound = _measure(t, samples)
+    if value is None or bound is None:
         return None
     return value >= bound if t.op == ">=" else value <= bound
+
+
+@dataclass
+class Verdict:
+    """One target over every mode (metric) it names, judged on the least favourable."""
+
+    workload: str
+    system: str
+    target: str
+    per_mode: list[tuple[str, float | None]]
+    decided_by: str | None
+    met: bool | None
+    is_ratio: bool
+
+
+def verdicts(wl: Workload, samples: Samples) -> list[Verdict]:
+    """Targets that differ only in their metric are one target, judged on its worst metric."""
+    groups: dict[tuple[object, ...], list[Target]] = {}
+    for t in wl.targets:
+        key = (t.system, t.anchor, t.op, t.value, t.add_median_of, _target_text(t, wl))
+        groups.setdefault(key, []).append(t)
+    out: list[Verdict] = []
+    for key, ts in groups.items():
+        per_mode: list[tuple[str, float | None]] = []
+        worst: tuple[float, str] | None = None  # (margin, metric): margin < 0 is a miss
+        missing = False
+        for t in ts:
+            value, bound = _measure(t, samples)
+            per_mode.append((t.metric, value))
+            if value is None or bound is None:
+                missing = True
+                continue
+            margin = (value - bound if t.op == ">=" else bound - value) / max(abs(bound), 1e-12)
+            if worst is None or margin < worst[0]:
+                worst = (margin, t.metric)
+        met: bool | None = None
+        if worst is not None and worst[0] < 0:
+            met = False
+        elif worst is not None and not missing:
+            met = True
+        out.append(
+            Verdict(
+                wl.id,
+                str(key[0]),
+                str(key[5]),
+                per_mode,
+                None if worst is None else worst[1],
+                met,
+                ts[0].anchor is not None,
+            )
+        )
+    return out
+
+
+def verdict_table(vs: list[Verdict], labels: dict[tuple[str, str], str]) -> str:
+    """The targets, one line each: value in every mode, the deciding mode, met or not."""
+    lines = ["targets, each judged on its least favourable mode:"]
+    for v in vs:
+        modes = ", ".join(
+            f"{m} {'-' if x is None else fmt_ratio(x) if v.is_ratio else f'{x:.4g}'}"
+            for m, x in v.per_mode
+        )
+        met = "?" if v.met is None else ("met" if v.met else "MISSED")
+        lines.append(
+            f"  {v.workload} {labels.get((v.workload, v.system), v.system)}: {v.target} -- "
+            f"{modes}; decided by {v.decided_by or '-'}: {met}"
+        )
+    return "\n".join(lines)
 
 
 def _anchors_for(s: System, wl: Workload) -> list[System]:

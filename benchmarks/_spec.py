@@ -61,211 +61,29 @@ class Workload:
         return next(s for s in self.systems if s.key == key)
 
 
-def _throughput_metrics(unit: str) -> tuple[Metric, ...]:
-    return (
-        Metric("cold", "cold: construct -> all done + shut down", unit, True),
-        Metric("steady", "steady: warm pool, first item -> last result", unit, True),
-    )
-
-
-def _ratio_targets(
-    subjects: list[str], metrics: list[str], anchors: dict[str, float]
-) -> tuple[Target, ...]:
-    return tuple(
-        Target(s, m, ">=", v, anchor=a)
-        for s in subjects
-        for m in metrics
-        for a, v in anchors.items()
-    )
-
-
-BOTH: tuple[str | None, ...] = ("cold", "steady")
-COLD: tuple[str | None, ...] = ("cold",)
 AGE = 0.005
+_PPE_NAMES = {"ppe-fs": "PPE forkserver", "ppe-spawn": "PPE spawn"}
 
 
 def workloads(quick: bool, spin_n: int) -> list[Workload]:
     """Every workload, sized for a full run or a quick smoke run."""
+    import _spec_throughput as tp
+
     n1 = 100_000 if quick else 1_000_000
     n3 = 2_000 if quick else 20_000
     n4 = 40 if quick else 200
     n9 = 200_000 if quick else 1_000_000
     n10 = 50 if quick else 200
-    base = {"workers": 2, "batch": 1000, "n": n1}
-    pd = {**base, "producer": "put_many"}
-    p1 = Workload(
-        "P1",
-        f"put_many of {n1:,} ints, batches of 1000, no-op, 2 workers",
-        _throughput_metrics("items/s"),
-        (
-            System("pd", "procdispatch put_many InfiniteGrowth", "procdispatch", pd, BOTH),
-            System(
-                "pd-block100k",
-                "procdispatch put_many BlockNewItems(100k)",
-                "procdispatch",
-                {**pd, "full_behavior": "block:100000"},
-                BOTH,
-            ),
-            System(
-                "pd-blockdefault",
-                "procdispatch put_many default BlockNewItems",
-                "procdispatch",
-                {**pd, "full_behavior": "block:1000"},
-                BOTH,
-            ),
-            System(
-                "pool",
-                "Pool.imap_unordered(cs=1000)",
-                "pool",
-                {**base, "lib": "pool", "api": "imap_unordered"},
-                BOTH,
-                anchor=True,
-            ),
-            System(
-                "ppe",
-                "PPE.map(cs=1000)",
-                "pool",
-                {**base, "lib": "ppe", "api": "map"},
-                BOTH,
-                anchor=True,
-            ),
-            System(
-                "loky",
-                "loky.map(cs=1000)",
-                "pool",
-                {**base, "lib": "loky", "api": "map"},
-                BOTH,
-                anchor=True,
-            ),
-            System("raw", "raw pipe ceiling (1 chunk/worker)", "raw", base, BOTH, anchor=True),
-        ),
-        _ratio_targets(
-            ["pd", "pd-block100k", "pd-blockdefault"], ["cold", "steady"], {"pool": 1.0, "ppe": 2.0}
-        ),
-    )
-    p2 = Workload(
-        "P2",
-        f"one put per item, {n1:,} ints, batches of 1000, no-op, 2 workers",
-        _throughput_metrics("items/s"),
-        (
-            System(
-                "pd",
-                "procdispatch put InfiniteGrowth",
-                "procdispatch",
-                {**base, "producer": "put"},
-                COLD,
-            ),
-            System(
-                "ppe",
-                "PPE.map(cs=1000)",
-                "pool",
-                {**base, "lib": "ppe", "api": "map"},
-                COLD,
-                anchor=True,
-            ),
-        ),
-        _ratio_targets(["pd"], ["cold"], {"ppe": 1.0}),
-    )
-    b3 = {"workers": 2, "batch": 1, "n": n3}
-    p3 = Workload(
-        "P3",
-        f"{n3:,} single-item tasks, no-op, 2 workers",
-        _throughput_metrics("tasks/s"),
-        (
-            System(
-                "pd",
-                "procdispatch batch_items_max=1",
-                "procdispatch",
-                {**b3, "producer": "put_many"},
-                COLD,
-            ),
-            System(
-                "pd-ml4",
-                "procdispatch batch_items_max=1 max_leases=4",
-                "procdispatch",
-                {**b3, "producer": "put_many", "max_leases": 4},
-                COLD,
-            ),
-            System(
-                "pool",
-                "Pool.imap_unordered(cs=1)",
-                "pool",
-                {**b3, "lib": "pool", "api": "imap_unordered"},
-                COLD,
-                anchor=True,
-            ),
-            System(
-                "ppe",
-                "PPE.submit",
-                "pool",
-                {**b3, "lib": "ppe", "api": "submit"},
-                COLD,
-                anchor=True,
-            ),
-            System(
-                "pebble",
-                "pebble.ProcessPool.schedule",
-                "pool",
-                {**b3, "lib": "pebble", "api": "schedule"},
-                COLD,
-                anchor=True,
-            ),
-        ),
-        _ratio_targets(["pd", "pd-ml4"], ["cold"], {"pool": 1.0, "ppe": 4.0}),
-    )
-    b4 = {"batch": 1, "n": n4, "work": "spin", "spin_n": spin_n}
-    p4 = Workload(
-        "P4",
-        f"{n4} CPU-bound calls of ~10 ms (pure Python), 1 call per batch",
-        (Metric("steady", "steady: warm pool, first task -> last result", "tasks/s", True),),
-        (
-            System(
-                "pd2",
-                "procdispatch 2 workers",
-                "procdispatch",
-                {**b4, "workers": 2, "producer": "put_many"},
-                ("steady",),
-                compare_to=("pd1", "ppe"),
-            ),
-            System(
-                "pd1",
-                "procdispatch 1 worker",
-                "procdispatch",
-                {**b4, "workers": 1, "producer": "put_many"},
-                ("steady",),
-                anchor=True,
-            ),
-            System(
-                "ppe",
-                "PPE.map 2 workers (cs=1)",
-                "pool",
-                {**b4, "workers": 2, "lib": "ppe", "api": "map"},
-                ("steady",),
-                anchor=True,
-                compare_to=("ppe1",),  # how well this machine scales right now
-            ),
-            System(
-                "ppe1",
-                "PPE.map 1 worker (cs=1)",
-                "pool",
-                {**b4, "workers": 1, "lib": "ppe", "api": "map"},
-                ("steady",),
-                anchor=True,
-            ),
-        ),
-        (
-            Target("pd2", "steady", ">=", 1.9, anchor="pd1"),
-            Target("pd2", "steady", ">=", 0.97, anchor="ppe", text="within 3 %"),
-        ),
-    )
     startup = (
         Metric("import_ms", "import of the channel / pool module (no target)", "ms", False),
         Metric("cold_ms", "cold: first start in a fresh interpreter", "ms", False),
         Metric("warm_ms", "warm: second start, same interpreter", "ms", False),
+        Metric("cold_cycle_ms", "P7' cold: construct -> first ack -> shut down", "ms", False),
+        Metric("warm_cycle_ms", "P7' warm: construct -> first ack -> shut down", "ms", False),
     )
     p7 = Workload(
         "P7",
-        "start-up: construct -> first call acked, 2 workers",
+        "start-up: construct -> first call acked; P7': on to the end of the shutdown; 2 workers",
         startup,
         (
             System(
@@ -298,6 +116,11 @@ def workloads(quick: bool, spin_n: int) -> list[Workload]:
                 Target(s, m, "<=", 1.0, anchor=a)
                 for s, a in (("pd-fs", "ppe-fs"), ("pd-spawn", "ppe-spawn"))
                 for m in ("cold_ms", "warm_ms")
+            ),
+            *(
+                Target(s, m, "<=", 1.0, anchor=a, text=f"P7': <= 1x {_PPE_NAMES[a]} with block")
+                for s, a in (("pd-fs", "ppe-fs"), ("pd-spawn", "ppe-spawn"))
+                for m in ("cold_cycle_ms", "warm_cycle_ms")
             ),
         ),
     )
@@ -392,7 +215,17 @@ def workloads(quick: bool, spin_n: int) -> list[Workload]:
             ),
         ),
     )
-    return [p1, p2, p3, p4, p7, p8, p9, p10]
+    return [
+        tp.p1(n1),
+        tp.p2(n1),
+        tp.p3(n3),
+        tp.p4(n4, spin_n),
+        p7,
+        p8,
+        p9,
+        p10,
+        tp.p13(quick),
+    ]
 
 
-ALL_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10")
+ALL_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P13")

@@ -1,6 +1,7 @@
-"""Child side of the throughput workloads (P1-P4): one system, one mode, one measurement.
+"""Child side of the throughput workloads (P1-P4, P13): one system, one mode, one measurement.
 
-Every function takes the parameters the runner chose and returns ``{metric: value}``. Two modes:
+Every function takes the parameters the runner chose and returns ``{metric: value}``. Three
+modes:
 
 * ``cold`` -- the clock starts before the pool or channel is constructed and stops when the
   last result is back *and* the pool has shut down (``close_and_drain`` / ``shutdown(wait=True)``
@@ -9,6 +10,10 @@ Every function takes the parameters the runner chose and returns ``{metric: valu
 * ``steady`` -- the pool is built and warmed (every worker has run a few calls, then 0.3 s of
   idle time), the clock runs from the first submitted item to the last result back in the
   parent; shutdown is not timed.
+* ``warm`` -- steady with shutdown: built and warmed like ``steady``, but the clock runs from
+  the first submitted item to the end of the shutdown (``close_and_drain()``,
+  ``shutdown(wait=True)``, ``close()+join()``, mpire's ``stop_and_join()``): what a batch script
+  that already has its pool pays for the rest of its life.
 
 procdispatch has no per-item results, so "last result back" is ``stats().items_delivered``
 reaching the count, polled (see :func:`wait_until`).
@@ -53,9 +58,14 @@ def wait_until(pred: Callable[[], bool], deadline: float, what: str) -> None:
         time.sleep(min(POLL_MAX, max(POLL_MIN, (now - start) * POLL_SHARE)))
 
 
-def _items(p: Params, n: int) -> list[int]:
+def _items(p: Params, n: int) -> list[Any]:
     if p.get("work") == "spin":
         return [int(p["spin_n"])] * n
+    size = int(p.get("item_bytes", 0))
+    if size:
+        # Distinct objects with distinct contents: pickle memoizes a repeated object, which would
+        # send one copy per batch instead of one per item.
+        return [i.to_bytes(8, "little") * (size // 8) for i in range(n)]
     return list(range(n))
 
 
@@ -65,7 +75,9 @@ def _warm_count(p: Params) -> int:
 
 
 def _result(p: Params, n: int, seconds: float) -> Result:
-    return {str(p["mode"]): n / seconds}
+    """Items (or tasks) per second; bytes per second for the payload workloads."""
+    per_item = int(p.get("item_bytes", 0)) or 1
+    return {str(p["mode"]): n * per_item / seconds}
 
 
 # ---- procdispatch ---------------------------------------------------------------------------
@@ -82,11 +94,13 @@ def run_procdispatch(p: Params) -> Result:
     fb: Any = (
         pd.InfiniteGrowth()
         if fb_spec == "infinite"
+        else None  # the channel's default
+        if fb_spec == "default"
         else pd.BlockNewItems(max_items=int(fb_spec.split(":")[1]))
     )
     send = fns.spin_batch if p.get("work") == "spin" else fns.noop_batch
 
-    def feed(ch: Any, xs: list[int]) -> None:
+    def feed(ch: Any, xs: list[Any]) -> None:
         if p["producer"] == "put":
             put = ch.put
             for x in xs:
@@ -124,9 +138,13 @@ def run_procdispatch(p: Params) -> Result:
         time.sleep(SETTLE)
         t0 = time.perf_counter()
         feed(ch, items)
-        wait_until(delivered(ch, len(warm) + n), deadline, "all items delivered")
-        t1 = time.perf_counter()
-        ch.close_and_drain(max(1.0, deadline - time.monotonic()))
+        if p["mode"] == "steady":
+            wait_until(delivered(ch, len(warm) + n), deadline, "all items delivered")
+            t1 = time.perf_counter()
+        if not ch.close_and_drain(max(1.0, deadline - time.monotonic())):
+            raise TimeoutError("close_and_drain timed out")
+        if p["mode"] == "warm":
+            t1 = time.perf_counter()
         _check_pd(ch, len(warm) + n)
         return _result(p, n, t1 - t0)
     finally:
@@ -155,6 +173,9 @@ def _pool_map(p: Params, ex: Any, xs: list[int]) -> None:
     cs = int(p["batch"])
     if api == "imap_unordered":
         for _ in ex.imap_unordered(fn, xs, chunksize=cs):
+            pass
+    elif api == "mpire_imap_unordered":
+        for _ in ex.imap_unordered(fn, xs, chunk_size=cs):
             pass
     elif api == "map":
         for _ in ex.map(fn, xs, chunksize=cs):
@@ -211,6 +232,12 @@ def _make_pool(p: Params) -> tuple[Any, Callable[[], None], Callable[[], None]]:
             pp.join()
 
         return pp, pclose, pkill
+    if lib == "mpire":
+        from mpire import WorkerPool
+
+        # keep_alive: the workers outlive one imap call, so a warmed pool stays warm
+        wp: Any = WorkerPool(n_jobs=workers, start_method="forkserver", keep_alive=True)
+        return wp, wp.stop_and_join, wp.terminate
     raise ValueError(f"unknown lib {lib!r}")
 
 
@@ -221,7 +248,7 @@ def _kill_ppe(ex: Any) -> None:
 
 
 def run_pool(p: Params) -> Result:
-    """multiprocessing.Pool, ProcessPoolExecutor, loky, pebble."""
+    """multiprocessing.Pool, ProcessPoolExecutor, loky, pebble, mpire."""
     n = int(p["n"])
     items = _items(p, n)
     warm = _items(p, _warm_count(p))
@@ -242,6 +269,8 @@ def run_pool(p: Params) -> Result:
         t1 = time.perf_counter()
         close()
         done = True
+        if p["mode"] == "warm":
+            t1 = time.perf_counter()
         return _result(p, n, t1 - t0)
     finally:
         if not done:
@@ -294,7 +323,7 @@ def run_raw(p: Params) -> Result:
             theirs.close()
             conns.append(mine)
             procs.append(proc)
-        if p["mode"] == "steady":
+        if p["mode"] in ("steady", "warm"):
             _pump(conns, _chunks(list(range(_warm_count(p))), size))
             time.sleep(SETTLE)
             t0 = time.perf_counter()
@@ -304,7 +333,7 @@ def run_raw(p: Params) -> Result:
             c.send_bytes(b"")
         for proc in procs:
             proc.join(10.0)
-        if p["mode"] == "cold":
+        if p["mode"] in ("cold", "warm"):
             t1 = time.perf_counter()
         return _result(p, n, t1 - t0)
     finally:

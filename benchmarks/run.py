@@ -39,6 +39,8 @@ CHILD_FUNCS = {
     "procdispatch": "_throughput:run_procdispatch",
     "pool": "_throughput:run_pool",
     "raw": "_throughput:run_raw",
+    "memcpy": "_payload:run_memcpy",
+    "pipe_bw": "_payload:run_pipe_bw",
     "startup": "_latency:run_startup",
     "drain": "_latency:run_drain",
     "memory": "_latency:run_memory",
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     spin_n = calibrate_spin() if "P4" in args.only else 0
     chosen = [wl for wl in workloads(args.quick, spin_n) if wl.id in args.only]
     rows: list[_report.Row] = []
+    verdicts: list[_report.Verdict] = []
+    labels: dict[tuple[str, str], str] = {}
     loads: list[str] = []
     for wl in chosen:
         print(f"{wl.id}: {wl.title}", file=sys.stderr, flush=True)
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         samples, errors = run_workload(wl, args.reps, timeout)
         loads.append(f"{wl.id} {before:.1f}->{os.getloadavg()[0]:.1f}")
         rows += _report.rows_for(wl, samples, errors)
+        verdicts += _report.verdicts(wl, samples)
+        labels.update({(wl.id, s.key): s.label for s in wl.systems})
     extra_rows, notes = _ratelimit_hook.run([x for x in args.only if x in ("P5", "P6")], args)
     rows += extra_rows
     elapsed = time.monotonic() - started
@@ -228,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if spin_n:
         print(f"P4: one call = spin({spin_n:,}) ~ {SPIN_TARGET * 1e3:.0f} ms")
     print(_report.table(rows))
+    if verdicts:
+        print()
+        print(_report.verdict_table(verdicts, labels))
     for note in notes:
         print(note)
     problems = [f"{r.workload} {r.label}: {e}" for r in rows for e in r.errors]
@@ -243,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
             "spin_n": spin_n,
             "elapsed_s": elapsed,
             "rows": _report.as_json(rows),
+            "verdicts": [
+                {
+                    "workload": v.workload,
+                    "system": v.system,
+                    "target": v.target,
+                    "per_mode": dict(v.per_mode),
+                    "decided_by": v.decided_by,
+                    "met": v.met,
+                }
+                for v in verdicts
+            ],
             "notes": notes,
             "load_average": loads,
         }
