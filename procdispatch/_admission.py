@@ -201,6 +201,9 @@ class Admission:
         self._wake_pending = False
         self._coordinator_gone = False  # set when the coordinator has exited
         self._waiters: list[Any] = []  # producers waiting for room, one lock each
+        #: How many items each blocked ``admit`` still has to add, by its waiter (asyncio
+        #: waiters have no entry: any room is worth their wake-up).
+        self._wants: dict[Any, int] = {}
         # The coordinator's ledger as last published (under the lock).
         self._delivered = 0
         self._dropped = 0
@@ -294,10 +297,12 @@ class Admission:
                 waiter = _allocate_lock()
                 waiter.acquire()
                 self._waiters.append(waiter)
+                self._wants[waiter] = n - added
             try:
                 _acquire_in_slices(waiter, remaining)
             finally:
                 with self.lock:
+                    self._wants.pop(waiter, None)
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
         return added
@@ -412,6 +417,7 @@ class Admission:
         return taken, sizes, closed, cancel
 
     def _release_waiters_locked(self) -> None:
+        self._wants.clear()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             w.release()
@@ -443,9 +449,26 @@ class Admission:
             self.admitted_size -= led.d_size
             for name in _TOTALS:
                 setattr(pub, name, getattr(led, name))
-            if self._waiters and (gone or led.d_size):
+            if self._waiters and (gone or led.d_size) and self._worth_waking_locked():
                 self._release_waiters_locked()
         led.d_in_flight = led.d_delivered = led.d_dropped = led.d_size = 0
+
+    def _worth_waking_locked(self) -> bool:
+        """Under the lock: whether the room freed so far is worth the blocked producers' wake-up.
+
+        A producer blocked in a large ``put_many`` that is woken for every acknowledged batch
+        adds one batch's worth and blocks again: one wake-up of its thread, one handover of the
+        GIL and one byte on the wake pipe per batch, on the coordinator's critical path. So
+        while batches are in flight (their answers will free more room) the producers sleep
+        until a quarter of ``max_items`` is free, or until the smallest of their remaining
+        wants fits; with nothing in flight, any room wakes them, since no answer may come to
+        free more (items waiting for their batch's age, a retry's delay, a rate limit).
+        """
+        mi = self._max_items
+        if mi is None or not self._batches_in_flight or len(self._wants) < len(self._waiters):
+            return True
+        need = min(max(1, mi // 4), *self._wants.values())
+        return mi - self.admitted - len(self._pending) >= need
 
     def set_fatal(self, err: BaseException) -> None:
         with self.lock:
