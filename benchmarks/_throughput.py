@@ -46,6 +46,18 @@ def context(method: str = "forkserver") -> Any:
     return ctx
 
 
+def procdispatch_server() -> None:
+    """Start procdispatch's own forkserver now (untimed), as :func:`context` does for
+    multiprocessing's. Its workers fork from a server of its own, which preloads the worker
+    module and never the main module (see ``procdispatch.backends._procstart``); left to the
+    first channel, its start would fall inside the cold clock of procdispatch only. Like the
+    standard server's, it is a once-per-program cost, and P7 measures it."""
+    from procdispatch.backends import _procstart
+
+    if _procstart.avoids_main("forkserver"):
+        _procstart._forkserver().ensure_running()
+
+
 def wait_until(pred: Callable[[], bool], deadline: float, what: str) -> None:
     """Poll ``pred``; the pause grows with the time waited (0.2 % of it, 0.2 to 10 ms), which
     bounds the timing error to about 0.2 % while keeping the poller off the CPU the workers use
@@ -111,8 +123,12 @@ def run_procdispatch(p: Params) -> Result:
     def delivered(ch: Any, count: int) -> Callable[[], bool]:
         return lambda: bool(ch.stats().items_delivered >= count)
 
+    # The package loads its channel module on first use of the name: take it before any clock,
+    # as the pools' modules are (see _import_pool).
+    channel_cls = pd.ProcessChannel
+
     def make() -> Any:
-        return pd.ProcessChannel(
+        return channel_cls(
             send,
             workers=int(p["workers"]),
             max_leases=p.get("max_leases"),
@@ -121,6 +137,7 @@ def run_procdispatch(p: Params) -> Result:
         )
 
     context()
+    procdispatch_server()
     ch: Any = None
     try:
         if p["mode"] == "cold":
@@ -241,6 +258,20 @@ def _make_pool(p: Params) -> tuple[Any, Callable[[], None], Callable[[], None]]:
     raise ValueError(f"unknown lib {lib!r}")
 
 
+def _import_pool(lib: str) -> None:
+    """Import the pool's module before any clock, as procdispatch's channel module is."""
+    import importlib
+
+    module = {
+        "pool": "multiprocessing.pool",
+        "ppe": "concurrent.futures.process",
+        "loky": "loky",
+        "pebble": "pebble",
+        "mpire": "mpire",
+    }[lib]
+    importlib.import_module(module)
+
+
 def _kill_ppe(ex: Any) -> None:
     for proc in list(getattr(ex, "_processes", {}).values()):
         proc.kill()
@@ -253,6 +284,7 @@ def run_pool(p: Params) -> Result:
     items = _items(p, n)
     warm = _items(p, _warm_count(p))
     context()
+    _import_pool(str(p["lib"]))
     t0 = time.perf_counter()
     pool, close, kill = _make_pool(p)
     done = False
