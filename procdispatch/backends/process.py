@@ -11,7 +11,9 @@ coordinator's timers by not reading the next. The handle counts the leases not y
 the pipe: the worker never saw those, so its death does not count against them.
 
 Workers start without running the user's main module (:mod:`._procstart`); ``send_fn`` and
-``worker_init`` are pickled once per channel (:mod:`._shipping`).
+``worker_init`` are pickled once per channel (:mod:`._shipping`). A start blocks (a forkserver
+round trip, the payload written into the child's pipe), so it runs on a starter thread of the
+channel (``start_blocks``) and can be given up through its :class:`StartAbort`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
-from . import Backend, WorkerHandle
+from . import Backend, StartAbort, WorkerHandle
 from ._procstart import WorkerContext
 from ._shipping import pickle_payload
 from ._worker import worker_main
@@ -43,6 +45,7 @@ class ProcessBackend(Backend):
 
     name = "process"
     staggered_start = True  # a worker process costs a core (a whole interpreter) to start
+    start_blocks = True  # a forkserver round trip, the payload written into the child's pipe
 
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._payload = pickle_payload(send_fn, options.worker_init, options.start_method)
@@ -50,6 +53,12 @@ class ProcessBackend(Backend):
 
     def start_worker(self, wid: int) -> WorkerHandle:
         handle = ProcessWorker(self._ctx, self._payload, wid)
+        handle.start()
+        return handle
+
+    def start_worker_abortable(self, wid: int, abort: StartAbort) -> WorkerHandle:
+        abort.check()
+        handle = ProcessWorker(self._ctx, self._payload, wid, abort)
         handle.start()
         return handle
 
@@ -62,10 +71,11 @@ class ProcessWorker(WorkerHandle):
     small result, or several, instead of two reads per frame.
     """
 
-    def __init__(self, ctx: Any, payload: bytes, wid: int) -> None:
+    def __init__(self, ctx: Any, payload: bytes, wid: int, abort: StartAbort | None = None) -> None:
         self._ctx = ctx
         self._payload = payload
         self._wid = wid
+        self._abort = abort
         self._lease_w: Connection | None = None
         self._lease_fd = -1
         self._result_r: Connection | None = None
@@ -77,6 +87,7 @@ class ProcessWorker(WorkerHandle):
         lease_r, lease_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
+            abort=self._abort,
             target=worker_main,
             args=(lease_r, result_w, self._payload, os.getpid()),
             name=f"procdispatch-worker-{self._wid}",
@@ -91,6 +102,7 @@ class ProcessWorker(WorkerHandle):
         finally:
             lease_r.close()
             result_w.close()
+            self._abort = None  # the launch is over: nothing waits on it any more
         self._lease_w = lease_w
         self._lease_fd = lease_w.fileno()
         os.set_blocking(self._lease_fd, False)  # the coordinator never blocks on a pipe
