@@ -102,8 +102,10 @@ class StartAbort:
 
 
 class WorkerHandle(abc.ABC):
-    """One worker, as the coordinator sees it. Only the coordinator's thread calls it, and no
-    call may block it: writes that do not fit wait in the handle (see :meth:`flush`)."""
+    """One worker, as the coordinator sees it. Only the coordinator's thread calls it (but for
+    a worker whose start was given up and returned late: the starter thread that got it kills,
+    waits for and closes it), and no call may block it: writes that do not fit wait in the
+    handle (see :meth:`flush`)."""
 
     #: The worker's process id, when it has one.
     pid: int | None = None
@@ -205,7 +207,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def start_worker(self, wid: int) -> WorkerHandle:
         """Start worker number ``wid`` (raise what starting it raised); it says Ready (or
-        InitFailed) once ``worker_init`` ran."""
+        InitFailed) once ``worker_init`` ran. Called on the coordinator's thread, unless
+        :attr:`start_blocks` is set (see :meth:`start_worker_abortable`)."""
 
     def start_worker_abortable(self, wid: int, abort: StartAbort) -> WorkerHandle:
         """How a channel starts a worker when :attr:`start_blocks` is set: on a starter thread,

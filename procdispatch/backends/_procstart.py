@@ -17,10 +17,10 @@ forkserver, Pools and Processes stay exactly as multiprocessing makes them. fork
 the parent and run nothing again: they start the standard way.
 
 The two launch methods repeat the steps of CPython's ``popen_spawn_posix`` and
-``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data and the server
-changed. What they use is checked once (:func:`avoids_main`); where something is missing
-(another platform, a future Python), workers start the standard way, and a channel made by a
-script's top-level code outside the main guard fails at once with the fix
+``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data, the server and
+the waits (below) changed. What they use is checked once (:func:`avoids_main`); where something
+is missing (another platform, a future Python), workers start the standard way, and a channel
+made by a script's top-level code outside the main guard fails at once with the fix
 (:func:`check_main_guard`) instead of failing in every worker.
 
 A launch runs on a starter thread of the channel and can be given up (a :class:`StartAbort`):
