@@ -34,8 +34,8 @@ from ._clock import Clock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
-from ._worker_logging import handle_record
 from ._starting import StartingHandle
+from ._worker_logging import handle_record
 from .backends import Backend
 from .buffer import Batch
 from .errors import InternalError, ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
