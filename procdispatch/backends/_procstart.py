@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import selectors
 import signal
 import sys
@@ -348,7 +349,34 @@ def _build_popen_classes() -> dict[str, Any]:
                     _wait_for(self.sentinel, selectors.EVENT_READ, abort)
                 self.pid = forkserver.read_signed(self.sentinel)
             except BaseException:
+                if getattr(self, "pid", None) is None:
+                    _end_server_child(self.sentinel)
                 self.finalizer()  # the child, if the server still forks it, sees our end
                 raise
 
     return {"spawn": SpawnPopen, "forkserver": ForkServerPopen}
+
+
+def _end_server_child(sentinel: int, wait: float = 1.0) -> None:
+    """A forkserver launch given up before its pid was read: the server reports the pid as soon
+    as it has forked, so read it (for at most ``wait`` seconds: a stopped server never answers)
+    and kill the child before it reads the payload cut short, which it would report on stderr
+    as an EOFError. The server reaps it; wait for its end so that none outlives the channel."""
+    try:
+        ready, _, _ = select.select([sentinel], [], [], wait)
+        if not ready:
+            return
+        from multiprocessing import forkserver
+
+        pid = forkserver.read_signed(sentinel)
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, EOFError):
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # gone already, or no pidfd here: the kill is enough
+    try:
+        select.select([pidfd], [], [], wait)
+    finally:
+        os.close(pidfd)

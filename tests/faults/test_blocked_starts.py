@@ -288,3 +288,30 @@ def test_the_thread_backend_starts_its_workers_at_once_on_the_coordinator(
     assert ch.close_and_drain(30)
     assert backend.callers == ["procdispatch-coordinator"] * 3
     assert sorted(sent) == list(range(6))
+
+
+def test_a_forkserver_launch_given_up_mid_payload_kills_its_child_quietly(capfd, monkeypatch):
+    # The launch is given up after the server forked the child and before the payload was all
+    # written (here: before any of it): the child must be killed before it reads a payload cut
+    # short, which it would report on stderr as an EOFError, and must not outlive the channel.
+    from procdispatch.backends import StartAborted, _procstart
+
+    real = _procstart._write_all
+    calls = []
+
+    def cut_short(fd: int, data: Any, abort: Any) -> None:
+        if abort is None or calls:
+            real(fd, data, abort)
+            return
+        calls.append(fd)
+        raise StartAborted("given up mid-payload")
+
+    monkeypatch.setattr(_procstart, "_write_all", cut_short)
+    log = Log("/dev/null")
+    ch = pd.ProcessChannel(Recorder(log), workers=1, start_method="forkserver")
+    ch.put_many(range(4))
+    assert ch.close_and_drain(60)  # the failed start is retried, and that one serves
+    assert calls
+    assert not worker_processes()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
