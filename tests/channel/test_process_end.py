@@ -203,21 +203,20 @@ FORK_BODY = """
 import threading
 
 def child_checks(ch):
-    try:
-        ch.put(1)
-    except pd.ProcDispatchError as exc:
-        ok_put = "os.fork()" in str(exc)
-    else:
-        ok_put = False
-    try:
-        ch.wait_drained(1)
-    except pd.ProcDispatchError as exc:
-        ok_wait = "os.fork()" in str(exc)
-    else:
-        ok_wait = False
-    ch.close()  # harmless
-    ch.cancel()
-    return ok_put and ok_wait
+    # Every method raises the same clear error; nothing waits for the parent's coordinator.
+    calls = [lambda: ch.put(1), lambda: ch.put_many([1]), lambda: ch.put_nowait(1),
+             lambda: ch.wait_drained(1), lambda: ch.close_and_drain(1), ch.stats, ch.close,
+             ch.cancel]
+    ok = []
+    for call in calls:
+        try:
+            call()
+        except pd.ProcDispatchError as exc:
+            ok.append("inherited through os.fork()" in str(exc))
+        else:
+            ok.append(False)
+    ok.append("inherited through os.fork()" in repr(ch))
+    return all(ok)
 
 if __name__ == "__main__":
     ch = pd.ProcessChannel(Recorder(log), workers=1, batch_items_max=10,
