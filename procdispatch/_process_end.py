@@ -276,6 +276,21 @@ def _after_fork_in_child() -> None:
     _exit_pid = os.getpid()
     for c in list(_every):
         c.after_fork_in_child()
+    _forget_inherited_workers()
+
+
+def _forget_inherited_workers() -> None:
+    """In a forked child: take every worker process of the parent's channels off
+    multiprocessing's table of children, which the child inherited. Its exit hook terminates
+    and joins every daemon process in that table: it would SIGTERM the parent's workers. The
+    handles' own ``disown`` covers the workers in their slots; this also covers one between
+    its start and its slot, or killed and not yet reaped."""
+    from multiprocessing import process
+
+    children = process._children  # type: ignore[attr-defined]
+    for proc in list(children):
+        if getattr(proc, "_name", "").startswith("procdispatch-worker-"):
+            children.discard(proc)
 
 
 if hasattr(os, "register_at_fork"):

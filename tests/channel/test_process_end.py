@@ -250,3 +250,30 @@ def test_a_channel_inherited_through_fork_raises_in_the_child_and_never_hangs(
     assert proc.returncode == 0, proc.stderr
     assert f"RESULTS {[0] * 20} True" in proc.stdout, (proc.stdout, proc.stderr)
     assert "parent still works" in _delivered(log)
+
+
+def test_a_forked_child_forgets_every_worker_process_of_the_parent() -> None:
+    # A worker between its start and its slot (or killed and not yet reaped) is in
+    # multiprocessing's table of children without being any handle's: a forked child's exit
+    # hook would SIGTERM it. The table the child inherits holds no worker of the parent's.
+    import multiprocessing.process as mpp
+    import os
+
+    class Stand:
+        _name = "procdispatch-worker-7"
+
+    class Other:
+        _name = "someone-else"
+
+    stand, other = Stand(), Other()
+    mpp._children.update((stand, other))  # type: ignore[attr-defined]
+    try:
+        pid = os.fork()
+        if pid == 0:
+            kids = mpp._children  # type: ignore[attr-defined]
+            os._exit(0 if stand not in kids and other in kids else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        mpp._children.discard(stand)  # type: ignore[attr-defined]
+        mpp._children.discard(other)  # type: ignore[attr-defined]
