@@ -259,6 +259,8 @@ def test_a_forked_child_forgets_every_worker_process_of_the_parent() -> None:
     import multiprocessing.process as mpp
     import os
 
+    import procdispatch._process_end  # noqa: F401 (its fork hook: a channel imports it)
+
     class Stand:
         _name = "procdispatch-worker-7"
 
