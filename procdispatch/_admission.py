@@ -21,6 +21,11 @@ producer between any two lines, so:
 * ``close()`` and ``cancel()`` take no lock at all (a signal handler may call them while its
   own thread is inside ``put``): each is one flag store and one byte on the wake pipe. The pipe
   stays open until this object is collected, so the byte never goes to a reused descriptor.
+* ``stats()`` takes no lock either, for the same reason: the coordinator is the only writer
+  of the counters, and it brackets each change with two increments of ``_seq`` (a sequence
+  lock), odd while it is under way; a snapshot reads everything between two equal, even
+  readings of ``_seq``, and reads again otherwise. Producers only ever add to ``pending``,
+  one item or chunk in one C call, which leaves every snapshot consistent.
 
 The coordinator books its counter moves in a :class:`Ledger` of its own and hands it over
 once per loop iteration (:meth:`Admission.publish`), so that a :class:`Stats` snapshot always
@@ -40,13 +45,12 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from ._waits import Latch, acquire_in_slices, check_timeout
 from .buffer import FullBehavior
 from .errors import BufferFull, ChannelClosed, ProcDispatchError
 
 monotonic = time.monotonic
 _allocate_lock = threading.Lock
-#: Longest stretch a waiting producer or drainer sleeps before a pending signal handler runs.
-WAIT_SLICE = 0.05
 
 
 @dataclass(frozen=True)
@@ -81,62 +85,6 @@ class Stats:
     worker_restarts: int
     #: Batches leased to workers now (sends under way or queued in a worker's pipe).
     batches_in_flight: int = 0
-
-
-class Latch:
-    """A one-shot event that waiters can be interrupted out of without harm.
-
-    ``threading.Event.wait`` goes through a Python-level ``Condition``: an exception raised by
-    a signal handler at the wrong instant of it can leave the event's lock released twice or
-    held. Here each waiter blocks on a lock of its own, which only ``set`` releases.
-    """
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._lock = _allocate_lock()
-        self._waiters: list[Any] = []
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def set(self) -> None:
-        with self._lock:
-            self._flag = True
-            waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.release()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._flag:
-            return True
-        waiter = _allocate_lock()
-        waiter.acquire()
-        with self._lock:
-            if self._flag:
-                return True
-            self._waiters.append(waiter)
-        try:
-            _acquire_in_slices(waiter, timeout)
-        finally:
-            with self._lock:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        return self._flag
-
-    def add_waiter(self, waiter: Any) -> bool:
-        """Register ``waiter``, whose ``release()`` (which must neither block nor raise) ``set``
-        calls once, from the thread that sets the latch; False, with nothing registered, when
-        the latch is already set. For waiters that cannot block a thread (asyncio's)."""
-        with self._lock:
-            if self._flag:
-                return False
-            self._waiters.append(waiter)
-            return True
-
-    def remove_waiter(self, waiter: Any) -> None:
-        with self._lock:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
 
 
 class Ledger:
@@ -211,6 +159,12 @@ class Admission:
         self._batches_in_flight = 0
         self._published = Ledger()
         self.drained = Latch()
+        #: Odd while the coordinator changes the counters a snapshot reads (see the module).
+        self._seq = 0
+        #: The coordinator thread's ident, once it runs: it must never wait for room, which
+        #: only it can make. ``reentry_error(what)`` builds the error that says so.
+        self.coordinator_ident: int | None = None
+        self.reentry_error: Any = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -238,6 +192,8 @@ class Admission:
 
         Without ``item_size`` the channel's ``put`` is this very method.
         """
+        if timeout is not None:
+            timeout = check_timeout("put", timeout)
         with self.lock:
             if not self.closed:  # (a fatal error closes the channel too)
                 mi = self._max_items
@@ -294,12 +250,14 @@ class Admission:
                 remaining = None if deadline is None else deadline - monotonic()
                 if remaining is not None and remaining <= 0:
                     raise _with_added(TimeoutError("put timed out: buffer is full"), added)
+                if self.coordinator_ident == threading.get_ident():
+                    raise _with_added(self._wait_for_itself(), added)
                 waiter = _allocate_lock()
                 waiter.acquire()
                 self._waiters.append(waiter)
                 self._wants[waiter] = n - added
             try:
-                _acquire_in_slices(waiter, remaining)
+                acquire_in_slices(waiter, remaining)
             finally:
                 with self.lock:
                     self._wants.pop(waiter, None)
@@ -319,6 +277,12 @@ class Admission:
         with self.lock:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+    def _wait_for_itself(self) -> BaseException:
+        if self.reentry_error is not None:
+            err: BaseException = self.reentry_error("put() cannot wait for room")
+            return err
+        return BufferFull("buffer is full, and the coordinator thread cannot wait for room")
 
     def _check_open(self, added: int) -> None:
         """Under the lock: raise what a put must raise when the channel takes no items."""
@@ -359,24 +323,38 @@ class Admission:
         self._wake()
 
     def snapshot(self) -> Stats:
-        with self.lock:
-            pending = len(self._pending)
-            led = self._published
-            return Stats(
-                # Every item put is pending or admitted until it is delivered or dropped.
-                items_put=self.admitted + pending + self._delivered + self._dropped,
-                items_delivered=self._delivered,
-                items_dropped=self._dropped,
-                items_buffered=self.admitted + pending - self._in_flight,
-                items_in_flight=self._in_flight,
-                batches_sent=led.batches_sent,
-                batches_failed=led.batches_failed,
-                batches_retried=led.batches_retried,
-                batches_dropped=led.batches_dropped,
-                workers_alive=led.alive,
-                worker_restarts=led.worker_restarts,
-                batches_in_flight=self._batches_in_flight,
-            )
+        """A consistent snapshot, taking no lock (a signal handler may call it while its own
+        thread holds ``lock``); see the module docstring."""
+        if self.inherited_by_fork:
+            raise _forked_error()
+        while True:
+            seq = self._seq
+            if not seq & 1:
+                pending = len(self._pending)
+                admitted = self.admitted
+                delivered = self._delivered
+                dropped = self._dropped
+                in_flight = self._in_flight
+                led = self._published
+                stats = Stats(
+                    # Every item put is pending or admitted until it is delivered or dropped.
+                    items_put=admitted + pending + delivered + dropped,
+                    items_delivered=delivered,
+                    items_dropped=dropped,
+                    items_buffered=admitted + pending - in_flight,
+                    items_in_flight=in_flight,
+                    batches_sent=led.batches_sent,
+                    batches_failed=led.batches_failed,
+                    batches_retried=led.batches_retried,
+                    batches_dropped=led.batches_dropped,
+                    workers_alive=led.alive,
+                    worker_restarts=led.worker_restarts,
+                    batches_in_flight=self._batches_in_flight,
+                )
+                if self._seq == seq:
+                    return stats
+            # The coordinator (another thread: it never runs signal handlers) is mid-change.
+            time.sleep(0)
 
     # ---- the coordinator's side -----------------------------------------------------------
 
@@ -401,8 +379,12 @@ class Admission:
             if taken:
                 # Moved to ``admitted`` in the same lock round: the producers' room check
                 # counts every item either here or there, never in neither.
-                self._pending = []
-                self.admitted += len(taken)
+                self._seq += 1
+                try:
+                    self._pending = []
+                    self.admitted += len(taken)
+                finally:
+                    self._seq += 1
                 if self._pending_sized:
                     self.admitted_size += sum([e[1] for e in taken])  # exact, unlike the estimate
                 self._pending_size = 0
@@ -441,14 +423,18 @@ class Admission:
         ):
             return
         with self.lock:
-            self._in_flight += led.d_in_flight
-            self._batches_in_flight = batches_in_flight
-            self._delivered += led.d_delivered
-            self._dropped += led.d_dropped
-            self.admitted -= gone
+            self._seq += 1
+            try:
+                self._in_flight += led.d_in_flight
+                self._batches_in_flight = batches_in_flight
+                self._delivered += led.d_delivered
+                self._dropped += led.d_dropped
+                self.admitted -= gone
+                for name in _TOTALS:
+                    setattr(pub, name, getattr(led, name))
+            finally:
+                self._seq += 1
             self.admitted_size -= led.d_size
-            for name in _TOTALS:
-                setattr(pub, name, getattr(led, name))
             if self._waiters and (gone or led.d_size) and self._worth_waking_locked():
                 self._release_waiters_locked()
         led.d_in_flight = led.d_delivered = led.d_dropped = led.d_size = 0
@@ -487,6 +473,7 @@ class Admission:
     def finished(self) -> None:
         """The coordinator has ended: wake no one any more, and release every waiter."""
         self._coordinator_gone = True
+        self.coordinator_ident = None  # a later thread may be given the same ident
         self.drained.set()
 
     def after_fork_in_child(self) -> None:
@@ -494,6 +481,7 @@ class Admission:
         and the workers do not exist here; every use raises a clear error."""
         self.lock = _allocate_lock()
         self._waiters = []
+        self._seq = 0  # the coordinator may have been mid-change at the fork
         self.inherited_by_fork = True
         self.closed = True
         self._coordinator_gone = True
@@ -515,22 +503,6 @@ def _forked_error() -> ProcDispatchError:
         "the parent process, so it cannot be used in the child; create the channel in the "
         "child (e.g. in a gunicorn post_fork hook, not before the fork)"
     )
-
-
-def _acquire_in_slices(lock: Any, timeout: float | None) -> bool:
-    """``lock.acquire`` with ``timeout`` (None: for ever), waking every WAIT_SLICE seconds.
-
-    Python runs signal handlers in the main thread only, and a signal the kernel delivers to
-    another thread does not interrupt a wait of the main thread: without the slices, a Ctrl-C
-    could go unanswered until the wait ends. Each slice's return lets a pending handler run.
-    """
-    deadline = None if timeout is None else monotonic() + timeout
-    while True:
-        step = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - monotonic())
-        if step <= 0:
-            return bool(lock.acquire(False))
-        if lock.acquire(True, step):
-            return True
 
 
 def _close_fds(*fds: int) -> None:

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
+from ._waits import check_timeout
 from .errors import BufferFull
 
 if TYPE_CHECKING:
@@ -83,8 +84,9 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _deadline(timeout: float | None) -> float | None:
-    return None if timeout is None else monotonic() + timeout
+def _deadline(method: str, timeout: float | None) -> float | None:
+    seconds = check_timeout(method, timeout)  # the rules of put's timeout
+    return None if seconds is None else monotonic() + seconds
 
 
 def _try(adm: Admission, items: list[Any], sizes: list[int] | None, start: int) -> int:
@@ -133,7 +135,7 @@ async def _admit(
 async def put_one(ch: ProcessChannel[Any], item: Any, timeout: float | None) -> None:
     """``aput``: the non-blocking commit first, and the waiting path only when it is full."""
     size = ch._size_of(item) if ch._item_size is not None else None
-    deadline = _deadline(timeout)
+    deadline = _deadline("aput", timeout)
     adm = ch._adm
     try:
         adm.put_one(item, size=size, block=False)
@@ -147,7 +149,7 @@ async def put_many(ch: ProcessChannel[Any], items: Iterable[Any], timeout: float
     """``aput_many``: as ``put_many``, the items measured first; an item that cannot be
     measured stops the call after the ones before it were added."""
     batch = list(items)
-    deadline = _deadline(timeout)
+    deadline = _deadline("aput_many", timeout)
     adm = ch._adm
     if ch._item_size is None:
         return await _admit(adm, batch, None, deadline)
@@ -168,7 +170,7 @@ async def await_drained(ch: ProcessChannel[Any], timeout: float | None) -> bool:
     latch = ch._adm.drained
     if latch.is_set():
         return True
-    deadline = _deadline(timeout)
+    deadline = _deadline("await_drained", timeout)
     waiter = _LoopWaiter(asyncio.get_running_loop())
     if not latch.add_waiter(waiter):
         return True

@@ -9,16 +9,29 @@ too (and is re-raised); a KeyboardInterrupt or SystemExit cancels: the first Ctr
 many sends it waits for and for how long (``cancel_grace``), a second one ends them at once.
 A channel left open at interpreter exit, or collected while open, is closed and drained (see
 :mod:`._process_end`).
+
+Waits that would wait for themselves raise instead of hanging. The callbacks ``on_error``,
+``on_drop``, ``on_drained`` and the retry policy run on the coordinator thread, which alone
+makes room and ends the drain: from there ``wait_drained``, ``close_and_drain``, leaving a
+``with`` block and a ``put`` that would wait for room raise :class:`~.errors.ProcDispatchError`
+(:class:`~.errors.BufferFull` for ``put``) naming the callback. So does a drain waited for by a
+signal handler that interrupted a ``put`` of the same channel in the lock the drain needs.
+Calls that do not wait are fine anywhere: ``put`` with room, ``put_nowait``, ``stats``,
+``close``, ``cancel``. Every ``timeout=`` follows ``queue.Queue``'s rules (see
+:func:`._waits.check_timeout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import Any, Generic, TypeVar
 
 from . import _process_end
@@ -26,9 +39,10 @@ from ._admission import Admission, Stats
 from ._coordinator import Coordinator
 from ._options import ChannelOptions, Options
 from ._progress import Reporter, sized_length
+from ._waits import check_timeout
 from .backends import Backend
 from .buffer import Batch, Buffer, FullBehavior
-from .errors import ItemsDropped, OptionsError
+from .errors import BufferFull, ItemsDropped, OptionsError, ProcDispatchError
 
 __all__ = ["ProcessChannel", "Stats"]
 
@@ -132,6 +146,10 @@ class ProcessChannel(Generic[T]):
         coord.start()
         if self._progress is not None:
             self._progress.start()
+        # Not a method of the channel: the coordinator holds the admission, which must not
+        # keep the channel object alive (its collection closes it).
+        adm.reentry_error = _reentry_errors(opts)
+        adm.coordinator_ident = coord._thread.ident
         # Collected while open: the coordinator drains what it holds in the background.
         weakref.finalize(self, adm.request_close)
 
@@ -165,10 +183,23 @@ class ProcessChannel(Generic[T]):
             n = sized_length(items)
             if n is not None:
                 self._progress.announce(n)
-        batch = list(items)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline("put_many", timeout)
+        batch: list[T] = []
+        try:
+            batch.extend(items)
+        except Exception as exc:
+            # As a loop of put() would: what the iterable gave before it raised goes in.
+            self._put_list(batch, deadline, exc)
+            raise
+        return self._put_list(batch, deadline, None)
+
+    def _put_list(self, batch: list[T], deadline: float | None, err: Exception | None) -> int:
+        """Admit ``batch``; with ``err`` (what stopped the iterable), set ``err.added``."""
         if self._item_size is None:
-            return self._adm.admit(batch, None, block=True, deadline=deadline)
+            added = self._adm.admit(batch, None, block=True, deadline=deadline)
+            if err is not None:
+                err.added = added  # type: ignore[attr-defined]
+            return added
         sizes: list[int] = []
         try:
             for item in batch:
@@ -178,30 +209,42 @@ class ProcessChannel(Generic[T]):
             added = self._adm.admit(batch[:good], sizes, block=True, deadline=deadline)
             exc.added = added  # type: ignore[attr-defined]
             raise
-        return self._adm.admit(batch, sizes, block=True, deadline=deadline)
+        added = self._adm.admit(batch, sizes, block=True, deadline=deadline)
+        if err is not None:
+            err.added = added  # type: ignore[attr-defined]
+        return added
 
     # ---- ending ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Take no more items; everything buffered is still sent. Idempotent."""
+        self._check_not_inherited()
         self._adm.request_close()
 
     def cancel(self) -> None:
         """Stop: drop queued batches; in-flight sends get ``cancel_grace`` seconds, then their
         workers are killed and their batches dropped. Implies :meth:`close`."""
+        self._check_not_inherited()
         self._adm.request_cancel()
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until every batch was delivered or dropped; False on timeout."""
         self._check_not_inherited()
-        return self._adm.drained.wait(timeout)
+        seconds = check_timeout("wait_drained", timeout)
+        if seconds != 0 and not self._adm.drained.is_set():
+            self._check_can_wait("wait_drained() cannot be called")
+        return self._adm.drained.wait(seconds)
 
     def close_and_drain(self, timeout: float | None = None) -> bool:
         """:meth:`close`, then :meth:`wait_drained`. Once drained, raises the error that killed
         the channel (e.g. WorkerStartFailed), and with ``raise_on_drop=True`` raises
         :class:`ItemsDropped` if anything was dropped."""
+        self._check_not_inherited()
+        seconds = check_timeout("close_and_drain", timeout)
+        if seconds != 0 and not self._adm.drained.is_set():
+            self._check_can_wait("close_and_drain() cannot be called")
         self.close()
-        ok = self.wait_drained(timeout)
+        ok = self._adm.drained.wait(seconds)
         if ok:
             self._raise_after_drain()
         return ok
@@ -217,6 +260,26 @@ class ProcessChannel(Generic[T]):
     def _check_not_inherited(self) -> None:
         if self._adm.inherited_by_fork:
             self._adm._check_open(0)  # raises the error that explains it
+
+    def _check_can_wait(self, what: str) -> None:
+        """Raise instead of waiting for the drain when the wait would wait for itself."""
+        adm = self._adm
+        if adm.coordinator_ident == threading.get_ident():
+            raise adm.reentry_error(what)
+        if adm.lock.locked() and _interrupts_a_producer(adm):
+            # A signal handler on top of put(): if that put holds the lock, the coordinator
+            # cannot take what was put, and the drain never ends. Another thread holding the
+            # lock lets it go within microseconds.
+            deadline = time.monotonic() + _LOCK_PROBE
+            while adm.lock.locked():
+                if time.monotonic() >= deadline:
+                    raise ProcDispatchError(
+                        f"{what} from a signal handler that interrupted put() or put_many() of "
+                        "the same channel: that call holds the lock the drain needs, so it "
+                        "would wait for itself (call close() or cancel() there, and wait after "
+                        "the put returned)"
+                    )
+                time.sleep(_LOCK_PROBE / 100)
 
     @property
     def drained(self) -> bool:
@@ -238,7 +301,14 @@ class ProcessChannel(Generic[T]):
     ) -> None:
         if self._adm.inherited_by_fork:
             return  # nothing of it runs in this process
-        if exc_type is not None and not issubclass(exc_type, Exception):
+        if self._adm.coordinator_ident == threading.get_ident():
+            # In a callback: end the channel as the block would, but do not wait for it.
+            if exc_type is None or issubclass(exc_type, (Exception, GeneratorExit)):
+                self.close()
+            else:
+                self.cancel()
+            raise self._adm.reentry_error("leaving a with block of the channel cannot wait")
+        if exc_type is not None and not issubclass(exc_type, (Exception, GeneratorExit)):
             deadline = _process_end.sigterm_deadline()
             if issubclass(exc_type, SystemExit) and deadline is not None:
                 self._drain_until(deadline)  # SIGTERM under drain_on_sigterm
@@ -335,6 +405,8 @@ class ProcessChannel(Generic[T]):
         await _aio.aexit(self, exc_type)
 
     def __repr__(self) -> str:
+        if self._adm.inherited_by_fork:
+            return "<ProcessChannel inherited through os.fork(): unusable here>"
         s = self.stats()
         state = "drained" if self.drained else ("closed" if self._adm.closed else "open")
         return (
@@ -373,3 +445,80 @@ def _finish_progress_first(opts: ChannelOptions, reporter: Reporter) -> ChannelO
                 user()
 
     return dataclasses.replace(opts, on_drained=on_drained)
+
+
+#: How long a drain waited for from a signal handler lets the admission lock stay taken
+#: before deciding that the put the handler interrupted holds it.
+_LOCK_PROBE = 1.0
+
+
+def _deadline(method: str, timeout: object) -> float | None:
+    seconds = check_timeout(method, timeout)
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def _interrupts_a_producer(adm: Admission) -> bool:
+    """Whether this thread's stack holds a put of ``adm`` (a signal handler runs on top)."""
+    codes = (Admission.put_one.__code__, Admission.admit.__code__)
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code in codes and f.f_locals.get("self") is adm:
+            return True
+        f = f.f_back  # type: ignore[assignment]
+    return False
+
+
+def _reentry_errors(opts: Any) -> Callable[[str], BaseException]:
+    """The error for a wait from the coordinator thread, naming the callback that made it."""
+    callbacks = {
+        "on_error": opts.on_error,
+        "on_drop": opts.on_drop,
+        "on_drained": opts.on_drained,
+        "on_delivered": opts.on_delivered,
+        "the retry policy": opts.buffer.retry,
+    }
+
+    def build(what: str) -> BaseException:
+        codes = {}
+        for name, fn in callbacks.items():
+            code = _code_of(fn)
+            if code is not None:
+                codes[code] = name
+        name = "a callback (on_error, on_drop, on_drained, on_delivered or the retry policy)"
+        f = sys._getframe(1)
+        while f is not None:
+            if f.f_code in codes:
+                name = codes[f.f_code]
+                break
+            f = f.f_back  # type: ignore[assignment]
+        if what.startswith("put()"):
+            return BufferFull(
+                f"{what} from {name}: the buffer is full, and the coordinator thread, which "
+                f"runs {name}, is what makes room, so it would wait for itself (use "
+                "put_nowait() and handle BufferFull there)"
+            )
+        return ProcDispatchError(
+            f"{what} from {name}: the coordinator thread runs {name} and ends the drain, so "
+            "it would wait for itself (call close() or cancel() there: they do not wait)"
+        )
+
+    return build
+
+
+def _code_of(fn: object) -> CodeType | None:
+    """The code object a call of ``fn`` runs first (functions, methods, partials, objects)."""
+    for _ in range(8):
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        code = getattr(fn, "__code__", None)
+        if isinstance(code, CodeType):
+            return code
+        inner = getattr(fn, "__func__", None)
+        if inner is not None:
+            fn = inner
+            continue
+        if not callable(fn) or isinstance(fn, type):
+            return None
+        fn = type(fn).__call__
+    return None

@@ -10,7 +10,9 @@ coordinator thread calls into the pool.
 The selector is the coordinator's one wait point. It watches the wake pipe, every worker's result
 pipe and death sentinel, and -- only while a handle has frames waiting for room -- that worker's
 lease pipe for writability: :meth:`WorkerPool.wait` flushes those itself and reports only what
-the coordinator must act on.
+the coordinator must act on. For a backend whose start may block, it also watches the pipe of
+the starter threads (:mod:`._starting`): a worker whose start returned is put in its slot there
+and then, and one whose start raised is reported as gone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from . import _protocol as proto
 from ._options import ChannelOptions
+from ._starting import Starts
 from .backends import Backend, WorkerHandle
 from .buffer import Batch
 from .errors import InternalError
@@ -33,6 +36,8 @@ __all__ = ["Slot", "WState", "WorkerPool"]
 
 #: Marks a selector key that watches a lease pipe for room (the others carry a sentinel flag).
 _WRITABLE = None
+#: The data of the selector key of the starter threads' pipe.
+_STARTS = ("starts",)
 
 
 class WState(enum.Enum):
@@ -122,24 +127,53 @@ class WorkerPool:
         self._next_wid = 0
         self._selector = selectors.DefaultSelector()
         self._selector.register(wake_fd, selectors.EVENT_READ, None)
+        #: Starter threads, for a backend whose start may block (None: starts return at once).
+        self._starts = Starts() if backend.start_blocks else None
+        if self._starts is not None:
+            self._selector.register(self._starts.fileno(), selectors.EVENT_READ, _STARTS)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
 
     # ---- starting and watching ------------------------------------------------------------
 
     def spawn(self, now: float) -> Slot:
-        """Start one worker (raises what starting it raised); start_timeout runs from now."""
+        """Start one worker (raises what starting it raised); start_timeout runs from now.
+        A start that may block runs on a starter thread: the slot holds a StartingHandle
+        until :meth:`wait` learns that it returned."""
         self._next_wid += 1
         wid = self._next_wid
-        handle = self._backend.start_worker(wid)
-        slot = Slot(wid, handle)
+        if self._starts is not None:
+            slot = Slot(wid, self._starts.begin(wid, self._backend))
+        else:
+            slot = Slot(wid, self._backend.start_worker(wid))
+            self._watch(slot)
         slot.deadline = now + self.opts.start_timeout
-        conn, sentinel = handle.waitables()
+        self.slots.append(slot)
+        return slot
+
+    def _watch(self, slot: Slot) -> None:
+        conn, sentinel = slot.handle.waitables()
         self._selector.register(conn, selectors.EVENT_READ, (slot, False))
         if sentinel is not None:
             self._selector.register(sentinel, selectors.EVENT_READ, (slot, True))
-        self.slots.append(slot)
-        return slot
+
+    def _started(self) -> list[tuple[Slot, bool]]:
+        """Put the workers whose start returned in their slots; the slots of those whose start
+        raised, to report as gone (their StartingHandle holds the error)."""
+        assert self._starts is not None
+        gone: list[tuple[Slot, bool]] = []
+        for starting in self._starts.collect():
+            slot = next((s for s in self.slots if s.handle is starting), None)
+            if slot is None:  # given up (and buried) before its start was seen
+                starting.close()
+                continue
+            handle = starting.take()
+            if handle is None:
+                gone.append((slot, True))
+                continue
+            slot.handle = handle
+            self._watch(slot)
+        return gone
 
     def wait(self, timeout: float | None) -> tuple[bool, list[tuple[Slot, bool]]]:
         """Block once: (was the wake pipe ready, [(slot, it is gone)] to read).
@@ -152,6 +186,8 @@ class WorkerPool:
             data = key.data
             if data is None:
                 woke = True
+            elif data is _STARTS:
+                ready.extend(self._started())
             elif data[1] is _WRITABLE:
                 slot = data[0]
                 try:
@@ -240,7 +276,8 @@ class WorkerPool:
 
         A worker whose stop frame cannot be written at once (its pipe is full of leases the
         channel no longer holds) or that is still starting (it holds nothing) is killed
-        instead: nothing is waited for that way, and no lease is sent after the drain."""
+        instead: nothing is waited for that way, and no lease is sent after the drain. A
+        start still running is given up, and its starter thread joined."""
         for s in self.slots:
             if s.state is STARTING or s.handle.stop():
                 s.handle.kill()
@@ -253,4 +290,6 @@ class WorkerPool:
             s.handle.close()
             s.state = DEAD
         self.slots = []
+        if self._starts is not None:
+            self._starts.shutdown(deadline)  # every start was given up above
         self._selector.close()

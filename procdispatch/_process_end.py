@@ -6,7 +6,16 @@ as ``concurrent.futures`` does with its executors: the hook runs through
 ``threading._register_atexit``, which runs while threads may still be used (``atexit``
 handlers run too late for that on 3.12+). While it waits it logs at WARNING every
 :data:`EXIT_LOG_EVERY` seconds what it still waits for. A Ctrl-C there cancels every channel
-(in-flight sends get their ``cancel_grace``); a second one ends those sends at once.
+(in-flight sends get their ``cancel_grace``); a second one ends those sends at once; a third
+stops waiting.
+
+*Exit status.* A signal that interrupts that drain decides how the process ends, as it would
+have without the drain: 130 for SIGINT, 143 for SIGTERM under :func:`drain_on_sigterm`. By
+then the interpreter has already settled on its status (the script ended), so the hook records
+the status, and an ``atexit`` hook registered when this module is imported -- ``atexit``
+handlers run after the threading ones, and the one registered first runs last -- flushes
+standard output, standard error and logging, then ends the process with ``os._exit``. Nothing
+is recorded when the drain was not interrupted: the status stays the interpreter's own.
 
 A channel object collected while open is closed by its finalizer; its coordinator thread holds
 everything it needs, so it drains in the background, ``on_drop`` still sees anything dropped,
@@ -25,10 +34,12 @@ every use of an inherited channel raises a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -54,6 +65,7 @@ _lock = threading.Lock()
 _running: set[Coordinator] = set()  # strong: a running coordinator outlives its channel object
 _every: weakref.WeakSet[Coordinator] = weakref.WeakSet()
 _sigterm_at: float | None = None  # monotonic deadline of a SIGTERM drain, once one started
+_exit_status: int | None = None  # set when a signal interrupted the drain at exit
 
 
 def register(coord: Coordinator) -> None:
@@ -131,35 +143,84 @@ def _drain_at_exit() -> None:
     log.info(
         "procdispatch: draining %d channel(s) at interpreter exit (Ctrl-C cancels)", len(coords)
     )
-    try:
-        while True:
-            try:
-                deadline = _sigterm_at
-                if _wait_all(coords, deadline, "waiting at exit (Ctrl-C cancels)"):
-                    return
-                break  # the SIGTERM deadline passed: cancel what is left
-            except SystemExit:
-                if _sigterm_at is None:
-                    raise
-                # SIGTERM during the drain: go on, now with its deadline.
-        left = [c for c in coords if not c.admission.drained.is_set()]
-        log.warning("procdispatch: SIGTERM drain timed out; cancelling %s", _describe(left))
-        _cancel_all(left)
-        _wait_all(left, time.monotonic() + _grace(left), "cancelling at exit")
-    except KeyboardInterrupt:
-        left = [c for c in coords if not c.admission.drained.is_set()]
-        log.warning(
-            "procdispatch: Ctrl-C at exit: cancelling %s (Ctrl-C again stops the sends in "
-            "flight now)",
-            _describe(left),
-        )
-        _cancel_all(left)
+    # Stages: drain (until the SIGTERM deadline, if any), cancel (in-flight sends get their
+    # grace), kill (the sends in flight end now). A Ctrl-C moves to the next stage; a first
+    # SIGTERM only gives the drain its deadline. The except clauses only note what happened:
+    # what follows runs in the try, where a further signal is handled the same way.
+    stage = _DRAIN
+    left = coords
+    until = 0.0
+    interrupt: str | None = None
+    while True:
         try:
-            _wait_all(left, time.monotonic() + _grace(left), "cancelling at exit")
+            if interrupt == "int":
+                interrupt = None
+                _note_exit_status(128 + signal.SIGINT)
+                left = [c for c in coords if not c.admission.drained.is_set()]
+                if stage == _DRAIN:
+                    log.warning(
+                        "procdispatch: Ctrl-C at exit: cancelling %s (Ctrl-C again stops the "
+                        "sends in flight now)",
+                        _describe(left),
+                    )
+                    stage, until = _CANCEL, time.monotonic() + _grace(left)
+                    _cancel_all(left)
+                elif stage == _CANCEL:
+                    log.warning("procdispatch: Ctrl-C again at exit: stopping the sends now")
+                    stage, until = _KILL, time.monotonic() + _CANCEL_SLACK
+                    _cancel_all(left, kill=True)
+                else:
+                    log.warning("procdispatch: Ctrl-C again at exit: not waiting any longer")
+                    return
+            elif interrupt == "term":
+                interrupt = None
+                _note_exit_status(128 + signal.SIGTERM)
+            if stage == _DRAIN:
+                if _wait_all(coords, _sigterm_at, "waiting at exit (Ctrl-C cancels)"):
+                    return
+                # The SIGTERM deadline passed: cancel what is left.
+                left = [c for c in coords if not c.admission.drained.is_set()]
+                log.warning("procdispatch: SIGTERM drain timed out; cancelling %s", _describe(left))
+                stage, until = _CANCEL, time.monotonic() + _grace(left)
+                _cancel_all(left)
+            what = "cancelling at exit" if stage == _CANCEL else "stopping at exit"
+            _wait_all(left, until, what)
+            return
         except KeyboardInterrupt:
-            _cancel_all(left, kill=True)
-            _wait_all(left, time.monotonic() + _CANCEL_SLACK, "stopping at exit")
+            interrupt = "int"
+        except SystemExit:
+            if _sigterm_at is None:
+                raise
+            interrupt = "term"  # SIGTERM under drain_on_sigterm: it set the drain's deadline
 
+
+_DRAIN, _CANCEL, _KILL = "drain", "cancel", "kill"
+
+
+def _note_exit_status(status: int) -> None:
+    """The first signal that interrupted the drain at exit decides the process's status."""
+    global _exit_status
+    if _exit_status is None:
+        _exit_status = status
+
+
+def _exit_with_noted_status() -> None:
+    """atexit: end the process with the status a signal during the drain at exit meant."""
+    status = _exit_status
+    if status is None or _exit_pid != os.getpid():
+        return
+    logging.shutdown()  # its own atexit handler, registered earlier, would run after this one
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken stream: nothing to say
+            if stream is not None:
+                stream.flush()
+    os._exit(status)
+
+
+# Registered before the drain hook: with the plain ``atexit`` fallback, handlers run last
+# first, and this one must come after the drain.
+_exit_pid = os.getpid()
+__import__("atexit").register(_exit_with_noted_status)
 
 _register_exit: Callable[[Callable[[], None]], None]
 _register_exit = getattr(threading, "_register_atexit", None) or __import__("atexit").register
@@ -207,12 +268,29 @@ def drain_on_sigterm(timeout: float = 30.0) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _sigterm_at
+    global _exit_pid, _exit_status, _lock, _sigterm_at
     _lock = threading.Lock()  # a parent thread may have held it at the fork
     _running.clear()
     _sigterm_at = None
+    _exit_status = None
+    _exit_pid = os.getpid()
     for c in list(_every):
         c.after_fork_in_child()
+    _forget_inherited_workers()
+
+
+def _forget_inherited_workers() -> None:
+    """In a forked child: take every worker process of the parent's channels off
+    multiprocessing's table of children, which the child inherited. Its exit hook terminates
+    and joins every daemon process in that table: it would SIGTERM the parent's workers. The
+    handles' own ``disown`` covers the workers in their slots; this also covers one between
+    its start and its slot, or killed and not yet reaped."""
+    from multiprocessing import process
+
+    children = process._children  # type: ignore[attr-defined]
+    for proc in list(children):
+        if getattr(proc, "_name", "").startswith("procdispatch-worker-"):
+            children.discard(proc)
 
 
 if hasattr(os, "register_at_fork"):

@@ -11,7 +11,10 @@ outcomes for the batches it held (:class:`~._outcomes.Outcomes`):
   ``start_timeout``) what it already answered is read, and read again once it is dead: a batch
   whose answer was in the pipe is not failed;
 * a worker that cannot start, or is not ready within ``start_timeout``, counts towards
-  ``WorkerStartFailed``; after too many failed starts in a row the channel fails;
+  ``WorkerStartFailed``; after too many failed starts in a row the channel fails. A start that
+  may block runs on a starter thread (:mod:`._starting`): its slot is STARTING meanwhile, a
+  start that raised counts as one that raised here, and one that has not returned within
+  ``start_timeout`` is given up like a worker not ready in time;
 * a worker that reached ``max_batches_per_worker`` (counted in leases handed to it, so that
   pipelining cannot take it past the limit) or is above ``max_worker_memory`` gets no new lease
   (STOPPING), and is stopped and replaced once it answered what it holds.
@@ -31,6 +34,7 @@ from ._clock import Clock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
+from ._starting import StartingHandle
 from ._worker_logging import handle_record
 from .backends import Backend
 from .buffer import Batch
@@ -114,19 +118,23 @@ class Workers:
         try:
             self.pool.spawn(self._now())
         except Exception as exc:
-            log.exception("could not start a worker")
-            self._start_failures += 1
-            if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
-                err = WorkerStartFailed(
-                    f"workers cannot start: {self._start_failures} attempts failed in a row; "
-                    f"last: {exc!r}"
-                )
-                err.__cause__ = exc
-                self.admission.set_fatal(err)
-            else:
-                self.to_respawn += 1
-                self.respawn_at = min(self.respawn_at, self._now() + SPAWN_RETRY_DELAY)
+            self._spawn_failed(exc)
         self.ledger.alive = self.pool.alive()
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        """Starting a worker raised (on this thread or a starter thread)."""
+        log.error("could not start a worker", exc_info=exc)
+        self._start_failures += 1
+        if self._start_failures >= START_FAILURES_FATAL + self.opts.workers - 1:
+            err = WorkerStartFailed(
+                f"workers cannot start: {self._start_failures} attempts failed in a row; "
+                f"last: {exc!r}"
+            )
+            err.__cause__ = exc
+            self.admission.set_fatal(err)
+        else:
+            self.to_respawn += 1
+            self.respawn_at = min(self.respawn_at, self._now() + SPAWN_RETRY_DELAY)
 
     def _replace(self) -> None:
         if not self.ending():
@@ -223,6 +231,13 @@ class Workers:
             self.outcomes.failed(b, failed, now)
 
     def _on_death(self, slot: Slot, now: float) -> None:
+        start = slot.handle
+        if isinstance(start, StartingHandle) and start.error is not None:
+            # Its start raised on a starter thread: no worker existed to die and be replaced.
+            self.pool.bury(slot)
+            self.ledger.alive = self.pool.alive()
+            self._spawn_failed(start.error)
+            return
         was = slot.state
         unsent = slot.handle.unsent()  # leases not wholly in its pipe: it never read them
         code = self.pool.bury(slot)
@@ -347,7 +362,12 @@ class Workers:
         self.handle(slot, False, now)  # its Ready may be waiting in the pipe
         if slot.state is not STARTING:
             return
-        if slot.init_error is None:
+        if isinstance(slot.handle, StartingHandle):
+            slot.init_error = TimeoutError(
+                f"worker {slot.wid} (no pid: its start had not returned) did not become ready "
+                f"within start_timeout={self.opts.start_timeout}s; the start was given up"
+            )
+        elif slot.init_error is None:
             how = "killed" if slot.handle.killable else "abandoned"
             slot.init_error = TimeoutError(
                 f"worker {slot.wid} (pid {slot.handle.pid}) did not become ready within "

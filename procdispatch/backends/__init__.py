@@ -11,12 +11,21 @@ through ``send_fn`` in a debugger). A third is one class plus a call to
 :func:`register_backend`, in this package or outside it; ``ProcessChannel(backend=...)`` takes
 a registered name or a :class:`Backend` object.
 
+Starting a worker may block: a process backend creates a process, asks a forkserver for a
+fork, writes the pickled ``send_fn`` into the child's pipe. A backend that sets
+:attr:`Backend.start_blocks` is never started on the coordinator's thread: the channel calls
+:meth:`Backend.start_worker_abortable` on a starter thread of its own, with a
+:class:`StartAbort` that the coordinator sets when it gives the start up (``start_timeout`` ran
+out, the channel ends), so that a stopped forkserver or a child slow to read a large payload
+holds up that one start, never the channel.
+
 This module is imported by worker processes too: it imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,6 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend",
+    "StartAbort",
+    "StartAborted",
     "UnsendableItems",
     "WorkerHandle",
     "make_backend",
@@ -38,9 +49,63 @@ __all__ = [
 ]
 
 
+class StartAborted(Exception):
+    """Raised by a start whose :class:`StartAbort` was set: the channel gave it up."""
+
+
+class StartAbort:
+    """Set by the coordinator's thread when the channel gives up a start that runs on a starter
+    thread (``start_timeout`` ran out, or the channel ends). A start that may block waits on
+    :meth:`fileno` besides what it waits for (it becomes readable once set), calls
+    :meth:`check` between steps, and leaves no process behind when it raises."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._closed = False
+        self._fds: tuple[int, int] | None = None  # made on the first fileno()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            if self._set:
+                return
+            self._set = True
+            if self._fds is not None and not self._closed:
+                os.write(self._fds[1], b"\0")  # one byte into an empty pipe: never blocks
+
+    def check(self) -> None:
+        """Raise :class:`StartAborted` once set."""
+        if self._set:
+            raise StartAborted("the channel gave up this worker start")
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable once the abort is set."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("fileno() of a closed StartAbort")
+            if self._fds is None:
+                self._fds = os.pipe()
+                if self._set:
+                    os.write(self._fds[1], b"\0")
+            return self._fds[0]
+
+    def close(self) -> None:
+        """Release the descriptors; :meth:`set` still works (and only records it)."""
+        with self._lock:
+            self._closed = True
+            fds, self._fds = self._fds, None
+        for fd in fds or ():
+            os.close(fd)
+
+
 class WorkerHandle(abc.ABC):
-    """One worker, as the coordinator sees it. Only the coordinator's thread calls it, and no
-    call may block it: writes that do not fit wait in the handle (see :meth:`flush`)."""
+    """One worker, as the coordinator sees it. Only the coordinator's thread calls it (but for
+    a worker whose start was given up and returned late: the starter thread that got it kills,
+    waits for and closes it), and no call may block it: writes that do not fit wait in the
+    handle (see :meth:`flush`)."""
 
     #: The worker's process id, when it has one.
     pid: int | None = None
@@ -114,6 +179,12 @@ class Backend(abc.ABC):
     #: True when a worker costs a core while it starts (a process): the channel then starts
     #: one worker at first, and the others as soon as more than one item is in the channel.
     staggered_start: bool = False
+    #: True when starting a worker may block (a process is made, a payload written to it): the
+    #: channel then starts each worker on a starter thread of its own, through
+    #: :meth:`start_worker_abortable`, and the coordinator learns of the started worker through
+    #: a pipe its selector watches. False: :meth:`start_worker` returns at once, and is called
+    #: on the coordinator's thread.
+    start_blocks: bool = False
 
     def __init__(self) -> None:
         self._opened = False
@@ -136,7 +207,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def start_worker(self, wid: int) -> WorkerHandle:
         """Start worker number ``wid`` (raise what starting it raised); it says Ready (or
-        InitFailed) once ``worker_init`` ran."""
+        InitFailed) once ``worker_init`` ran. Called on the coordinator's thread, unless
+        :attr:`start_blocks` is set (see :meth:`start_worker_abortable`)."""
+
+    def start_worker_abortable(self, wid: int, abort: StartAbort) -> WorkerHandle:
+        """How a channel starts a worker when :attr:`start_blocks` is set: on a starter thread,
+        while the coordinator goes on. ``abort`` is set when the channel gives this start up:
+        a start that may block then raises :class:`StartAborted` soon, leaving no process
+        behind (the coordinator never waits for it; the channel's end joins its thread). A
+        handle returned after the abort is killed and closed by the channel. The default calls
+        :meth:`start_worker`, which cannot be aborted: a hung start keeps its thread."""
+        abort.check()
+        return self.start_worker(wid)
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing past their workers
         """The channel has ended: every worker is gone. Release what the backend holds."""

@@ -17,17 +17,28 @@ forkserver, Pools and Processes stay exactly as multiprocessing makes them. fork
 the parent and run nothing again: they start the standard way.
 
 The two launch methods repeat the steps of CPython's ``popen_spawn_posix`` and
-``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data and the server
-changed. What they use is checked once (:func:`avoids_main`); where something is missing
-(another platform, a future Python), workers start the standard way, and a channel made by a
-script's top-level code outside the main guard fails at once with the fix
+``popen_forkserver`` (the same from 3.8 to 3.14) with only the preparation data, the server and
+the waits (below) changed. What they use is checked once (:func:`avoids_main`); where something
+is missing (another platform, a future Python), workers start the standard way, and a channel
+made by a script's top-level code outside the main guard fails at once with the fix
 (:func:`check_main_guard`) instead of failing in every worker.
+
+A launch runs on a starter thread of the channel and can be given up (a :class:`StartAbort`):
+it writes the preparation data and the process object (``send_fn`` and all it closes over)
+without blocking, and waits for room in the child's pipe, and for the forkserver's answer, on
+the abort's descriptor too. A spawn child given up is killed and reaped there and then; a
+forkserver fork given up cannot be (its pid is the server's answer we stop waiting for), so its
+data pipe is closed: the child, when the server forks it, reads a truncated process object, or
+sees its parent's sentinel ready, and exits.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import select
+import selectors
+import signal
 import sys
 import threading
 from multiprocessing import process
@@ -37,6 +48,8 @@ from ..errors import OptionsError
 
 if TYPE_CHECKING:
     import ast
+
+    from . import StartAbort
 
 __all__ = ["WorkerContext", "avoids_main", "check_main_guard"]
 
@@ -52,13 +65,20 @@ _server_pid = 0  # the process that started _server (a forked child needs its ow
 
 
 class WorkerProcess(process.BaseProcess):
-    """A worker process; ``_start_method`` is set per instance (the child reads it back)."""
+    """A worker process; ``_start_method`` is set per instance (the child reads it back), and
+    ``_abort`` (never pickled) lets the channel give its launch up."""
 
     _start_method: str | None = None
+    _abort: StartAbort | None = None
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         return _popen_classes()[process_obj._start_method](process_obj)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_abort", None)
+        return state
 
 
 class WorkerContext:
@@ -72,11 +92,14 @@ class WorkerContext:
         # fork children run nothing again: they start the standard way.
         self._method = method if method in _popen_classes() else None
 
-    def Process(self, **kwargs: Any) -> Any:
+    def Process(self, abort: StartAbort | None = None, **kwargs: Any) -> Any:
+        """A process to start; ``abort`` gives up its launch (a fork child needs none: forking
+        cannot block)."""
         if self._method is None:
             return self._ctx.Process(**kwargs)
         proc = WorkerProcess(**kwargs)
         proc._start_method = self._method
+        proc._abort = abort
         return proc
 
 
@@ -161,6 +184,43 @@ def _preparation_data(name: str) -> dict[str, Any]:
     return data
 
 
+def _wait_for(fd: int, events: int, abort: StartAbort) -> None:
+    """Wait until ``fd`` is ready for ``events``; raise StartAborted once ``abort`` is set."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, events)
+        sel.register(abort.fileno(), selectors.EVENT_READ)
+        while True:
+            abort.check()
+            if any(key.fd == fd for key, _ in sel.select()):
+                abort.check()
+                return
+
+
+def _write_all(fd: int, data: memoryview, abort: StartAbort | None) -> None:
+    """Write ``data`` to the pipe ``fd``; with ``abort``, without ever blocking past it."""
+    if abort is None:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        return
+    os.set_blocking(fd, False)
+    view = data.cast("B")
+    while view:
+        abort.check()
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            _wait_for(fd, selectors.EVENT_WRITE, abort)
+
+
+def _kill_child(pid: int) -> None:
+    """End and reap a child whose launch failed or was given up (nothing else will reap it)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def _forkserver() -> Any:
     """Our forkserver (started on first use; one per process, since a forked child cannot wait
     on its parent's server)."""
@@ -239,35 +299,84 @@ def _build_popen_classes() -> dict[str, Any]:
 
     class SpawnPopen(spawn_base):  # type: ignore[misc]
         def _launch(self, process_obj: Any) -> None:
+            abort = process_obj._abort
             tracker_fd = tracker.getfd()
             self._fds.append(tracker_fd)
             buf = dump(self, process_obj)
+            if abort is not None:
+                abort.check()
             parent_r = child_w = child_r = parent_w = None
+            pid = None
+            launched = False
             try:
                 parent_r, child_w = os.pipe()
                 child_r, parent_w = os.pipe()
                 cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
                 self._fds.extend([child_r, child_w])
-                self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+                self.pid = pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
                 self.sentinel = parent_r
-                with open(parent_w, "wb", closefd=False) as f:
-                    f.write(buf.getbuffer())
+                with buf.getbuffer() as data:
+                    _write_all(parent_w, data, abort)
+                launched = True
             finally:
                 ours = [fd for fd in (parent_r, parent_w) if fd is not None]
                 self.finalizer = util.Finalize(self, util.close_fds, ours)
                 for fd in (child_r, child_w):
                     if fd is not None:
                         os.close(fd)
+                if not launched:
+                    if pid is not None:
+                        _kill_child(pid)  # given up, or it died: nothing else reaps it
+                    self.finalizer()
 
     class ForkServerPopen(forkserver_base):  # type: ignore[misc]
         def _launch(self, process_obj: Any) -> None:
+            abort = process_obj._abort
             buf = dump(self, process_obj)
+            if abort is not None:
+                abort.check()
             self.sentinel, w = _forkserver().connect_to_new_process(self._fds)
             # The child learns of our death from its copy of the data pipe's write end.
             parent_w = os.dup(w)
             self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
-            with open(w, "wb", closefd=True) as f:
-                f.write(buf.getbuffer())
-            self.pid = forkserver.read_signed(self.sentinel)
+            try:
+                try:
+                    with buf.getbuffer() as data:
+                        _write_all(w, data, abort)
+                finally:
+                    os.close(w)
+                if abort is not None:
+                    _wait_for(self.sentinel, selectors.EVENT_READ, abort)
+                self.pid = forkserver.read_signed(self.sentinel)
+            except BaseException:
+                if getattr(self, "pid", None) is None:
+                    _end_server_child(self.sentinel)
+                self.finalizer()  # the child, if the server still forks it, sees our end
+                raise
 
     return {"spawn": SpawnPopen, "forkserver": ForkServerPopen}
+
+
+def _end_server_child(sentinel: int, wait: float = 1.0) -> None:
+    """A forkserver launch given up before its pid was read: the server reports the pid as soon
+    as it has forked, so read it (for at most ``wait`` seconds: a stopped server never answers)
+    and kill the child before it reads the payload cut short, which it would report on stderr
+    as an EOFError. The server reaps it; wait for its end so that none outlives the channel."""
+    try:
+        ready, _, _ = select.select([sentinel], [], [], wait)
+        if not ready:
+            return
+        from multiprocessing import forkserver
+
+        pid = forkserver.read_signed(sentinel)
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, EOFError):
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # gone already, or no pidfd here: the kill is enough
+    try:
+        select.select([pidfd], [], [], wait)
+    finally:
+        os.close(pidfd)

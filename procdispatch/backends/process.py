@@ -11,7 +11,9 @@ coordinator's timers by not reading the next. The handle counts the leases not y
 the pipe: the worker never saw those, so its death does not count against them.
 
 Workers start without running the user's main module (:mod:`._procstart`); ``send_fn`` and
-``worker_init`` are pickled once per channel (:mod:`._shipping`).
+``worker_init`` are pickled once per channel (:mod:`._shipping`). A start blocks (a forkserver
+round trip, the payload written into the child's pipe), so it runs on a starter thread of the
+channel (``start_blocks``) and can be given up through its :class:`StartAbort`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
-from . import Backend, WorkerHandle
+from . import Backend, StartAbort, WorkerHandle
 from ._procstart import WorkerContext
 from ._shipping import describe_payload, pickle_payload
 from ._worker import worker_main
@@ -44,6 +46,7 @@ class ProcessBackend(Backend):
 
     name = "process"
     staggered_start = True  # a worker process costs a core (a whole interpreter) to start
+    start_blocks = True  # a forkserver round trip, the payload written into the child's pipe
 
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._payload = pickle_payload(send_fn, options.worker_init, options.start_method)
@@ -54,6 +57,14 @@ class ProcessBackend(Backend):
 
     def start_worker(self, wid: int) -> WorkerHandle:
         handle = ProcessWorker(self._ctx, self._payload, wid, self._shipped, self._log_level)
+        handle.start()
+        return handle
+
+    def start_worker_abortable(self, wid: int, abort: StartAbort) -> WorkerHandle:
+        abort.check()
+        handle = ProcessWorker(
+            self._ctx, self._payload, wid, self._shipped, self._log_level, abort=abort
+        )
         handle.start()
         return handle
 
@@ -73,12 +84,14 @@ class ProcessWorker(WorkerHandle):
         wid: int,
         shipped: str = "send_fn",
         log_level: int = logging.WARNING,
+        abort: StartAbort | None = None,
     ) -> None:
         self._ctx = ctx
         self._payload = payload
         self._wid = wid
         self._shipped = shipped
         self._log_level = log_level
+        self._abort = abort
         self._lease_w: Connection | None = None
         self._lease_fd = -1
         self._result_r: Connection | None = None
@@ -90,6 +103,7 @@ class ProcessWorker(WorkerHandle):
         lease_r, lease_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
+            abort=self._abort,
             target=worker_main,
             args=(
                 lease_r,
@@ -112,6 +126,7 @@ class ProcessWorker(WorkerHandle):
         finally:
             lease_r.close()
             result_w.close()
+            self._abort = None  # the launch is over: nothing waits on it any more
         self._lease_w = lease_w
         self._lease_fd = lease_w.fileno()
         os.set_blocking(self._lease_fd, False)  # the coordinator never blocks on a pipe

@@ -117,6 +117,30 @@ def test_cancelled_aputs_never_break_accounting(make_channel, tmp_path, seed):
     assert (s.items_put, s.items_delivered, s.items_dropped) == (len(added), len(added), 0)
 
 
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(-1, ValueError), (float("nan"), ValueError), (True, TypeError), ("1", TypeError)],
+)
+def test_a_bad_timeout_of_the_async_methods_is_refused_as_put_refuses_it(
+    make_channel, tmp_path, timeout, error
+):
+    ch = make_channel(Recorder(Log(tmp_path / "log")), workers=1)
+
+    async def main() -> None:
+        with pytest.raises(error, match=r"aput\(\): 'timeout'"):
+            await ch.aput(1, timeout=timeout)
+        with pytest.raises(error, match=r"aput_many\(\): 'timeout'"):
+            await ch.aput_many([1], timeout=timeout)
+        with pytest.raises(error, match=r"await_drained\(\): 'timeout'"):
+            await ch.await_drained(timeout=timeout)
+        assert ch.stats().items_put == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        assert ch.close_and_drain(60)
+
+
 def test_aput_and_aput_many_time_out_on_a_full_buffer(make_channel, tmp_path):
     log = Log(tmp_path / "log")
     gate = Gate(tmp_path / "gate")

@@ -1,0 +1,463 @@
+"""The public methods at their edges: odd timeouts, callbacks that call back into the channel,
+a signal handler on top of a method of the same channel, iterables that raise."""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections.abc import Callable
+from fractions import Fraction
+from types import FrameType
+from typing import Any
+
+import pytest
+from workerfns import Gate, Log, Recorder, delivered_items, noop, wait_for
+
+import procdispatch as pd
+from procdispatch import _admission, _channel
+
+# ---- timeouts ---------------------------------------------------------------------------------
+
+#: One item fills it, and stays buffered (its batch is cut after a minute).
+FULL_AFTER_ONE: dict[str, Any] = {
+    "workers": 1,
+    "batch_items_max": 1,
+    "batch_age_max": 60,
+    "full_behavior": pd.BlockNewItems(max_items=1),
+}
+
+BAD_TIMEOUTS: list[tuple[object, type[Exception], str]] = [
+    (-1, ValueError, "'timeout' must be a non-negative number (got -1)"),
+    (-0.5, ValueError, "'timeout' must be a non-negative number (got -0.5)"),
+    (math.nan, ValueError, "'timeout' must be a non-negative number (got nan)"),
+    (-math.inf, ValueError, "'timeout' must be a non-negative number (got -inf)"),
+    ("1", TypeError, "'timeout' must be a number of seconds or None (got '1')"),
+    (True, TypeError, "'timeout' must be a number of seconds or None (got True)"),
+    (False, TypeError, "'timeout' must be a number of seconds or None (got False)"),
+    ([1], TypeError, "'timeout' must be a number of seconds or None (got [1])"),
+]
+
+CALLS: dict[str, Callable[[pd.ProcessChannel[Any], object], object]] = {
+    "put": lambda ch, t: ch.put(1, timeout=t),  # type: ignore[arg-type]
+    "put_many": lambda ch, t: ch.put_many([1, 2], timeout=t),  # type: ignore[arg-type]
+    "wait_drained": lambda ch, t: ch.wait_drained(t),  # type: ignore[arg-type]
+    "close_and_drain": lambda ch, t: ch.close_and_drain(t),  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+@pytest.mark.parametrize(("timeout", "kind", "message"), BAD_TIMEOUTS)
+def test_a_bad_timeout_is_refused_at_once_whatever_the_buffer_holds(
+    make_channel: Any, method: str, timeout: object, kind: type[Exception], message: str
+) -> None:
+    # A full channel (put would wait) and an open one (a drain would wait): every bad value
+    # is refused before anything waits or changes.
+    ch = make_channel(noop, **FULL_AFTER_ONE)
+    ch.put(0)
+    with pytest.raises(kind) as info:
+        CALLS[method](ch, timeout)
+    assert str(info.value) == f"{method}(): {message}"
+    assert not ch._adm.closed  # close_and_drain refused before it closed
+    assert ch.stats().items_put == 1
+
+
+def test_a_bad_timeout_of_put_is_refused_with_item_sizes_too(make_channel: Any) -> None:
+    ch = make_channel(noop, workers=1, item_size=lambda x: 1, batch_size_max=10)
+    with pytest.raises(ValueError, match=r"^put\(\): 'timeout' must be a non-negative number"):
+        ch.put(1, timeout=math.nan)
+    assert ch.stats().items_put == 0
+
+
+def test_inf_waits_for_ever_and_other_real_numbers_are_seconds(
+    tmp_path: Any, make_channel: Any
+) -> None:
+    gate = Gate(tmp_path / "gate")
+    log = Log(tmp_path / "log")
+    ch = make_channel(
+        Recorder(log, gate=gate),
+        workers=1,
+        batch_items_max=1,
+        batch_age_max=0.01,
+        full_behavior=pd.BlockNewItems(max_items=1),
+    )
+    ch.put(0, timeout=math.inf)  # room: goes in at once
+    log.wait_count(1, ev="start")  # the send holds the only place
+    with pytest.raises(TimeoutError):
+        ch.put(1, timeout=Fraction(1, 100))
+
+    # A put with timeout=inf waits until the gate lets the send end and frees the place.
+    done = threading.Event()
+
+    def producer() -> None:
+        ch.put(2, timeout=math.inf)
+        done.set()
+
+    t = threading.Thread(target=producer)
+    t.start()
+    assert not done.wait(0.2)  # it is waiting (a wait for an event, not a sleep)
+    gate.open()
+    t.join(30)
+    assert done.is_set()
+    assert ch.close_and_drain(math.inf)
+    assert sorted(delivered_items(log)) == [0, 2]
+
+
+def test_a_timeout_too_large_for_a_float_means_for_ever(tmp_path: Any, make_channel: Any) -> None:
+    gate = Gate(tmp_path / "gate")
+    log = Log(tmp_path / "log")
+    ch = make_channel(Recorder(log, gate=gate), cancel_grace=0.1, **FULL_AFTER_ONE)
+    ch.put(0)
+    log.wait_count(1, ev="start")  # held by the gate: the channel stays full
+    errors: list[BaseException] = []
+
+    def producer() -> None:
+        try:
+            ch.put_many([1], timeout=10**400)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    wait_for(lambda: ch._adm._waiters, what="the producer waiting for room")
+    ch.cancel()  # releases the producer with ChannelClosed: it was waiting, not timed out
+    t.join(30)
+    gate.open()
+    assert [type(e) for e in errors] == [pd.ChannelClosed]
+
+
+# ---- callbacks that call back into the channel --------------------------------------------
+
+
+def fail_on_x(batch: pd.Batch[Any]) -> None:
+    if "x" in batch.data:
+        raise RuntimeError("permanent")
+
+
+class Reentry:
+    """A callback that calls ``action(ch)`` once and records what it returned or raised."""
+
+    def __init__(self, action: Callable[[pd.ProcessChannel[Any]], object]) -> None:
+        self.action = action
+        self.ch: pd.ProcessChannel[Any] | None = None
+        self.outcome: list[object] = []
+
+    def run(self) -> None:
+        if self.outcome:
+            return
+        assert self.ch is not None
+        try:
+            self.outcome.append(("returned", self.action(self.ch)))
+        except BaseException as exc:
+            self.outcome.append(exc)
+
+
+def _with_block(ch: pd.ProcessChannel[Any]) -> None:
+    with ch:
+        pass
+
+
+WAITS = {
+    "close_and_drain()": lambda ch: ch.close_and_drain(),
+    "close_and_drain(5)": lambda ch: ch.close_and_drain(5),
+    "wait_drained()": lambda ch: ch.wait_drained(),
+    "wait_drained(5)": lambda ch: ch.wait_drained(5),
+    "with": _with_block,
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("callback", ["on_error", "on_drop", "on_drained"])
+@pytest.mark.parametrize("wait", sorted(WAITS))
+def test_a_wait_from_a_callback_raises_instead_of_waiting_for_itself(
+    make_channel: Any, callback: str, wait: str
+) -> None:
+    r = Reentry(WAITS[wait])
+
+    def on_error(b: Any, e: BaseException) -> bool:
+        if callback == "on_error":
+            r.run()
+        return False
+
+    def on_drop(b: Any, flush: bool) -> None:
+        if callback == "on_drop" and b is not None:
+            r.run()
+
+    def on_drained() -> None:
+        if callback == "on_drained":
+            r.run()
+
+    ch = make_channel(
+        fail_on_x,
+        workers=1,
+        batch_items_max=1,
+        batch_age_max=0.01,
+        on_error=on_error,
+        on_drop=on_drop,
+        on_drained=on_drained,
+    )
+    r.ch = ch
+    ch.put_many(["x", "ok"])
+    ch.close()  # the callback's wait was refused without closing (except the with block's)
+    assert ch.wait_drained(30)  # the channel went on and drained: nothing hung
+    [err] = r.outcome
+    assert isinstance(err, pd.ProcDispatchError), err
+    assert f"from {callback}: the coordinator thread runs {callback}" in str(err)
+    assert "would wait for itself" in str(err)
+    s = ch.stats()
+    assert s.items_put == s.items_delivered + s.items_dropped == 2
+    if wait == "with":
+        assert ch._adm.closed  # leaving the block closed the channel, without waiting
+
+
+def test_a_callable_object_or_partial_is_named_too(make_channel: Any) -> None:
+    import functools
+
+    class OnError:
+        def __init__(self) -> None:
+            self.r = Reentry(lambda ch: ch.wait_drained())
+
+        def __call__(self, b: Any, e: BaseException, extra: int = 0) -> bool:
+            self.r.run()
+            return False
+
+    obj = OnError()
+    ch = make_channel(
+        fail_on_x, workers=1, batch_items_max=1, on_error=functools.partial(obj, extra=1)
+    )
+    obj.r.ch = ch
+    ch.put("x")
+    assert ch.close_and_drain(30)
+    [err] = obj.r.outcome
+    assert "wait_drained() cannot be called from on_error" in str(err)
+
+
+@pytest.mark.timeout(60)
+def test_a_put_that_would_wait_for_room_from_a_callback_raises_buffer_full(
+    make_channel: Any,
+) -> None:
+    # on_error requeues the failed item while BlockNewItems is full: only the coordinator,
+    # which runs on_error, could make room.
+    requeued: list[object] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        for call in (
+            lambda: ch.put(("again", b.data[0])),
+            lambda: ch.put(("again", b.data[0]), timeout=5),
+            lambda: ch.put_many([("again", b.data[0])]),
+        ):
+            try:
+                call()
+                requeued.append("put")
+            except pd.BufferFull as exc:
+                requeued.append(exc)
+        return False
+
+    ch = make_channel(
+        fail_on_x,
+        workers=1,
+        batch_items_max=1,
+        batch_age_max=0.01,
+        on_error=on_error,
+        full_behavior=pd.BlockNewItems(max_items=2),
+    )
+    ch.put_many(["x", "ok"])  # one worker: "ok" waits while "x" fails, so the buffer is full
+    wait_for(lambda: len(requeued) == 3, what="on_error")
+    assert ch.close_and_drain(30)
+    for exc in requeued:
+        assert isinstance(exc, pd.BufferFull), requeued
+        assert "put() cannot wait for room from on_error" in str(exc)
+        assert exc.added == 0  # type: ignore[attr-defined]
+
+
+def test_calls_that_do_not_wait_are_fine_from_a_callback(tmp_path: Any, make_channel: Any) -> None:
+    log = Log(tmp_path / "log")
+    seen: list[object] = []
+
+    def send(b: pd.Batch[Any]) -> None:
+        fail_on_x(b)
+        Recorder(log)(b)
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        ch.put("requeued")  # room: goes in
+        ch.put_nowait("nowait")
+        seen.append(ch.stats().items_put)
+        seen.append(ch.wait_drained(0))  # a poll does not wait
+        seen.append(repr(ch).startswith("<ProcessChannel open"))
+        ch.close()
+        seen.append(ch.drained)
+        return False
+
+    def on_drained() -> None:
+        ch.cancel()  # harmless at the end
+        seen.append("drained")
+
+    ch = make_channel(
+        send,
+        workers=1,
+        batch_items_max=1,
+        batch_age_max=0.01,
+        on_error=on_error,
+        on_drained=on_drained,
+    )
+    ch.put("x")
+    assert ch.wait_drained(30)
+    assert seen == [3, False, True, False, "drained"]
+    assert sorted(delivered_items(log)) == ["nowait", "requeued"]
+
+
+# ---- put_many with an iterable that raises ----------------------------------------------------
+
+
+def test_put_many_puts_what_a_raising_iterable_gave_and_says_how_many(
+    tmp_path: Any, make_channel: Any
+) -> None:
+    log = Log(tmp_path / "log")
+    ch = make_channel(Recorder(log), workers=1, batch_items_max=2)
+
+    def gen() -> Any:
+        yield from range(3)
+        raise KeyError("broken source")
+
+    with pytest.raises(KeyError) as info:
+        ch.put_many(gen())
+    assert info.value.added == 3  # type: ignore[attr-defined]
+    with pytest.raises(KeyError) as info:
+        ch.put_many(gen(), timeout=5)
+    assert info.value.added == 3  # type: ignore[attr-defined]
+    assert ch.close_and_drain(30)
+    assert sorted(delivered_items(log)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_put_many_with_item_sizes_and_a_raising_iterable(make_channel: Any) -> None:
+    ch = make_channel(noop, workers=1, item_size=len, batch_size_max=100)
+
+    def gen() -> Any:
+        yield "ab"
+        yield "c"
+        raise ValueError("broken source")
+
+    with pytest.raises(ValueError, match="broken source") as info:
+        ch.put_many(gen())
+    assert info.value.added == 2  # type: ignore[attr-defined]
+    assert ch.close_and_drain(30)
+    assert ch.stats().items_delivered == 2
+
+
+# ---- __exit__ ---------------------------------------------------------------------------------
+
+
+def test_a_generator_closed_inside_the_with_block_drains_it(
+    tmp_path: Any, make_channel: Any
+) -> None:
+    # Breaking out of a loop over a generator closes it (GeneratorExit): normal control
+    # flow, so the block drains, as for a normal exit, instead of cancelling.
+    log = Log(tmp_path / "log")
+    ch = make_channel(Recorder(log, sleep=0.05), workers=1, batch_items_max=1)
+
+    def produce() -> Any:
+        with ch:
+            for i in range(100):
+                ch.put(i)
+                yield i
+
+    for i in produce():
+        if i == 4:
+            break
+    assert ch.drained
+    assert sorted(delivered_items(log)) == [0, 1, 2, 3, 4]
+    assert ch.stats().items_dropped == 0
+
+
+# ---- a signal handler on top of a method of the same channel -------------------------------
+
+
+def _run_at_every_line(
+    codes: set[Any], handler: Callable[[], None], body: Callable[[], None]
+) -> int:
+    """Run ``body`` with ``handler`` called at each line of the functions in ``codes``, as a
+    signal handler may be; return how many times it ran."""
+    calls = 0
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        nonlocal calls
+        if event == "line":
+            calls += 1
+            sys.settrace(None)  # what the handler calls is not traced
+            try:
+                handler()
+            finally:
+                sys.settrace(tracer)
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code in codes else None
+
+    sys.settrace(tracer)
+    try:
+        body()
+    finally:
+        sys.settrace(None)
+    return calls
+
+
+def _producer_codes() -> set[Any]:
+    """The code of every function a put runs in this package."""
+    fns = [_admission.Admission.put_one, _admission.Admission.admit]
+    fns += [v for k, v in vars(pd.ProcessChannel).items() if k.startswith(("put", "_put"))]
+    return {f.__code__ for f in fns}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sized", [False, True])
+def test_stats_from_a_handler_at_any_line_of_put(make_channel: Any, sized: bool) -> None:
+    kw: dict[str, Any] = {"item_size": len, "batch_size_max": 10**6} if sized else {}
+    ch = make_channel(noop, workers=1, batch_items_max=5, batch_age_max=0.01, **kw)
+    snapshots: list[pd.Stats] = []
+
+    def handler() -> None:
+        s = ch.stats()
+        assert s.items_put == (
+            s.items_delivered + s.items_dropped + s.items_buffered + s.items_in_flight
+        )
+        snapshots.append(s)
+        repr(ch)
+        assert not ch.drained
+
+    def body() -> None:
+        for i in range(50):
+            ch.put(str(i))
+        ch.put_many([str(i) for i in range(50)])
+
+    ran = _run_at_every_line(_producer_codes(), handler, body)
+    assert ran == len(snapshots) > 100
+    assert ch.close_and_drain(30)
+    assert ch.stats().items_delivered == 100
+
+
+@pytest.mark.timeout(120)
+def test_a_drain_waited_for_from_a_handler_on_top_of_put(
+    make_channel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the interrupted put holds the channel's lock the drain cannot end: the wait raises
+    # (after a short probe, shortened here); elsewhere it waits as usual.
+    monkeypatch.setattr(_channel, "_LOCK_PROBE", 0.05)
+    ch = make_channel(noop, workers=1, batch_items_max=5, batch_age_max=0.01)
+    outcomes: list[object] = []
+
+    def handler() -> None:
+        try:
+            outcomes.append(ch.wait_drained(0.001))
+        except pd.ProcDispatchError as exc:
+            outcomes.append(exc)
+
+    ran = _run_at_every_line(
+        {_admission.Admission.put_one.__code__}, handler, lambda: [ch.put(i) for i in range(20)]
+    )
+    assert ran == len(outcomes)
+    refused = [x for x in outcomes if isinstance(x, pd.ProcDispatchError)]
+    assert refused, outcomes  # some lines hold the lock
+    assert False in outcomes  # and others do not: the wait ran (and timed out)
+    assert all("interrupted put() or put_many() of the same channel" in str(x) for x in refused)
+    assert ch.close_and_drain(30)
+    assert ch.stats().items_delivered == 20
