@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -94,7 +93,11 @@ class Options:
     """
 
     workers: int | None = field(
-        default=None, metadata=_doc("worker processes (>= 1)", shown="`os.cpu_count()`")
+        default=None,
+        metadata=_doc(
+            "worker processes (>= 1); with a Dask cluster, worker threads",
+            shown="`os.cpu_count()` (a given Dask cluster: its threads)",
+        ),
     )
     max_leases: int | None = field(
         default=None,
@@ -260,7 +263,16 @@ class Options:
     def resolve(self) -> ChannelOptions:
         """Validate every option and fill in what is derived; raise OptionsError naming the
         option, the rule and the value given."""
-        workers = self.workers if self.workers is not None else (os.cpu_count() or 1)
+        _int("workers", self.workers, allow_none=True)
+        backend = make_backend(self.backend)
+        try:
+            return self._resolve(backend)
+        except BaseException:
+            backend.close()  # it may hold what default_workers() connected to
+            raise
+
+    def _resolve(self, backend: Backend) -> ChannelOptions:
+        workers = self.workers if self.workers is not None else backend.default_workers()
         _int("workers", workers, allow_none=False)
         _int("max_leases", self.max_leases, allow_none=True)
         leases = self.max_leases if self.max_leases is not None else workers
@@ -311,7 +323,6 @@ class Options:
         from ._progress import check_progress
 
         check_progress(self.progress, self.progress_total)
-        backend = make_backend(self.backend)
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:
             raise OptionsError(

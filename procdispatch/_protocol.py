@@ -60,6 +60,7 @@ __all__ = [
     "encode_ready",
     "encode_result",
     "frame",
+    "lease_parts",
     "read_frame",
     "write_frame",
 ]
@@ -354,16 +355,23 @@ def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
 
     Pickling runs the items' own code (``__reduce__``, ``__getstate__``): whatever it raises,
     of whatever class (a ``SystemExit`` too), is that item's failure, never the caller's."""
-    try:
-        payload = dumps((batch.data, batch.meta))
-    except BaseException as exc:  # user code: see the docstring
-        raise _unsendable(batch.data, batch.meta, exc) from None
-    head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
+    head, payload = lease_parts(batch)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
         return (SIZE.pack(n) + head + payload,)
     size = SIZE.pack(n) if n <= _SMALL_LIMIT else SIZE.pack(-1) + BIG.pack(n)
     return (size + head, payload)
+
+
+def lease_parts(batch: Batch[Any]) -> tuple[bytes, bytes]:
+    """A lease's body as (header, pickled items and meta), unframed: what a backend that moves
+    whole messages (a Dask task's argument) sends, and :func:`decode_lease` reads once joined.
+    Raises UnsendableItems as :func:`encode_lease` does."""
+    try:
+        payload = dumps((batch.data, batch.meta))
+    except BaseException as exc:  # user code: see encode_lease
+        raise _unsendable(batch.data, batch.meta, exc) from None
+    return HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic), payload
 
 
 def _unsendable(data: list[Any], meta: object, whole: BaseException) -> UnsendableItems:
@@ -510,7 +518,7 @@ def _decode_log(buf: bytes) -> dict[str, Any]:
 # ---- worker side ---------------------------------------------------------------------------
 
 
-def decode_lease(body: bytearray) -> Lease:
+def decode_lease(body: bytes | bytearray) -> Lease:
     """The lease in a frame body (raises what unpickling its items raised)."""
     _, bid, attempt, synthetic = HEADER.unpack_from(body)
     data, meta = pickle.loads(memoryview(body)[HEADER.size :])

@@ -119,7 +119,7 @@ class Workers:
             self.pool.spawn(self._now())
         except Exception as exc:
             self._spawn_failed(exc)
-        self.ledger.alive = self.pool.alive()
+        self.ledger.alive = self.backend.workers_alive(self.pool.alive())
 
     def _spawn_failed(self, exc: BaseException) -> None:
         """Starting a worker raised (on this thread or a starter thread)."""
@@ -235,13 +235,13 @@ class Workers:
         if isinstance(start, StartingHandle) and start.error is not None:
             # Its start raised on a starter thread: no worker existed to die and be replaced.
             self.pool.bury(slot)
-            self.ledger.alive = self.pool.alive()
+            self.ledger.alive = self.backend.workers_alive(self.pool.alive())
             self._spawn_failed(start.error)
             return
         was = slot.state
         unsent = slot.handle.unsent()  # leases not wholly in its pipe: it never read them
         code = self.pool.bury(slot)
-        self.ledger.alive = self.pool.alive()
+        self.ledger.alive = self.backend.workers_alive(self.pool.alive())
         batches = list(slot.batches)
         slot.batches.clear()
         if was is STARTING:
@@ -267,10 +267,17 @@ class Workers:
                         worker=slot.wid,
                         batch_id=b.id,
                         attempt=b.attempt,
+                        where=slot.handle.where,
+                        killed=slot.handle.killable,
                     )
                 else:
                     exc = WorkerCrashed(
-                        slot.handle.pid, code, worker=slot.wid, batch_id=b.id, attempt=b.attempt
+                        slot.handle.pid,
+                        code,
+                        worker=slot.wid,
+                        batch_id=b.id,
+                        attempt=b.attempt,
+                        where=slot.handle.where,
                     )
                 outcomes.crashed(b, exc, now)
         if not slot.replaced:

@@ -94,7 +94,9 @@ def describe_exitcode(exitcode: int | None) -> str:
 class WorkerCrashed(ProcDispatchError):
     """The worker process that held a batch died before it answered.
 
-    ``exitcode`` is what :mod:`multiprocessing` reports: negative for a signal death.
+    ``exitcode`` is what :mod:`multiprocessing` reports: negative for a signal death. ``where``
+    names a worker that is not a local process (a Dask worker's address); its ``pid`` and
+    ``exitcode`` may then be None.
     """
 
     def __init__(
@@ -105,18 +107,20 @@ class WorkerCrashed(ProcDispatchError):
         worker: int | None = None,
         batch_id: int | None = None,
         attempt: int | None = None,
+        where: str | None = None,
     ) -> None:
         self.pid = pid
         self.exitcode = exitcode
         self.worker = worker
         self.batch_id = batch_id
         self.attempt = attempt
+        self.where = where
         super().__init__(pid, exitcode)
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_worker_crashed,
-            (self.pid, self.exitcode, self.worker, self.batch_id, self.attempt),
+            (self.pid, self.exitcode, self.worker, self.batch_id, self.attempt, self.where),
         )
 
     def __str__(self) -> str:
@@ -128,6 +132,9 @@ class WorkerCrashed(ProcDispatchError):
         what = ""
         if self.batch_id is not None:
             what = f" while sending batch {self.batch_id} (attempt {self.attempt})"
+        if self.where is not None:
+            how = "was lost" if self.exitcode is None else describe_exitcode(self.exitcode)
+            return f"{where} on {self.where} {how}{what}"
         return f"{where} {describe_exitcode(self.exitcode)}{what}"
 
 
@@ -137,12 +144,16 @@ def _rebuild_worker_crashed(
     worker: int | None,
     batch_id: int | None,
     attempt: int | None,
+    where: str | None = None,
 ) -> WorkerCrashed:
-    return WorkerCrashed(pid, exitcode, worker=worker, batch_id=batch_id, attempt=attempt)
+    return WorkerCrashed(
+        pid, exitcode, worker=worker, batch_id=batch_id, attempt=attempt, where=where
+    )
 
 
 class SendTimeout(ProcDispatchError, TimeoutError):
-    """A send ran longer than ``send_timeout``; its worker was killed and replaced."""
+    """A send ran longer than ``send_timeout``; its worker was killed and replaced (``where``:
+    the Dask worker that ran it, which was restarted, or left running the send)."""
 
     def __init__(
         self,
@@ -152,24 +163,38 @@ class SendTimeout(ProcDispatchError, TimeoutError):
         worker: int | None = None,
         batch_id: int | None = None,
         attempt: int | None = None,
+        where: str | None = None,
+        killed: bool = True,
     ) -> None:
         self.timeout = timeout
         self.pid = pid
         self.worker = worker
         self.batch_id = batch_id
         self.attempt = attempt
+        self.where = where
+        self.killed = killed
         super().__init__(timeout)
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_send_timeout,
-            (self.timeout, self.pid, self.worker, self.batch_id, self.attempt),
+            (
+                self.timeout,
+                self.pid,
+                self.worker,
+                self.batch_id,
+                self.attempt,
+                self.where,
+                self.killed,
+            ),
         )
 
     def __str__(self) -> str:
+        on = f" on {self.where}" if self.where is not None else ""
+        fate = "was killed" if self.killed else "was abandoned: the send may run on"
         return (
             f"send of batch {self.batch_id} (attempt {self.attempt}) ran longer than "
-            f"send_timeout={self.timeout}s; worker {self.worker} (pid {self.pid}) was killed"
+            f"send_timeout={self.timeout}s; worker {self.worker} (pid {self.pid}){on} {fate}"
         )
 
 
@@ -179,8 +204,18 @@ def _rebuild_send_timeout(
     worker: int | None,
     batch_id: int | None,
     attempt: int | None,
+    where: str | None = None,
+    killed: bool = True,
 ) -> SendTimeout:
-    return SendTimeout(timeout, pid=pid, worker=worker, batch_id=batch_id, attempt=attempt)
+    return SendTimeout(
+        timeout,
+        pid=pid,
+        worker=worker,
+        batch_id=batch_id,
+        attempt=attempt,
+        where=where,
+        killed=killed,
+    )
 
 
 class RemoteError(ProcDispatchError):

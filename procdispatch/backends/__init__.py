@@ -5,9 +5,10 @@ it: something to hand leases to, objects to wait on, the messages that came back
 stop or kill it. The coordinator never asks which backend it runs on: whatever differs (pickling,
 pipes, what "kill" means, what starts first) is behind these two classes.
 
-Two backends are built in: ``"process"`` (the default: worker processes, leases pickled over
-pipes) and ``"thread"`` (``send_fn`` in threads of this process, nothing pickled: for stepping
-through ``send_fn`` in a debugger). A third is one class plus a call to
+Three backends are built in: ``"process"`` (the default: worker processes, leases pickled over
+pipes), ``"thread"`` (``send_fn`` in threads of this process, nothing pickled: for stepping
+through ``send_fn`` in a debugger) and ``"dask"`` (the workers of a Dask distributed cluster,
+with the ``dask`` extra: see :mod:`procdispatch.backends.dask`). A third is one class plus a call to
 :func:`register_backend`, in this package or outside it; ``ProcessChannel(backend=...)`` takes
 a registered name or a :class:`Backend` object.
 
@@ -109,6 +110,9 @@ class WorkerHandle(abc.ABC):
 
     #: The worker's process id, when it has one.
     pid: int | None = None
+    #: Where the worker runs, when that is not a process of this machine's channel (a Dask
+    #: worker's address): errors about its batches name it.
+    where: str | None = None
     #: False when :meth:`kill` can only abandon the worker (a thread): messages then say so.
     killable: bool = True
 
@@ -221,7 +225,18 @@ class Backend(abc.ABC):
         return self.start_worker(wid)
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing past their workers
-        """The channel has ended: every worker is gone. Release what the backend holds."""
+        """The channel has ended: every worker is gone. Release what the backend holds. Also
+        called on a backend whose channel could not be made (its options were refused)."""
+
+    def default_workers(self) -> int:
+        """``workers`` when the channel is given None: the cores of this machine. Called
+        before :meth:`open`; may raise OptionsError."""
+        return os.cpu_count() or 1
+
+    def workers_alive(self, handles: int) -> int:
+        """What ``stats().workers_alive`` reports, given the number of worker handles not
+        dead: the handles themselves, unless the backend's workers are something else."""
+        return handles
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -285,8 +300,18 @@ def _register_builtins() -> None:
 
         return ThreadBackend()
 
+    def dask() -> Backend:
+        try:
+            from .dask import DaskBackend
+        except ImportError as exc:
+            raise _options_error(
+                f"backend='dask' needs Dask distributed: pip install 'procdispatch[dask]' ({exc})"
+            ) from exc
+        return DaskBackend()
+
     register_backend("process", process)
     register_backend("thread", thread)
+    register_backend("dask", dask)
 
 
 _register_builtins()

@@ -114,20 +114,30 @@ def check_main_guard(method: str) -> None:
     would then make a channel of its own while it starts)."""
     if avoids_main(method):
         return
-    main = sys.modules.get("__main__")
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    path = getattr(main, "__file__", None)
-    if main is None or path is None or (spec_name or "").endswith("__main__"):
-        return  # nothing of it is run again (python -c, stdin, a package's __main__)
-    line = _top_level_line(vars(main))
-    if line is None or _guarded(str(path), line) is not False:
+    found = unguarded_main_line()
+    if found is None:
         return
+    path, line = found
     raise OptionsError(
         f"start_method must be 'fork' for a channel made by the top-level code of a script "
         f"without 'if __name__ == \"__main__\":' on this platform, where {method} workers run "
         f"the script again (got {method!r} at {path}, line {line}): put the code that makes "
         f"the channel under that guard, or pass start_method='fork'"
     )
+
+
+def unguarded_main_line() -> tuple[str, int] | None:
+    """(path, line) when the main module's top-level code, outside ``if __name__ ==
+    "__main__":``, is on this thread's stack: a spawned child would run that line again."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or (spec_name or "").endswith("__main__"):
+        return None  # nothing of it is run again (python -c, stdin, a package's __main__)
+    line = _top_level_line(vars(main))
+    if line is None or _guarded(str(path), line) is not False:
+        return None
+    return str(path), line
 
 
 def _top_level_line(main_globals: dict[str, Any]) -> int | None:

@@ -57,10 +57,12 @@ _names_main = re.compile(rb"__m(?:p_)?ain__").search
 _CacheEntry = tuple[int, None, list[str], str]
 
 
-def pickle_payload(send_fn: Any, worker_init: Any, start_method: str) -> bytes:
+def pickle_payload(send_fn: Any, worker_init: Any, start_method: str | None) -> bytes:
     """Pickle what the workers run; OptionsError names what cannot be pickled. First, a channel
-    whose workers could not start (see check_main_guard) fails here, before anything starts."""
-    check_main_guard(start_method)
+    whose workers could not start (see check_main_guard) fails here, before anything starts
+    (``start_method`` None: the workers are not started by multiprocessing, nothing to check)."""
+    if start_method is not None:
+        check_main_guard(start_method)
     payload = (send_fn, worker_init)
     by_value = _registered_by_value()
     buf = io.BytesIO()

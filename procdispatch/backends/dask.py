@@ -1,0 +1,428 @@
+"""The Dask backend: the coordinator and the buffer stay here, ``send_fn`` runs on the workers of
+a Dask distributed cluster (``pip install 'procdispatch[dask]'``).
+
+``ProcessChannel(send_fn, backend=DaskBackend())`` starts a ``LocalCluster`` of ``workers``
+single-threaded worker processes and stops it at the channel's end;
+``DaskBackend(client=Client | "tcp://address")`` uses a running cluster and leaves it running.
+Either way the channel's contract holds: batches, retries by the channel's policy only
+(tasks are submitted with ``retries=0``), per-batch failure when a worker dies, qps taken here,
+and a drain that waits for every task.
+
+``workers`` counts Dask worker *threads*, and each is a lane (:mod:`._dask_lane`): a worker of
+the channel that runs one lease at a time on one thread of one Dask worker, so leases never
+exceed the threads. The backend keeps the table of Dask workers: their threads, the lanes
+pinned to them, and whether the channel's worker plugin (:mod:`._dask_worker`, which carries
+``send_fn`` and runs ``worker_init``) is set up there. A monitor thread registers the plugin,
+then polls the scheduler: a worker that joins is probed (its ``worker_init`` ran, or failed:
+then it gets no lane), a worker that left takes its lanes with it (their leases fail as
+``WorkerCrashed``), and lanes waiting for a thread get one.
+
+Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
+``cancel_grace`` has its worker restarted (through its nanny) on a cluster this backend started,
+or on a given one with ``restart_hung_workers=True``; otherwise its task is cancelled and
+abandoned, with a WARNING that its thread stays busy (it gets no lane until it leaves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from .. import _protocol as proto
+from ..errors import OptionsError
+from . import Backend, WorkerHandle
+from ._dask_lane import DaskLane
+from ._dask_worker import ChannelPlugin, probe
+from ._procstart import unguarded_main_line
+from ._shipping import pickle_payload
+
+if TYPE_CHECKING:
+    from .._batch import Batch
+    from .._options import ChannelOptions
+
+__all__ = ["DaskBackend"]
+
+log = logging.getLogger("procdispatch")
+
+#: Seconds between two looks at the scheduler's workers.
+POLL_INTERVAL = 0.2
+#: Seconds the channel's end waits for a restart under way, and for its threads.
+CLOSE_WAIT = 10.0
+
+
+class _DaskWorker:
+    """A Dask worker in the backend's table."""
+
+    __slots__ = ("abandoned", "address", "lanes", "nthreads", "pid", "state")
+
+    def __init__(self, address: str, nthreads: int, pid: int | None) -> None:
+        self.address = address
+        self.nthreads = nthreads
+        self.pid = pid
+        self.lanes: set[DaskLane] = set()
+        self.abandoned = 0  # threads left running a task this channel gave up
+        #: "probing" until its plugin is known set up, then "ok", or "broken" (worker_init
+        #: failed there), or "restarting" (we restart it: it takes no lane).
+        self.state = "probing"
+
+    def free(self) -> int:
+        if self.state != "ok":
+            return 0
+        return self.nthreads - len(self.lanes) - self.abandoned
+
+
+class DaskBackend(Backend):
+    """``send_fn`` on the workers of a Dask cluster; see the module docstring.
+
+    ``client``: None (start a ``LocalCluster`` of ``workers`` processes of one thread each,
+    stopped at the channel's end), a ``distributed.Client``, or a scheduler's address.
+    ``restart_hung_workers``: on a given cluster, restart (through its nanny) the worker of a
+    send that overran ``send_timeout`` or the end of ``cancel_grace``, instead of abandoning
+    the task.
+    """
+
+    name = "dask"
+
+    def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
+        super().__init__()
+        from distributed import Client
+
+        if client is not None and not isinstance(client, (str, Client)):
+            raise OptionsError(
+                f"client must be None, a distributed.Client or a scheduler address (got {client!r})"
+            )
+        if not isinstance(restart_hung_workers, bool):
+            raise OptionsError(
+                f"restart_hung_workers must be a bool (got {restart_hung_workers!r})"
+            )
+        self._spec = client
+        self._restart = restart_hung_workers or client is None
+        self.client: Any = None
+        self._cluster: Any = None
+        self._owns_client = False
+        self.token = uuid.uuid4().hex[:12]
+        self.plugin_name = f"procdispatch-{self.token}"
+        self.loop: asyncio.AbstractEventLoop | Any = None
+        self._lock = threading.Lock()
+        self._workers: dict[str, _DaskWorker] = {}
+        self._waiting: list[DaskLane] = []
+        self._all: set[DaskLane] = set()
+        self._registered = False
+        self._fatal: BaseException | None = None  # the plugin could not be registered
+        self._last_failure: BaseException | None = None
+        self._stopping = threading.Event()
+        self._poke = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._control: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ---- connecting ---------------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self.client is None and self._spec is not None:
+            if isinstance(self._spec, str):
+                from distributed import Client
+
+                self.client = Client(self._spec)  # type: ignore[no-untyped-call]
+                self._owns_client = True
+            else:
+                self.client = self._spec
+        return self.client
+
+    def default_workers(self) -> int:
+        if self._spec is None:
+            return os.cpu_count() or 1
+        threads = _threads(self._connect())
+        if threads < 1:
+            raise OptionsError(
+                f"workers must be given while the Dask cluster at {self.client.scheduler.address}"
+                " has no worker threads (got workers=None)"
+            )
+        return threads
+
+    def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
+        if options.max_leases > options.workers:
+            raise OptionsError(
+                f"max_leases must be <= workers ({options.workers}) with the dask backend: a "
+                f"lease is a task on a Dask worker thread, and leases never exceed the threads "
+                f"(got {options.max_leases})"
+            )
+        payload = pickle_payload(send_fn, options.worker_init, None)
+        if self._spec is None:
+            self._start_cluster(options.workers)
+        else:
+            client = self._connect()
+            threads = _threads(client)
+            if options.workers > threads:
+                raise OptionsError(
+                    f"workers must be <= the {threads} threads of the Dask cluster at "
+                    f"{client.scheduler.address} (got {options.workers})"
+                )
+            allowed = client.run_on_scheduler(_allowed_failures)
+            if allowed != 0:
+                log.warning(
+                    "the Dask scheduler at %s has distributed.scheduler.allowed-failures=%s: a "
+                    "task whose worker dies may be run again by Dask before the channel hears "
+                    "of it (set it to 0 on the scheduler: the channel's retry policy is the only "
+                    "retry)",
+                    client.scheduler.address,
+                    allowed,
+                )
+        self.loop = self.client.loop.asyncio_loop
+        self._plugin = ChannelPlugin(self.plugin_name, payload)
+        self._control = ThreadPoolExecutor(1, thread_name_prefix="procdispatch-dask-control")
+        self._monitor = threading.Thread(
+            target=self._watch, name="procdispatch-dask-monitor", daemon=True
+        )
+        self._monitor.start()
+
+    def _start_cluster(self, workers: int) -> None:
+        found = unguarded_main_line()
+        if found is not None:
+            raise OptionsError(
+                "DaskBackend() without a client starts a LocalCluster, whose worker processes "
+                "import the main module again: put the code that makes the channel under "
+                f"'if __name__ == \"__main__\":' (got the top-level code of {found[0]}, line "
+                f"{found[1]})"
+            )
+        from distributed import Client, LocalCluster
+
+        self._cluster = LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            scheduler_kwargs={"allowed_failures": 0},
+        )
+        try:
+            self.client = Client(self._cluster)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._cluster.close()
+            raise
+        self._owns_client = True
+
+    # ---- the table ----------------------------------------------------------------------
+
+    def start_worker(self, wid: int) -> WorkerHandle:
+        lane = DaskLane(self, wid, killable=self._restart)
+        with self._lock:
+            self._all.add(lane)
+            self._waiting.append(lane)
+        self._assign()
+        return lane
+
+    def workers_alive(self, handles: int) -> int:
+        with self._lock:
+            return sum(1 for w in self._workers.values() if w.state != "restarting")
+
+    def _assign(self) -> None:
+        """Pin waiting lanes to free threads (the worker with the most first); fail them when no
+        worker can take one."""
+        ready: list[tuple[DaskLane, _DaskWorker]] = []
+        failed: list[DaskLane] = []
+        with self._lock:
+            if not self._registered:
+                return
+            while self._waiting:
+                best = max(self._workers.values(), key=_DaskWorker.free, default=None)
+                if best is None or best.free() < 1:
+                    break
+                lane = self._waiting.pop(0)
+                best.lanes.add(lane)
+                ready.append((lane, best))
+            error = self._fatal
+            if (
+                error is None
+                and self._waiting
+                and self._workers
+                and all(w.state == "broken" for w in self._workers.values())
+            ):
+                error = self._last_failure
+            if error is not None:
+                failed, self._waiting = self._waiting, []
+        for lane, w in ready:
+            if not lane.assigned(w.address, w.pid):
+                self._unpin(lane)
+        for lane in failed:
+            assert error is not None
+            lane.failed_start(error)
+
+    def _unpin(self, lane: DaskLane) -> None:
+        with self._lock:
+            if lane in self._waiting:
+                self._waiting.remove(lane)
+            for w in self._workers.values():
+                w.lanes.discard(lane)
+        self._poke.set()
+
+    def lane_lost(self, lane: DaskLane, why: str, fut: Any) -> None:
+        log.warning("lane %d of the Dask worker %s was lost: %s", lane.wid, lane.where, why)
+        if fut is not None:
+            fut.release()
+        self._unpin(lane)
+
+    def worker_broken(self, lane: DaskLane, error: BaseException) -> None:
+        log.error(
+            "worker_init failed on the Dask worker %s: it gets no lease from this channel: %s",
+            lane.where,
+            proto.describe_error(error),
+        )
+        with self._lock:
+            w = self._workers.get(lane.where or "")
+            if w is not None:
+                w.state = "broken"
+            self._last_failure = error
+        self._unpin(lane)
+
+    def lane_stopped(self, lane: DaskLane, fut: Any) -> None:
+        if fut is not None:
+            fut.release()
+        self._unpin(lane)
+
+    def lane_killed(self, lane: DaskLane, fut: Any, pinned: bool) -> None:
+        """The coordinator gave the lane up; a task still running is restarted away, or
+        abandoned with a WARNING (a Dask task cannot be interrupted)."""
+        if fut is None or not pinned:
+            self._unpin(lane)
+            return
+        where = lane.where or ""
+        with self._lock:
+            w = self._workers.get(where)
+            if w is not None:
+                w.lanes.discard(lane)
+                if self._restart:
+                    w.state = "restarting"
+                else:
+                    w.abandoned += 1
+        if self._restart:
+            assert self._control is not None
+            self._control.submit(self._restart_worker, where, fut)
+        else:
+            self.client.cancel([fut], force=True)
+            fut.release()
+            log.warning(
+                "a send of lane %d keeps running on the Dask worker %s: a Dask task cannot be "
+                "interrupted, so that thread stays busy until send_fn returns "
+                "(DaskBackend(restart_hung_workers=True) restarts the worker instead)",
+                lane.wid,
+                where,
+            )
+        self._poke.set()
+
+    def _restart_worker(self, where: str, fut: Any) -> None:
+        try:
+            if not fut.done():
+                self.client.restart_workers([where], raise_for_error=False)
+        except Exception:
+            log.exception("could not restart the Dask worker %s", where)
+        finally:
+            fut.release()
+            self._poke.set()
+
+    def forget(self, lane: DaskLane) -> None:
+        self._unpin(lane)
+        with self._lock:
+            self._all.discard(lane)
+
+    # ---- the monitor thread -------------------------------------------------------------
+
+    def _watch(self) -> None:
+        try:
+            self.client.register_plugin(self._plugin, name=self.plugin_name)
+        except BaseException as exc:
+            log.error("the channel's plugin could not be registered with the Dask cluster: %r", exc)
+            with self._lock:
+                self._fatal = exc
+        with self._lock:
+            self._registered = True
+        while not self._stopping.is_set():
+            try:
+                self._refresh()
+            except Exception:
+                if self._stopping.is_set():
+                    return
+                log.debug("could not read the Dask cluster's workers", exc_info=True)
+            self._assign()
+            self._poke.wait(POLL_INTERVAL)
+            self._poke.clear()
+
+    def _refresh(self) -> None:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        gone: list[_DaskWorker] = []
+        with self._lock:
+            for address in list(self._workers):
+                if address not in info:
+                    gone.append(self._workers.pop(address))
+            new = [a for a in info if a not in self._workers]
+            for address in new:
+                d = info[address]
+                self._workers[address] = _DaskWorker(address, int(d["nthreads"]), d.get("pid"))
+            probing = [a for a, w in self._workers.items() if w.state == "probing"]
+        for w in gone:
+            for lane in list(w.lanes):
+                lane.lost(w.address, "it left the cluster")
+        if probing:
+            answers = self.client.run(probe, self.plugin_name, workers=probing, on_error="return")
+            with self._lock:
+                for address, answer in answers.items():
+                    known = self._workers.get(address)
+                    if known is None or isinstance(answer, BaseException) or answer == b"":
+                        continue  # not set up yet, or gone: asked again next time
+                    if answer is None:
+                        known.state = "ok"
+                        continue
+                    known.state = "broken"
+                    err = proto.decode_from_worker(answer)
+                    assert isinstance(err, proto.InitFailed)
+                    self._last_failure = err.error
+                    log.error(
+                        "worker_init failed on the Dask worker %s: it gets no lease from this "
+                        "channel: %s",
+                        address,
+                        proto.describe_error(err.error),
+                    )
+
+    # ---- the end ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._poke.set()
+        if self._control is not None:
+            self._control.shutdown(wait=True)
+        if self._monitor is not None:
+            self._monitor.join(CLOSE_WAIT)
+        client = self.client
+        if client is None:
+            return
+        try:
+            if self._monitor is not None and not self._owns_cluster():
+                client.unregister_worker_plugin(self.plugin_name)
+        except Exception:
+            log.warning("could not remove the channel's plugin from Dask", exc_info=True)
+        if self._owns_client:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+    def _owns_cluster(self) -> bool:
+        return self._cluster is not None
+
+
+def _threads(client: Any) -> int:
+    return int(sum(client.nthreads().values()))
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
