@@ -190,11 +190,11 @@ class SendTimeout(ProcDispatchError, TimeoutError):
         )
 
     def __str__(self) -> str:
-        on = f" on {self.where}" if self.where is not None else ""
         fate = "was killed" if self.killed else "was abandoned: the send may run on"
+        on = f" (on {self.where})" if self.where is not None else ""
         return (
             f"send of batch {self.batch_id} (attempt {self.attempt}) ran longer than "
-            f"send_timeout={self.timeout}s; worker {self.worker} (pid {self.pid}){on} {fate}"
+            f"send_timeout={self.timeout}s; worker {self.worker} (pid {self.pid}) {fate}{on}"
         )
 
 

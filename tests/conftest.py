@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,10 +12,14 @@ import procdispatch as pd
 
 
 def _is_infrastructure(p: psutil.Process) -> bool:
-    """multiprocessing's own helpers (forkserver, resource tracker) outlive channels by design."""
+    """multiprocessing's own helpers (forkserver, resource tracker) outlive channels by design,
+    and so do the workers of the Dask cluster the contract suite shares between channels."""
     try:
         cmd = " ".join(p.cmdline())
-        return (p.ppid() == os.getpid() and "forkserver" in cmd) or "resource_tracker" in cmd
+        if (p.ppid() == os.getpid() and "forkserver" in cmd) or "resource_tracker" in cmd:
+            return True
+        daskhelp = sys.modules.get("daskhelp")
+        return daskhelp is not None and p.pid in daskhelp.shared_pids()
     except psutil.Error:
         return True
 
@@ -41,9 +46,24 @@ CAPABILITIES: dict[str, frozenset[str]] = {
     # kill: a worker can be killed, not only abandoned; processes: a worker is a process of
     # its own (it can crash, exit, be signalled, have its memory read); pickling: leases and
     # results are pickled (what will not pickle fails).
-    "process": frozenset({"kill", "processes", "pickling"}),
-    "thread": frozenset(),
+    # pipelining: max_leases above workers (a worker holds leases waiting behind the running one);
+    # worker-logs: records logged in send_fn and worker_init reach the parent's logging;
+    # init-per-start: each worker start runs worker_init (a Dask worker runs it once, for all
+    # the channel's lanes on it).
+    "process": frozenset(
+        {"kill", "processes", "pickling", "pipelining", "worker-logs", "init-per-start"}
+    ),
+    "thread": frozenset({"pipelining", "worker-logs", "init-per-start"}),
 }
+try:
+    import distributed  # noqa: F401  (the dask extra)
+except ImportError:
+    pass
+else:
+    # kill: the contract suite's Dask backend restarts a hung send's worker (its nanny). A lane
+    # is not a process of its own (its worker may run other lanes), and a lease is a task on a
+    # thread: leases never exceed the cluster's threads.
+    CAPABILITIES["dask"] = frozenset({"kill", "pickling"})
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,8 +91,7 @@ def backend(request: pytest.FixtureRequest) -> str:
     only = request.node.get_closest_marker("only")
     if only is not None and only.args[0] != name:
         pytest.skip(f"about the {only.args[0]} backend: {only.kwargs.get('why', '')}")
-    marker = request.node.get_closest_marker("needs")
-    if marker is not None:
+    for marker in request.node.iter_markers("needs"):
         missing = set(marker.args) - CAPABILITIES[name]
         if missing:
             why = marker.kwargs.get("why", "")
@@ -81,12 +100,18 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_channel(backend: str) -> Iterator[Callable[..., pd.ProcessChannel[Any]]]:
+def make_channel(
+    backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., pd.ProcessChannel[Any]]]:
     """Build channels (on the test's backend) that are always cancelled and drained at
-    teardown."""
+    teardown. On Dask: the module's cluster of two single-threaded workers, or, for a test
+    that asks for more workers, a cluster of the channel's own."""
     made: list[pd.ProcessChannel[Any]] = []
+    cluster = request.getfixturevalue("dask_cluster") if backend == "dask" else None
 
     def make(send_fn: Any, **kw: Any) -> pd.ProcessChannel[Any]:
+        if cluster is not None and "backend" not in kw:
+            kw["backend"] = cluster.backend(kw.get("workers"))
         kw.setdefault("backend", backend)
         kw.setdefault("on_drop", pd.drop_quiet)
         ch: pd.ProcessChannel[Any] = pd.ProcessChannel(send_fn, **kw)
@@ -98,3 +123,16 @@ def make_channel(backend: str) -> Iterator[Callable[..., pd.ProcessChannel[Any]]
         if not ch.drained:
             ch.cancel()
         assert ch.wait_drained(60), "channel did not drain at teardown"
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> Iterator[Any]:
+    """One Dask cluster per test module (two worker processes of one thread each), healthy
+    again before each test that uses it (see daskhelp.SharedCluster)."""
+    from daskhelp import SharedCluster
+
+    shared = SharedCluster()
+    try:
+        yield shared
+    finally:
+        shared.close()

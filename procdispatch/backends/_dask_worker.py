@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import pickle
 import threading
 from collections.abc import Callable
@@ -165,14 +166,15 @@ class ChannelPlugin(WorkerPlugin):
             user.close()
 
 
-async def probe(name: str, dask_worker: Any = None) -> bytes | None:
+async def probe(name: str, dask_worker: Any = None) -> tuple[int, bytes | None] | None:
     """Run on a Dask worker by the channel (``Client.run``): wait until the channel's plugin is
-    set up there, then None, or its InitFailed answer. ``b""`` while the plugin is not there."""
+    set up there, then (the worker's pid, None or its InitFailed answer); None while the plugin
+    is not there yet."""
     plugin = dask_worker.plugins.get(name)
     if not isinstance(plugin, ChannelPlugin):
-        return b""
+        return None
     await asyncio.get_running_loop().run_in_executor(None, plugin.ready.wait)
-    return plugin.failure
+    return os.getpid(), plugin.failure
 
 
 def run_lease_task(name: str, head: bytes, payload: bytes) -> bytes:

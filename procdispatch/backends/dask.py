@@ -53,8 +53,10 @@ log = logging.getLogger("procdispatch")
 
 #: Seconds between two looks at the scheduler's workers.
 POLL_INTERVAL = 0.2
-#: Seconds the channel's end waits for a restart under way, and for its threads.
+#: Seconds the channel's end waits for its monitor thread.
 CLOSE_WAIT = 10.0
+#: Seconds a worker ended for a hung send has to be replaced by its nanny.
+RESTART_WAIT = 30.0
 
 
 class _DaskWorker:
@@ -198,7 +200,9 @@ class DaskBackend(Backend):
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            # No dashboard; its HTTP server (health, metrics) on a free port: Dask warns when
+            # the default one is taken (by another cluster of this machine).
+            dashboard_address=":0",
             scheduler_kwargs={"allowed_failures": 0},
         )
         try:
@@ -317,9 +321,20 @@ class DaskBackend(Backend):
         self._poke.set()
 
     def _restart_worker(self, where: str, fut: Any) -> None:
+        """End the worker's process at once (its nanny starts a new one): a graceful restart
+        would wait for the hung send."""
         try:
             if not fut.done():
-                self.client.restart_workers([where], raise_for_error=False)
+                before = len(self.client.scheduler_info(n_workers=-1)["workers"])
+                self.client.run(os._exit, 70, workers=[where], on_error="ignore")
+                # The channel's end waits for the replacement: the cluster is left as found.
+                self.client.wait_for_workers(before, timeout=RESTART_WAIT)
+        except TimeoutError:
+            log.warning(
+                "the Dask worker %s was ended, and not replaced within %ss (is it run by a nanny?)",
+                where,
+                RESTART_WAIT,
+            )
         except Exception:
             log.exception("could not restart the Dask worker %s", where)
         finally:
@@ -363,7 +378,7 @@ class DaskBackend(Backend):
             new = [a for a in info if a not in self._workers]
             for address in new:
                 d = info[address]
-                self._workers[address] = _DaskWorker(address, int(d["nthreads"]), d.get("pid"))
+                self._workers[address] = _DaskWorker(address, int(d["nthreads"]), None)
             probing = [a for a, w in self._workers.items() if w.state == "probing"]
         for w in gone:
             for lane in list(w.lanes):
@@ -373,13 +388,14 @@ class DaskBackend(Backend):
             with self._lock:
                 for address, answer in answers.items():
                     known = self._workers.get(address)
-                    if known is None or isinstance(answer, BaseException) or answer == b"":
+                    if known is None or not isinstance(answer, tuple):
                         continue  # not set up yet, or gone: asked again next time
-                    if answer is None:
+                    known.pid, failure = answer
+                    if failure is None:
                         known.state = "ok"
                         continue
                     known.state = "broken"
-                    err = proto.decode_from_worker(answer)
+                    err = proto.decode_from_worker(failure)
                     assert isinstance(err, proto.InitFailed)
                     self._last_failure = err.error
                     log.error(
@@ -398,26 +414,33 @@ class DaskBackend(Backend):
         self._stopping.set()
         self._poke.set()
         if self._control is not None:
-            self._control.shutdown(wait=True)
-        if self._monitor is not None:
-            self._monitor.join(CLOSE_WAIT)
+            self._control.shutdown(wait=True)  # restarts under way end first
+        monitor = self._monitor
+        if monitor is not None:
+            # A plugin whose set-up never ends holds the monitor in its registration: only a
+            # registered one is waited for.
+            monitor.join(CLOSE_WAIT if self._registered else 0)
         client = self.client
         if client is None:
             return
-        try:
-            if self._monitor is not None and not self._owns_cluster():
+        if self._cluster is None and monitor is not None:
+            try:
                 client.unregister_worker_plugin(self.plugin_name)
-        except Exception:
-            log.warning("could not remove the channel's plugin from Dask", exc_info=True)
+            except Exception:
+                log.warning("could not remove the channel's plugin from Dask", exc_info=True)
         if self._owns_client:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 client.close()
             if self._cluster is not None:
                 self._cluster.close()
-
-    def _owns_cluster(self) -> bool:
-        return self._cluster is not None
+        if monitor is not None and monitor.is_alive():
+            monitor.join(1.0)
+            if monitor.is_alive():
+                log.warning(
+                    "the channel's plugin is still being set up on the Dask cluster at its end "
+                    "(worker_init has not returned); its registration is left running"
+                )
 
 
 def _threads(client: Any) -> int:

@@ -17,6 +17,7 @@ def _runs_per_worker(log: Log) -> Counter[str]:
     return Counter(r["worker"] for r in log.read() if r["ev"] == "start")
 
 
+@pytest.mark.needs("pipelining", why="max_leases above workers: leases wait behind the running one")
 @pytest.mark.parametrize(("workers", "max_leases"), [(1, 2), (2, 4), (2, 6)])
 def test_max_batches_per_worker_holds_under_pipelining(
     tmp_path, make_channel, backend, workers, max_leases

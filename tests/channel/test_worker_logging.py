@@ -16,6 +16,9 @@ from workerfns import noop
 import procdispatch as pd
 
 SHIPPED = pytest.mark.needs("pickling", why="records are sent from worker processes")
+LOGS = pytest.mark.needs(
+    "worker-logs", why="records logged in a worker reach the parent (a Dask worker keeps its own)"
+)
 
 
 def _from(caplog: Any, logger: str) -> list[logging.LogRecord]:
@@ -30,6 +33,7 @@ def _drain(make_channel: Any, send_fn: Any, n: int = 1, **kw: Any) -> pd.Stats:
     return ch.stats()
 
 
+@LOGS
 def test_a_warning_logged_in_send_fn_reaches_the_parent_with_worker_and_batch(
     make_channel: Any, caplog: Any
 ) -> None:
@@ -40,6 +44,7 @@ def test_a_warning_logged_in_send_fn_reaches_the_parent_with_worker_and_batch(
     assert rec.procdispatch_batch == 1  # type: ignore[attr-defined]
 
 
+@LOGS
 def test_worker_init_records_carry_no_batch(make_channel: Any, caplog: Any) -> None:
     _drain(make_channel, noop, worker_init=logfns.init_logs)
     (rec,) = _from(caplog, "tests.logfns")
@@ -48,6 +53,7 @@ def test_worker_init_records_carry_no_batch(make_channel: Any, caplog: Any) -> N
     assert rec.procdispatch_batch is None  # type: ignore[attr-defined]
 
 
+@LOGS
 def test_a_logged_exception_arrives_with_its_traceback(make_channel: Any, caplog: Any) -> None:
     _drain(make_channel, logfns.logs_exception)
     (rec,) = _from(caplog, "tests.logfns")
@@ -59,12 +65,14 @@ def test_a_logged_exception_arrives_with_its_traceback(make_channel: Any, caplog
     assert "in logs_exception" in text
 
 
+@LOGS
 def test_unpicklable_args_are_merged_into_the_message(make_channel: Any, caplog: Any) -> None:
     _drain(make_channel, logfns.unpicklable_arg)
     (rec,) = _from(caplog, "tests.logfns")
     assert rec.getMessage() == "holding the lock holder"
 
 
+@LOGS
 @SHIPPED
 def test_a_record_that_cannot_be_pickled_is_replaced_by_a_warning_saying_so(
     make_channel: Any, caplog: Any
@@ -78,6 +86,7 @@ def test_a_record_that_cannot_be_pickled_is_replaced_by_a_warning_saying_so(
     assert (rec.procdispatch_worker, rec.procdispatch_batch) == (1, 1)  # type: ignore[attr-defined]
 
 
+@LOGS
 @SHIPPED
 def test_workers_send_only_what_the_parent_logged_at_when_the_channel_was_made(
     make_channel: Any, caplog: Any
@@ -102,6 +111,7 @@ def test_the_parents_logger_levels_still_decide(make_channel: Any, caplog: Any) 
     assert _from(caplog, "tests.logfns") == []
 
 
+@LOGS
 def test_a_flood_of_records_is_cut_at_1000_per_batch_with_a_summary(
     make_channel: Any, caplog: Any, backend: str
 ) -> None:
@@ -129,6 +139,7 @@ def test_a_flood_of_records_is_cut_at_1000_per_batch_with_a_summary(
         assert summaries == []
 
 
+@LOGS
 @SHIPPED
 def test_a_parent_handler_that_raises_costs_only_its_record(make_channel: Any, caplog: Any) -> None:
     class Raising(logging.Handler):
@@ -149,6 +160,7 @@ def test_a_parent_handler_that_raises_costs_only_its_record(make_channel: Any, c
     assert "this handler is broken" in caplog.text
 
 
+@LOGS
 def test_a_batch_s_records_are_handled_before_its_outcome(make_channel: Any, caplog: Any) -> None:
     seen: list[list[str]] = []
 

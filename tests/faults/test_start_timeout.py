@@ -22,6 +22,10 @@ def gate(tmp_path: Path) -> object:
     g.open()  # let abandoned thread workers end
 
 
+INIT = pytest.mark.needs("init-per-start", why="each worker start runs worker_init again")
+
+
+@INIT
 def test_a_worker_init_that_never_returns_fails_the_channel(tmp_path, make_channel, gate, backend):
     log = Log(tmp_path / "log")
     drops: list[object] = []
@@ -55,6 +59,7 @@ def test_a_worker_init_that_never_returns_fails_the_channel(tmp_path, make_chann
         assert not worker_processes()
 
 
+@INIT
 def test_a_worker_that_hangs_in_worker_init_is_replaced(
     tmp_path, make_channel, gate, backend, caplog
 ):
