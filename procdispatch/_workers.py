@@ -206,6 +206,7 @@ class Workers:
             if slot.state is STARTING:
                 slot.move(IDLE)
             self._start_failures = 0
+            self.ledger.alive = self.backend.workers_alive(self.pool.alive())
             return
         else:
             slot.init_error = msg.error  # InitFailed: reported when the worker's death is seen
