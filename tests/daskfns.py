@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import procdispatch as pd
 from workerfns import Gate, Log
+
+import procdispatch as pd
 
 
 class Sink:

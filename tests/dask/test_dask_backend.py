@@ -70,7 +70,8 @@ def test_a_hung_send_fails_only_its_batch_as_send_timeout_and_the_channel_goes_o
     ((exc, data, when),) = errors
     assert isinstance(exc, pd.SendTimeout)
     assert data == [3]
-    assert exc.where is not None and exc.where.startswith("tcp://")
+    assert exc.where is not None
+    assert exc.where.startswith("tcp://")
     assert "was killed (on tcp://" in str(exc)
     # The acceptance bound of the issue: the overrun is reported within 3 s of its start.
     assert when - started["hang"] < 3.0
@@ -85,8 +86,9 @@ def test_on_a_given_cluster_a_hung_send_is_abandoned_with_a_warning(tmp_path, fr
     gate = Gate(tmp_path / "gate")
     errors: list[BaseException] = []
     try:
-        with caplog.at_level(logging.WARNING, logger="procdispatch"):
-            with pd.ProcessChannel(
+        with (
+            caplog.at_level(logging.WARNING, logger="procdispatch"),
+            pd.ProcessChannel(
                 Sink(log, hang_on=0, gate=gate),
                 backend=DaskBackend(fresh),
                 workers=2,
@@ -94,8 +96,9 @@ def test_on_a_given_cluster_a_hung_send_is_abandoned_with_a_warning(tmp_path, fr
                 send_timeout=0.5,
                 on_error=lambda b, e: errors.append(e) or False,
                 on_drop=pd.drop_quiet,
-            ) as ch:
-                ch.put_many(range(4))
+            ) as ch,
+        ):
+            ch.put_many(range(4))
         ((exc,),) = [errors]
         assert isinstance(exc, pd.SendTimeout)
         assert "was abandoned: the send may run on" in str(exc)
@@ -142,11 +145,11 @@ def test_a_scheduler_that_lets_dask_retry_is_warned_about(caplog):
             n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
+        caplog.at_level(logging.WARNING, logger="procdispatch"),
     ):
-        with caplog.at_level(logging.WARNING, logger="procdispatch"):
-            ch = pd.ProcessChannel(lambda b: None, backend=DaskBackend(client))
-            ch.put(1)
-            assert ch.close_and_drain(60)
+        ch = pd.ProcessChannel(lambda b: None, backend=DaskBackend(client))
+        ch.put(1)
+        assert ch.close_and_drain(60)
     assert "distributed.scheduler.allowed-failures=3" in caplog.text
 
 
