@@ -62,7 +62,7 @@ RESTART_WAIT = 30.0
 class _DaskWorker:
     """A Dask worker in the backend's table."""
 
-    __slots__ = ("abandoned", "address", "lanes", "nthreads", "pid", "state")
+    __slots__ = ("abandoned", "address", "lanes", "nthreads", "pid", "probed", "state")
 
     def __init__(self, address: str, nthreads: int, pid: int | None) -> None:
         self.address = address
@@ -70,6 +70,7 @@ class _DaskWorker:
         self.pid = pid
         self.lanes: set[DaskLane] = set()
         self.abandoned = 0  # threads left running a task this channel gave up
+        self.probed = False  # a probe of it is under way
         #: "probing" until its plugin is known set up, then "ok", or "broken" (worker_init
         #: failed there), or "restarting" (we restart it: it takes no lane).
         self.state = "probing"
@@ -123,6 +124,7 @@ class DaskBackend(Backend):
         self._poke = threading.Event()
         self._monitor: threading.Thread | None = None
         self._control: ThreadPoolExecutor | None = None
+        self._probes: ThreadPoolExecutor | None = None
         self._closed = False
 
     # ---- connecting ---------------------------------------------------------------------
@@ -180,6 +182,7 @@ class DaskBackend(Backend):
         self.loop = self.client.loop.asyncio_loop
         self._plugin = ChannelPlugin(self.plugin_name, payload)
         self._control = ThreadPoolExecutor(1, thread_name_prefix="procdispatch-dask-control")
+        self._probes = ThreadPoolExecutor(4, thread_name_prefix="procdispatch-dask-probe")
         self._monitor = threading.Thread(
             target=self._watch, name="procdispatch-dask-monitor", daemon=True
         )
@@ -379,31 +382,47 @@ class DaskBackend(Backend):
             for address in new:
                 d = info[address]
                 self._workers[address] = _DaskWorker(address, int(d["nthreads"]), None)
-            probing = [a for a, w in self._workers.items() if w.state == "probing"]
+            probing = [a for a, w in self._workers.items() if w.state == "probing" and not w.probed]
+            for address in probing:
+                self._workers[address].probed = True
         for w in gone:
             for lane in list(w.lanes):
                 lane.lost(w.address, "it left the cluster")
-        if probing:
-            answers = self.client.run(probe, self.plugin_name, workers=probing, on_error="return")
-            with self._lock:
-                for address, answer in answers.items():
-                    known = self._workers.get(address)
-                    if known is None or not isinstance(answer, tuple):
-                        continue  # not set up yet, or gone: asked again next time
-                    known.pid, failure = answer
-                    if failure is None:
-                        known.state = "ok"
-                        continue
-                    known.state = "broken"
-                    err = proto.decode_from_worker(failure)
-                    assert isinstance(err, proto.InitFailed)
-                    self._last_failure = err.error
-                    log.error(
-                        "worker_init failed on the Dask worker %s: it gets no lease from this "
-                        "channel: %s",
-                        address,
-                        proto.describe_error(err.error),
-                    )
+        for address in probing:
+            # One worker at a time, off this thread: a worker that died after the scheduler
+            # listed it costs a connect timeout, which must not hold up the others.
+            assert self._probes is not None
+            self._probes.submit(self._probe, address)
+
+    def _probe(self, address: str) -> None:
+        try:
+            answer = self.client.run(probe, self.plugin_name, workers=[address], on_error="return")
+        except Exception:
+            answer = {}
+        with self._lock:
+            known = self._workers.get(address)
+            if known is None:
+                return
+            known.probed = False  # asked again next time unless settled below
+            got = answer.get(address)
+            if not isinstance(got, tuple):
+                return  # not set up yet, or gone
+            known.pid, failure = got
+            error: BaseException | None = None
+            if failure is None:
+                known.state = "ok"
+            else:
+                known.state = "broken"
+                msg = proto.decode_from_worker(failure)
+                error = msg.error if isinstance(msg, proto.InitFailed) else RuntimeError(msg)
+                self._last_failure = error
+        if error is not None:
+            log.error(
+                "worker_init failed on the Dask worker %s: it gets no lease from this channel: %s",
+                address,
+                proto.describe_error(error),
+            )
+        self._poke.set()
 
     # ---- the end ------------------------------------------------------------------------
 
@@ -415,6 +434,8 @@ class DaskBackend(Backend):
         self._poke.set()
         if self._control is not None:
             self._control.shutdown(wait=True)  # restarts under way end first
+        if self._probes is not None:
+            self._probes.shutdown(wait=False, cancel_futures=True)
         monitor = self._monitor
         if monitor is not None:
             # A plugin whose set-up never ends holds the monitor in its registration: only a
@@ -433,7 +454,11 @@ class DaskBackend(Backend):
                 warnings.simplefilter("ignore")
                 client.close()
             if self._cluster is not None:
-                self._cluster.close()
+                try:
+                    self._cluster.close()
+                except Exception:
+                    # Dask's own bookkeeping can trip over a worker lost while it closes.
+                    log.warning("the Dask cluster did not close cleanly", exc_info=True)
         if monitor is not None and monitor.is_alive():
             monitor.join(1.0)
             if monitor.is_alive():
