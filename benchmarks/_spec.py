@@ -228,4 +228,4 @@ def workloads(quick: bool, spin_n: int) -> list[Workload]:
     ]
 
 
-ALL_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P13")
+ALL_IDS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9", "P10", "P11", "P13")

@@ -171,6 +171,26 @@ def run_workload(
     return samples, errors
 
 
+def run_p11(args: argparse.Namespace) -> list[str]:
+    """P11 (the Dask backend against client.map) runs as bench_dask.py when the dask extra is
+    installed; its summary lines become notes under the table."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        return ["P11: not run (the dask extra is not installed: pip install -e '.[dask]')"]
+    cmd = [sys.executable, os.path.join(HERE, "bench_dask.py")] + (
+        ["--quick"] if args.quick else []
+    )
+    print("P11: bench_dask.py " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    except subprocess.TimeoutExpired:
+        return ["P11: bench_dask.py timed out after 1800 s"]
+    if proc.returncode != 0:
+        return [f"P11: bench_dask.py failed (exit {proc.returncode}): {proc.stderr[-300:]}"]
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per system (>= 1; default 5)")
@@ -222,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         labels.update({(wl.id, s.key): s.label for s in wl.systems})
     extra_rows, notes = _ratelimit_hook.run([x for x in args.only if x in ("P5", "P6")], args)
     rows += extra_rows
+    if "P11" in args.only:
+        notes += run_p11(args)
     elapsed = time.monotonic() - started
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._channel import ProcessChannel
     from ._limiter.limiter import RateLimiter
     from ._process_end import drain_on_sigterm
+    from .backends.dask import DaskBackend as DaskBackend
     from .buffer import Batch, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
     from .errors import (
         BufferFull,
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     )
 
 _WHERE = {
+    # Not in __all__: it needs the dask extra, and a star import must not.
+    "DaskBackend": ".backends.dask",
     "Batch": ".buffer",
     "BlockNewItems": ".buffer",
     "BufferFull": ".errors",
