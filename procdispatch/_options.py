@@ -263,7 +263,8 @@ class Options:
     def resolve(self) -> ChannelOptions:
         """Validate every option and fill in what is derived; raise OptionsError naming the
         option, the rule and the value given."""
-        _int("workers", self.workers, allow_none=True)
+        if self.workers is not None:
+            _int("workers", self.workers, allow_none=False)
         backend = make_backend(self.backend)
         try:
             return self._resolve(backend)

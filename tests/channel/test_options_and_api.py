@@ -83,7 +83,7 @@ def test_all_is_exactly_the_documented_api():
         ({"start_method": "teleport"}, "start_method must be one of"),
         (
             {"backend": "gpu"},
-            "backend must be one of process, thread or a Backend object (got 'gpu')",
+            "backend must be one of process, thread, dask or a Backend object (got 'gpu')",
         ),
         ({"on_error": 3}, "on_error must be callable or None (got 3)"),
         (
@@ -215,7 +215,9 @@ def test_where_table_matches_all_and_workers_import_light():
 
     from procdispatch import _WHERE  # type: ignore[attr-defined]
 
-    assert set(_WHERE) == set(pd.__all__)
+    # DaskBackend is an attribute, not in __all__: a star import must not need the dask extra.
+    assert set(_WHERE) == set(pd.__all__) | {"DaskBackend"}
+    assert "DaskBackend" not in pd.__all__
     code = (
         "import sys, procdispatch.backends._worker; "
         "print(sorted(m for m in sys.modules if m.startswith('procdispatch')))"
