@@ -102,17 +102,22 @@ class DaskLane(WorkerHandle):
                 self._unsent += 1
                 raise OSError(f"lane {self.wid} is gone")
             self._seq += 1
-            fut = self._backend.client.submit(
-                run_lease_task,
-                self._backend.plugin_name,
-                head,
-                payload,
-                key=f"procdispatch-send-{self._backend.token}-{self.wid}-{self._seq}",
-                workers=[self.where],
-                allow_other_workers=False,
-                pure=False,
-                retries=0,
-            )
+            try:
+                fut = self._backend.client.submit(
+                    run_lease_task,
+                    self._backend.plugin_name,
+                    head,
+                    payload,
+                    key=f"procdispatch-send-{self._backend.token}-{self.wid}-{self._seq}",
+                    workers=[self.where],
+                    allow_other_workers=False,
+                    pure=False,
+                    retries=0,
+                )
+            except Exception as exc:  # a closed client, say: the lease never left
+                self.state = "lost"
+                self._unsent += 1
+                raise OSError(f"lane {self.wid} could not submit its lease: {exc!r}") from exc
             self._future = fut
         asyncio.run_coroutine_threadsafe(self.track(fut), self._backend.loop)
         return False

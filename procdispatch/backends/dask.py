@@ -92,7 +92,6 @@ class DaskBackend(WorkerTable, Backend):
         self._lock = threading.Lock()
         self._workers = {}
         self._waiting: list[DaskLane] = []
-        self._all: set[DaskLane] = set()
         self._registered = False
         self._fatal: BaseException | None = None  # the plugin could not be registered
         self._last_failure: BaseException | None = None
@@ -196,7 +195,6 @@ class DaskBackend(WorkerTable, Backend):
     def start_worker(self, wid: int) -> WorkerHandle:
         lane = DaskLane(self, wid, killable=self._restart)
         with self._lock:
-            self._all.add(lane)
             self._waiting.append(lane)
         self._assign()
         return lane
@@ -231,8 +229,8 @@ class DaskBackend(WorkerTable, Backend):
             assert self._control is not None
             self._control.submit(self._restart_worker, where, fut)
         else:
-            self.client.cancel([fut], force=True)
-            fut.release()
+            assert self._control is not None
+            self._control.submit(self._abandon, fut)
             log.warning(
                 "a send of lane %d keeps running on the Dask worker %s: a Dask task cannot be "
                 "interrupted, so that thread stays busy until send_fn returns "
@@ -241,6 +239,14 @@ class DaskBackend(WorkerTable, Backend):
                 where,
             )
         self._poke.set()
+
+    def _abandon(self, fut: Any) -> None:
+        try:
+            self.client.cancel([fut], force=True)
+        except Exception:
+            log.debug("could not cancel an abandoned task", exc_info=True)
+        finally:
+            fut.release()
 
     def _restart_worker(self, where: str, fut: Any) -> None:
         """End the worker's process at once (its nanny starts a new one): a graceful restart
@@ -265,8 +271,6 @@ class DaskBackend(WorkerTable, Backend):
 
     def forget(self, lane: DaskLane) -> None:
         self._unpin(lane)
-        with self._lock:
-            self._all.discard(lane)
 
     # ---- the end ------------------------------------------------------------------------
 

@@ -124,3 +124,12 @@ def test_wheel_holds_every_subpackage_and_py_typed(tmp_path: Path):
     assert "procdispatch/py.typed" in expected
     assert "procdispatch/backends/__init__.py" in expected
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+
+
+def test_the_default_install_does_not_pull_dask_and_the_extra_does() -> None:
+    text = (REPO / "pyproject.toml").read_text()
+    deps = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    assert "dask" not in deps
+    assert "distributed" not in deps
+    extra = text.split("\ndask = [", 1)[1].split("]", 1)[0]
+    assert '"distributed>=' in extra
