@@ -119,23 +119,36 @@ class DaskLane(WorkerHandle):
                 self._unsent += 1
                 raise OSError(f"lane {self.wid} could not submit its lease: {exc!r}") from exc
             self._future = fut
-        asyncio.run_coroutine_threadsafe(self.track(fut), self._backend.loop)
+        done = proto.Done(batch.id, batch.attempt)
+        asyncio.run_coroutine_threadsafe(self.track(fut, done), self._backend.loop)
         return False
 
-    async def track(self, fut: Any) -> None:
-        """On the client's loop: wait for the task, gather its answer, release the future."""
+    async def track(self, fut: Any, done: proto.Done) -> None:
+        """On the client's loop: wait for the task, gather its answer unless it is a plain
+        Done (a task whose result is None), release the future."""
         try:
-            result: Any = await fut._result(raiseit=False)
+            await fut._state.wait()
+            result: Any
+            if fut.status == "finished" and fut.type is type(None):
+                result = done  # the key's type came with its completion: nothing to fetch
+            else:
+                result = await fut._result(raiseit=False)
+                if result is None:
+                    result = done
         except BaseException as exc:  # a gather that failed: the lane hears it as a loss
             result = (type(exc), exc, None)
         finally:
             fut.release()
+        answered = isinstance(result, (bytes, proto.Done))
         with self._lock:
             if self._future is not fut or self.state != "ready":
                 return  # killed or lost meanwhile: nobody waits for this answer
             self._future = None
-            if not isinstance(result, bytes):
+            if not answered:
                 self.state = "lost"
+        if isinstance(result, proto.Done):
+            self._post(result)
+            return
         if isinstance(result, bytes):
             self._answer(result)
             return

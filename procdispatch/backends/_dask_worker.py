@@ -177,9 +177,11 @@ async def probe(name: str, dask_worker: Any = None) -> tuple[int, bytes | None] 
     return os.getpid(), plugin.failure
 
 
-def run_lease_task(name: str, head: bytes, payload: bytes) -> bytes:
+def run_lease_task(name: str, head: bytes, payload: bytes) -> bytes | None:
     """The task of one lease: ``send_fn`` on the batch, answered as a worker process would
-    answer it (see the module docstring). Never raises."""
+    answer it (see the module docstring), except that a send that returned answers None: the
+    scheduler tells the client a finished task's result type, so the channel learns of it
+    without gathering anything. Never raises."""
     plugin = get_worker().plugins.get(name)
     if not isinstance(plugin, ChannelPlugin):
         return proto.encode_init_failed(
@@ -194,4 +196,5 @@ def run_lease_task(name: str, head: bytes, payload: bytes) -> bytes:
         lease = proto.decode_lease(body)
     except BaseException as exc:
         return proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
-    return proto.encode_result(run_lease(plugin.user.send, lease))
+    result = run_lease(plugin.user.send, lease)
+    return None if isinstance(result, proto.Done) else proto.encode_result(result)
