@@ -8,9 +8,11 @@ again. So a send whose answer reached the coordinator is never repeated, and one
 died before its answer came is failed here (``WorkerCrashed``) and retried by the channel's
 policy: at least once, never by Dask.
 
-Answers come on the client's event loop (:meth:`DaskLane.track`): the result is gathered, the
-future released at once, and the answer posted to the lane, which wakes the coordinator
-through a socket pair, as the thread backend does. The lane's life:
+Answers come on the client's event loop (:meth:`DaskLane.track`): a send that returned answers
+None, which the scheduler's completion message says (it carries the result's type), so nothing
+is gathered; a failure's answer is gathered. The future is released at once, and the answer
+posted to the lane, which wakes the coordinator through a socket pair, as the thread backend
+does. The lane's life:
 
 ================  ====================================================================
 ``waiting``       started; no Dask worker thread is free for it yet (the backend assigns
