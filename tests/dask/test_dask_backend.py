@@ -230,3 +230,35 @@ def test_a_local_cluster_made_outside_the_main_guard_says_so(tmp_path):
     assert "REFUSED" in proc.stdout
     assert 'if __name__ == "__main__":' in proc.stdout
     assert f"{script}, line 6" in proc.stdout
+
+
+def _clients(dask_scheduler: Any) -> int:
+    return sum(1 for c in dask_scheduler.clients if c != "fire-and-forget")
+
+
+def _plugins(dask_worker: Any) -> list[str]:
+    return [n for n in dask_worker.plugins if n.startswith("procdispatch-")]
+
+
+def test_channels_share_a_client_and_leave_the_cluster_as_they_found_it(tmp_path):
+    a, b = Log(tmp_path / "a"), Log(tmp_path / "b")
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        one = pd.ProcessChannel(Sink(a), backend=DaskBackend(client), batch_items_max=5)
+        # The second connects by address: its own client, closed at its end.
+        two = pd.ProcessChannel(
+            Sink(b), backend=DaskBackend(cluster.scheduler_address), batch_items_max=5
+        )
+        one.put_many(range(100))
+        two.put_many(range(100, 200))
+        assert one.close_and_drain(60)
+        assert two.close_and_drain(60)
+        assert sorted(x for r in _sent(a) for x in r["data"]) == list(range(100))
+        assert sorted(x for r in _sent(b) for x in r["data"]) == list(range(100, 200))
+        assert all(not names for names in client.run(_plugins).values())
+        assert client.submit(sum, [1, 2]).result() == 3  # the given client still works
+        assert client.run_on_scheduler(_clients) == 1  # the second channel's client is gone
