@@ -133,6 +133,12 @@ class DaskBackend(WorkerTable, Backend):
                 f"lease is a task on a Dask worker thread, and leases never exceed the threads "
                 f"(got {options.max_leases})"
             )
+        if options.max_worker_memory is not None:
+            raise OptionsError(
+                "max_worker_memory must be None with the dask backend: a Dask worker's memory is "
+                "Dask's to limit (its memory_limit and nanny) "
+                f"(got {options.max_worker_memory!r})"
+            )
         payload = pickle_payload(send_fn, options.worker_init, None)
         if self._spec is None:
             self._start_cluster(options.workers)

@@ -137,6 +137,8 @@ def test_workers_none_takes_the_cluster_threads_and_stats_count_dask_workers(tmp
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), workers=4)
         with pytest.raises(pd.OptionsError, match=r"max_leases must be <= workers \(3\).*got 5"):
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_leases=5)
+        with pytest.raises(pd.OptionsError, match=r"max_worker_memory must be None .*got 1000"):
+            pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_worker_memory=1000)
 
 
 def test_a_scheduler_that_lets_dask_retry_is_warned_about(caplog):
