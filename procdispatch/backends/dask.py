@@ -127,6 +127,13 @@ class DaskBackend(WorkerTable, Backend):
         return threads
 
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
+        try:
+            self._prepare(send_fn, options)
+        except BaseException:
+            self.close()  # a client connected or a cluster started here is not left behind
+            raise
+
+    def _prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         if options.max_leases > options.workers:
             raise OptionsError(
                 f"max_leases must be <= workers ({options.workers}) with the dask backend: a "

@@ -139,6 +139,10 @@ def test_workers_none_takes_the_cluster_threads_and_stats_count_dask_workers(tmp
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_leases=5)
         with pytest.raises(pd.OptionsError, match=r"max_worker_memory must be None .*got 1000"):
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_worker_memory=1000)
+        # Refused after connecting by address: the backend's own client is closed again.
+        with pytest.raises(pd.OptionsError, match=r"workers must be <= the 3 threads"):
+            pd.ProcessChannel(Sink(log), backend=DaskBackend(cluster.scheduler_address), workers=9)
+        wait_for(lambda: client.run_on_scheduler(_clients) == 1, what="its client to leave")
 
 
 def test_a_scheduler_that_lets_dask_retry_is_warned_about(caplog):
@@ -263,4 +267,5 @@ def test_channels_share_a_client_and_leave_the_cluster_as_they_found_it(tmp_path
         assert sorted(x for r in _sent(b) for x in r["data"]) == list(range(100, 200))
         assert all(not names for names in client.run(_plugins).values())
         assert client.submit(sum, [1, 2]).result() == 3  # the given client still works
-        assert client.run_on_scheduler(_clients) == 1  # the second channel's client is gone
+        # The second channel's client is gone.
+        wait_for(lambda: client.run_on_scheduler(_clients) == 1, what="its client to leave")
