@@ -10,15 +10,13 @@ and a drain that waits for every task.
 
 ``workers`` counts Dask worker *threads*, and each is a lane (:mod:`._dask_lane`): a worker of
 the channel that runs one lease at a time on one thread of one Dask worker, so leases never
-exceed the threads. The backend keeps the table of Dask workers: their threads, the lanes
-pinned to them, and whether the channel's worker plugin (:mod:`._dask_worker`, which carries
-``send_fn`` and runs ``worker_init``) is set up there. A monitor thread registers the plugin,
-then polls the scheduler: a worker that joins is probed (its ``worker_init`` ran, or failed:
-then it gets no lane), a worker that left takes its lanes with it (their leases fail as
-``WorkerCrashed``), and lanes waiting for a thread get one.
+exceed the threads. The backend keeps the table of Dask workers (:mod:`._dask_table`): their
+threads, the lanes pinned to them, and whether the channel's worker plugin
+(:mod:`._dask_worker`, which carries ``send_fn`` and runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
-``cancel_grace`` has its worker restarted (through its nanny) on a cluster this backend started,
+``cancel_grace`` has its worker ended at once and replaced by its nanny on a cluster this backend
+started,
 or on a given one with ``restart_hung_workers=True``; otherwise its task is cancelled and
 abandoned, with a WARNING that its thread stays busy (it gets no lane until it leaves).
 """
