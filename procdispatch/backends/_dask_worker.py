@@ -15,9 +15,11 @@ scattered to a worker dies with it, a plugin is set up again on the worker that 
 to its name, the plugin's name and the lease's bytes. A send that returned answers None (the
 scheduler's completion message, which carries the result's type, is then the whole answer); one
 that raised answers the bytes a worker process writes into its result pipe
-(:func:`~procdispatch._protocol.encode_result`): the failure and the batch's change. A worker's threads
-share its plugin: ``send_fn``, what ``worker_init`` set up, and, for asynchronous code, one
-event loop running on a thread of its own, on which every thread's sends are run.
+(:func:`~procdispatch._protocol.encode_result`): the failure and the batch's change.
+
+A worker's threads share its plugin: ``send_fn``, what ``worker_init`` set up, and, for
+asynchronous code, one event loop running on a thread of its own, on which every thread's sends
+are run.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ threads, the lanes pinned to them, and whether the channel's worker plugin
 (:mod:`._dask_worker`, which carries ``send_fn`` and runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
-``cancel_grace`` has its worker ended at once and replaced by its nanny on a cluster this backend
-started,
-or on a given one with ``restart_hung_workers=True``; otherwise its task is cancelled and
-abandoned, with a WARNING that its thread stays busy (it gets no lane until it leaves).
+``cancel_grace`` has its worker ended at once and replaced by its nanny, on a cluster this
+backend started or on a given one with ``restart_hung_workers=True``; otherwise its task is
+cancelled and abandoned, with a WARNING that its thread stays busy (it gets no lane until it
+leaves).
 """
 
 from __future__ import annotations
