@@ -13,7 +13,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
-from procdispatch.backends.dask import DaskBackend
+from procdispatch.backends.dask import DaskBackend, close_cluster
 
 WORKERS = 2
 RECOVERY = 30.0
@@ -79,4 +79,4 @@ class SharedCluster:
     def close(self) -> None:
         LIVE.discard(self.cluster)
         self.client.close()
-        self.cluster.close()
+        close_cluster(self.cluster)

@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster
 from workerfns import Gate, Log, wait_for
 
 import procdispatch as pd
-from procdispatch.backends.dask import DaskBackend
+from procdispatch.backends.dask import DaskBackend, close_cluster
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def fresh(tmp_path: Path) -> Any:
     cluster, client = new_cluster()
     yield client
     client.close()
-    cluster.close()
+    close_cluster(cluster)
 
 
 def _sent(log: Log) -> list[dict[str, Any]]:

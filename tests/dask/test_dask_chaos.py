@@ -24,7 +24,7 @@ from daskhelp import new_cluster
 from workerfns import Log, wait_for
 
 import procdispatch as pd
-from procdispatch.backends.dask import DaskBackend
+from procdispatch.backends.dask import DaskBackend, close_cluster
 
 ITEMS = 5000
 KILLS = 5
@@ -73,7 +73,7 @@ def test_killed_dask_workers_fail_only_their_batches_and_nothing_received_is_sen
         _pids(client)  # the last killed worker is replaced: its cluster closes cleanly
     finally:
         client.close()
-        cluster.close()
+        close_cluster(cluster)
 
     # Every item left the channel exactly once, as delivered or dropped.
     out = [x for _, _, data in delivered for x in data] + dropped
