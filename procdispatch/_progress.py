@@ -146,12 +146,21 @@ class Reporter:
                 self._draw(s, final)
             else:
                 self._line(s, final)
-        except Exception as exc:
-            # A display that fails must not end the reports, nor ever the channel.
+        except BaseException as exc:
+            # User code (the callable, a bar of the user's, the stream), as in
+            # _outcomes.call_user: whatever it raises, even a SystemExit that would end this
+            # thread without a word, must not end the reports, nor ever the channel.
             import logging
 
+            from ._outcomes import name_of
+            from ._protocol import describe_error
+
+            if self._call is not None:
+                sink = f"the progress callable {name_of(self._call)}"
+            else:
+                sink = "the progress bar" if self._bar is not None else "the status line"
             logging.getLogger("procdispatch").warning(
-                "progress report failed: %s: %s", type(exc).__name__, exc
+                "progress report failed: %s (in %s); ignored", describe_error(exc), sink
             )
 
     def _draw(self, s: Stats, final: bool) -> None:

@@ -181,15 +181,28 @@ def test_bad_progress_options(kw: dict[str, Any], message: str) -> None:
         pd.ProcessChannel(lambda b: None, backend="thread", **kw)
 
 
+@pytest.mark.parametrize("kind", [ValueError, SystemExit, KeyboardInterrupt])
 def test_a_failing_callable_is_logged_and_never_harms_the_channel(
-    make_channel: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Any, make_channel: Any, caplog: pytest.LogCaptureFixture, kind: type[BaseException]
 ) -> None:
-    def report(s: pd.Stats) -> None:
-        raise ValueError("display broke")
+    # Whatever it raises, even what would end its thread without a word, the reports go on.
+    calls: list[pd.Stats] = []
 
-    ch = make_channel(lambda b: None, workers=1, progress=report)
+    def report(s: pd.Stats) -> None:
+        calls.append(s)
+        if len(calls) == 1:
+            raise kind("display broke")
+
+    gate = Gate(tmp_path / "gate")
+    ch = make_channel(GatedItems({9: gate.path}), workers=1, batch_items_max=10, progress=report)
     ch.put_many(list(range(10)))
+    wait_for(lambda: calls, what="the first report, which raises")
+    gate.open()
     assert ch.close_and_drain(60)
     s = ch.stats()
     assert s.items_delivered == 10
-    assert "progress report failed: ValueError: display broke" in caplog.text
+    assert calls[-1].items_delivered == 10  # the final report was still made
+    assert (
+        f"progress report failed: {kind.__name__}: display broke "
+        f"(in the progress callable {report.__qualname__}); ignored"
+    ) in caplog.text

@@ -168,6 +168,87 @@ def test_a_slow_callback_is_reported_with_its_name(
     assert "patient_on_error" in slow[0]
 
 
+# ---- callables that raise what is not an Exception ------------------------------------------
+
+#: Each user callable the coordinator runs, and what its raising must lead to: the batch
+#: holding item 0 ([0, 1], which fails its first send) dropped or not, and the ERROR that
+#: names the callable.
+COORDINATOR_CALLABLES = {
+    "on_error": (True, "on_error raised for batch 1 (attempt 1): {kind}"),
+    "on_drop": (True, "on_drop raised for batch 1: {kind}"),
+    "on_delivered": (False, "on_delivered raised for batch 1: {kind}"),
+    "on_drained": (False, "on_drained raised: {kind}"),
+    "retry factory": (True, "the retry policy failed for batch 1 (attempt 1): {kind}"),
+    "retry iterator": (True, "the retry policy failed for batch 1 (attempt 1): {kind}"),
+}
+
+
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt, GeneratorExit])
+@pytest.mark.parametrize("where", sorted(COORDINATOR_CALLABLES))
+def test_a_callable_raising_a_base_exception_is_only_its_own_failure(
+    tmp_path: Any, make_channel: Any, caplog: Any, where: str, kind: type[BaseException]
+) -> None:
+    # SystemExit, KeyboardInterrupt and GeneratorExit out of a callback on the coordinator
+    # thread are that callback's failure, as any Exception is: never the channel's.
+    log = Log(tmp_path / "log")
+    reported: list[list[Any]] = []
+
+    def boom() -> None:
+        raise kind(f"raised by {where}")
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        if where == "on_error":
+            boom()
+        return where != "on_drop"  # retry, except where a drop is what is tested
+
+    def on_drop(b: pd.Batch[Any] | None, flush: bool) -> None:
+        if where == "on_drop" and b is not None:
+            boom()
+
+    def on_delivered(b: pd.Batch[Any]) -> None:
+        reported.append(list(b.data))
+        if where == "on_delivered":
+            boom()
+
+    def on_drained() -> None:
+        if where == "on_drained":
+            boom()
+
+    def factory() -> Any:
+        if where == "retry factory":
+            boom()
+        return iterator()
+
+    def iterator() -> Any:
+        if where == "retry iterator":
+            boom()
+        yield 0.0
+
+    ch = make_channel(
+        FailsFirst(log, "transient"),
+        workers=1,
+        batch_items_max=2,
+        on_error=on_error,
+        on_drop=on_drop,
+        on_delivered=on_delivered,
+        on_drained=on_drained,
+        retry=factory,
+    )
+    ch.put_many(range(6))
+    with caplog.at_level(logging.ERROR, logger="procdispatch"):
+        assert ch.close_and_drain(60)  # no InternalError: the channel lived on
+    dropped, message = COORDINATOR_CALLABLES[where]
+    s = ch.stats()
+    lost = [0, 1] if dropped else []
+    assert sorted(delivered_items(log)) == [x for x in range(6) if x not in lost]
+    assert (s.items_put, s.items_delivered, s.items_dropped) == (6, 6 - len(lost), len(lost))
+    assert sorted(x for r in reported for x in r) == sorted(delivered_items(log))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    expected = message.format(kind=f"{kind.__name__}: raised by {where}")
+    assert [m for m in errors if expected in m], errors
+    assert not [m for m in errors if "coordinator failed" in m], errors
+
+
 # ---- item_size ---------------------------------------------------------------------------------
 
 
