@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 from . import _process_end
 from ._admission import Admission, Stats
 from ._coordinator import Coordinator
-from ._options import ChannelOptions, Options
+from ._options import ChannelOptions, Options, check_body_runs
 from ._progress import Reporter, sized_length
 from ._waits import check_timeout
 from .backends import Backend
@@ -95,6 +95,7 @@ class ProcessChannel(Generic[T]):
     ) -> None:
         if not callable(send_fn):
             raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
+        check_body_runs("send_fn", send_fn, in_worker=True)
         opts = Options(
             workers=workers,
             max_leases=max_leases,

@@ -6,6 +6,7 @@ Items 0..5 go out in batches of two; the misbehaviour hits the batch holding ite
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -275,6 +276,81 @@ def test_item_size_that_fails_fails_the_put_and_the_item_never_counts(
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (3, 3, 0)
     assert sorted(delivered_items(log)) == [0, 1, 2]
+
+
+# ---- callables whose body a call does not run ------------------------------------------------
+
+
+def _gen(*args: Any) -> Any:
+    yield args
+
+
+async def _agen(*args: Any) -> Any:
+    yield args
+
+
+async def _coro(*args: Any) -> None:
+    pass
+
+
+class _GenCall:
+    def __call__(self, *args: Any) -> Any:
+        yield args
+
+
+LAZY = {
+    "generator": (_gen, "a generator function", "a generator"),
+    "async generator": (_agen, "an async generator function", "an async generator"),
+    "partial of a generator": (
+        functools.partial(_gen, 1),
+        "a generator function",
+        "a generator",
+    ),
+    "object whose __call__ yields": (_GenCall(), "a generator function", "a generator"),
+    "coroutine": (_coro, "a coroutine function", "a coroutine"),
+}
+
+
+@pytest.mark.parametrize("option", ["send_fn", "worker_init"])
+@pytest.mark.parametrize("name", sorted(LAZY))
+def test_a_worker_callable_whose_body_would_not_run_is_refused(option: str, name: str) -> None:
+    fn, kind, made = LAZY[name]
+    send_fn = fn if option == "send_fn" else _coro
+    kw: dict[str, Any] = {"worker_init": fn} if option == "worker_init" else {}
+    if kind == "a coroutine function":
+        # A worker awaits a coroutine (each runs an event loop): supported.
+        ch = pd.ProcessChannel(send_fn, backend="thread", **kw)
+        ch.put(1)
+        assert ch.close_and_drain(60)
+        assert ch.stats().items_delivered == 1
+        return
+    with pytest.raises(pd.OptionsError) as info:
+        pd.ProcessChannel(send_fn, backend="thread", **kw)
+    text = str(info.value)
+    assert text.startswith(
+        f"{option} must not be {kind} (got {fn!r}): calling it only makes "
+        f"{made}, which a worker does not iterate, so its body would never run"
+    )
+    assert "an async def (a worker awaits its coroutine)" in text
+
+
+@pytest.mark.parametrize(
+    "option", ["on_error", "on_drop", "on_delivered", "on_drained", "item_size", "progress"]
+)
+@pytest.mark.parametrize("name", sorted(LAZY))
+def test_a_parent_callback_whose_body_would_not_run_is_refused(option: str, name: str) -> None:
+    # The parent calls its callbacks as plain functions: a coroutine's body would not run
+    # either (on_error's coroutine would even count as "retry", for ever).
+    fn, kind, made = LAZY[name]
+    kw: dict[str, Any] = {option: fn}
+    if option == "item_size":
+        kw["batch_size_max"] = 10
+    with pytest.raises(pd.OptionsError) as info:
+        pd.ProcessChannel(print, backend="thread", **kw)
+    assert str(info.value).startswith(
+        f"{option} must not be {kind} (got {fn!r}): calling it only makes {made}, and the "
+        f"parent calls {option} as a plain function"
+    )
 
 
 # ---- what send_fn leaves behind ---------------------------------------------------------------
