@@ -112,6 +112,10 @@ class Reporter:
         self._last_line = self._started
         self._thread.start()
 
+    def is_current_thread(self) -> bool:
+        """Whether this is the reporting thread (the drain waits for its last report)."""
+        return threading.current_thread() is self._thread
+
     def announce(self, n: int) -> None:
         """``put_many`` was given a sized iterable of ``n`` items."""
         with self._lock:
