@@ -156,8 +156,8 @@ async def _admit(
 
 async def put_one(ch: ProcessChannel[Any], item: Any, timeout: float | None) -> None:
     """``aput``: the non-blocking commit first, and the waiting path only when it is full."""
-    size = ch._size_of(item) if ch._item_size is not None else None
     deadline = _deadline("aput", timeout)
+    size = ch._size_of(item) if ch._item_size is not None else None
     adm = ch._adm
     try:
         adm.put_one(item, size=size, block=False)
@@ -170,8 +170,8 @@ async def put_one(ch: ProcessChannel[Any], item: Any, timeout: float | None) -> 
 async def put_many(ch: ProcessChannel[Any], items: Iterable[Any], timeout: float | None) -> int:
     """``aput_many``: as ``put_many``, the items measured first; an item that cannot be
     measured stops the call after the ones before it were added."""
+    deadline = _deadline("aput_many", timeout)  # before the iterable is consumed
     batch = list(items)
-    deadline = _deadline("aput_many", timeout)
     adm = ch._adm
     if ch._item_size is None:
         return await _admit(adm, batch, None, deadline, "aput_many")

@@ -22,7 +22,7 @@ callable, made on its own thread: from there the waits for the drain raise as we
 drain waited for by a signal handler that interrupted a ``put`` of the same channel in the
 lock the drain needs. Calls that do not wait are fine anywhere: a ``put`` or ``aput`` with room,
 ``put_nowait``, ``stats``, ``close``, ``cancel``. Every ``timeout=`` follows ``queue.Queue``'s
-rules (see :func:`._waits.check_timeout`).
+rules (see :func:`._waits.check_timeout`) and is checked before the call does anything.
 """
 
 from __future__ import annotations
@@ -171,6 +171,8 @@ class ProcessChannel(Generic[T]):
 
     def put(self, item: T, *, timeout: float | None = None) -> None:
         """Add one item; wait while BlockNewItems is full (TimeoutError after ``timeout``)."""
+        if timeout is not None:
+            check_timeout("put", timeout)  # before item_size runs
         size = self._size_of(item) if self._item_size is not None else None
         self._adm.put_one(item, size=size, timeout=timeout)
 
@@ -185,11 +187,11 @@ class ProcessChannel(Generic[T]):
         When it has to stop early (closed, timeout, an item of a forbidden size) it raises what
         ``put`` would have raised for that item, with the count added so far as ``exc.added``.
         """
+        deadline = _deadline("put_many", timeout)
         if self._progress is not None:
             n = sized_length(items)
             if n is not None:
                 self._progress.announce(n)
-        deadline = _deadline("put_many", timeout)
         batch: list[T] = []
         try:
             batch.extend(items)

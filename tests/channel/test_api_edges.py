@@ -44,6 +44,10 @@ CALLS: dict[str, Callable[[pd.ProcessChannel[Any], object], object]] = {
     "put_many": lambda ch, t: ch.put_many([1, 2], timeout=t),  # type: ignore[arg-type]
     "wait_drained": lambda ch, t: ch.wait_drained(t),  # type: ignore[arg-type]
     "close_and_drain": lambda ch, t: ch.close_and_drain(t),  # type: ignore[arg-type]
+    "aput": lambda ch, t: asyncio.run(ch.aput(1, timeout=t)),  # type: ignore[arg-type]
+    "aput_many": lambda ch, t: asyncio.run(ch.aput_many([1, 2], timeout=t)),  # type: ignore[arg-type]
+    "await_drained": lambda ch, t: asyncio.run(ch.await_drained(t)),  # type: ignore[arg-type]
+    "aclose_and_drain": lambda ch, t: asyncio.run(ch.aclose_and_drain(t)),  # type: ignore[arg-type]
 }
 
 
@@ -59,8 +63,94 @@ def test_a_bad_timeout_is_refused_at_once_whatever_the_buffer_holds(
     with pytest.raises(kind) as info:
         CALLS[method](ch, timeout)
     assert str(info.value) == f"{method}(): {message}"
-    assert not ch._adm.closed  # close_and_drain refused before it closed
+    assert not ch._adm.closed  # (a)close_and_drain refused before it closed
     assert ch.stats().items_put == 1
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+@pytest.mark.parametrize("timeout", [-1, "1"])
+def test_a_bad_timeout_is_refused_on_a_drained_channel_too(
+    make_channel: Any, method: str, timeout: object
+) -> None:
+    ch = make_channel(noop, workers=1)
+    assert ch.close_and_drain(30)
+    with pytest.raises((ValueError, TypeError), match=rf"^{method}\(\): 'timeout' must be"):
+        CALLS[method](ch, timeout)
+
+
+def test_a_bad_timeout_is_refused_before_anything_is_taken_or_measured(
+    make_channel: Any,
+) -> None:
+    measured: list[object] = []
+    taken: list[int] = []
+
+    def size(x: object) -> int:
+        measured.append(x)
+        return 1
+
+    def items() -> Any:
+        for i in range(3):
+            taken.append(i)
+            yield i
+
+    ch = make_channel(noop, workers=1, item_size=size, batch_size_max=10)
+    for call in (
+        lambda: ch.put(1, timeout=-1),
+        lambda: ch.put_many(items(), timeout=-1),
+        lambda: asyncio.run(ch.aput(1, timeout=-1)),
+        lambda: asyncio.run(ch.aput_many(items(), timeout=-1)),
+    ):
+        with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+            call()
+    assert (measured, taken) == ([], [])  # item_size never ran, no item was taken
+    assert ch.stats().items_put == 0
+    assert ch.close_and_drain(30)
+
+
+@pytest.mark.parametrize("timeout", [-1, math.nan, "30", True])
+def test_drain_on_sigterm_refuses_a_bad_timeout_naming_itself_and_installs_nothing(
+    timeout: object,
+) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(
+        pd.OptionsError, match=r"^drain_on_sigterm\(\): timeout must be a number of seconds"
+    ):
+        pd.drain_on_sigterm(timeout)  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _Bar:
+    """A progress bar look-alike: the total the channel gives it is what is checked."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: int | None = None
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+
+def test_a_put_many_refused_for_its_timeout_adds_nothing_to_the_progress_total(
+    make_channel: Any,
+) -> None:
+    bar = _Bar()
+    ch = make_channel(noop, workers=1, progress=bar)
+    with pytest.raises(ValueError, match=r"^put_many\(\): 'timeout'"):
+        ch.put_many([1, 2, 3], timeout=-1)
+    ch.put_many([7])
+    assert ch.close_and_drain(30)
+    assert (bar.n, bar.total) == (1, 1)
 
 
 def test_a_bad_timeout_of_put_is_refused_with_item_sizes_too(make_channel: Any) -> None:
