@@ -194,6 +194,8 @@ class Coordinator:
             workers.respawn_due(now)
         if self._finished():
             return FINISHED
+        if self.pool.waiting:
+            workers.begin_waiting(now)  # starts whose turn came (a start in flight ended)
         return self._timeout(now)
 
     def _ingest(self, now: float, woke: bool) -> None:

@@ -195,7 +195,9 @@ class Options:
         default=60.0,
         metadata=_doc(
             "seconds a worker may take to start, `worker_init` included; one not ready by then is "
-            "killed (a thread worker abandoned) and counts as a failed start",
+            "killed (a thread worker abandoned) and counts as a failed start. Worker processes "
+            "start a few at a time (about one per core); each one's clock starts when its own "
+            "start begins, not while it waits for its turn",
         ),
     )
     delivery_timeout: float | None = field(
