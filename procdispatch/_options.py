@@ -248,7 +248,11 @@ class Options:
             "`True`: a tqdm bar on stderr (delivered / total, rate; dropped, in flight and "
             "retried after it), or a status line every 5 s when stderr is not a terminal, and a "
             "final one; a tqdm bar of yours to update and close; or a callable given a `Stats` "
-            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a bar",
+            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a "
+            "bar. The reports run on a thread of their own: one that raises (whatever it "
+            "raises) is logged once at WARNING and the reports go on; the end of the channel "
+            "waits at most 1 s for the final report (still busy then: a WARNING, and the final "
+            "report comes when it returns)",
         ),
     )
     progress_total: int | None = field(
