@@ -27,7 +27,6 @@ rules (see :func:`._waits.check_timeout`) and is checked before the call does an
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import sys
@@ -41,8 +40,8 @@ from typing import Any, Generic, TypeVar
 from . import _process_end
 from ._admission import Admission, Stats
 from ._coordinator import Coordinator
-from ._options import ChannelOptions, Options, check_body_runs
-from ._outcomes import name_of
+from ._options import Options, check_body_runs
+from ._outcomes import _name_of
 from ._progress import Reporter, sized_length
 from ._waits import check_timeout
 from .backends import Backend
@@ -142,12 +141,18 @@ class ProcessChannel(Generic[T]):
         self._progress: Reporter | None = None
         if opts.progress is not False:
             self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
-            opts = _finish_progress_first(opts, self._progress)
         limiter = _make_limiter(opts.qps, adm._wake)
         # A limiter built here (from a rate, or the token source over a Limiter) is ours to
         # close; a RateLimiter or Limiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps
-        self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
+        self._coord = coord = Coordinator(
+            opts,
+            adm,
+            opts.backend,
+            limiter,
+            owns_limiter=owned,
+            final_report=None if self._progress is None else self._progress.finish,
+        )
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
         coord.start()
         if self._progress is not None:
@@ -279,7 +284,7 @@ class ProcessChannel(Generic[T]):
             return err
         progress = self._progress
         if progress is not None and progress.is_current_thread():
-            name = name_of(self._coord.opts.progress)
+            name = _name_of(self._coord.opts.progress)
             return ProcDispatchError(
                 f"{what} from the progress callable ({name}): the drain ends with its last "
                 "report, made on this thread, so it would wait for itself (call close() or "
@@ -455,22 +460,6 @@ def _make_limiter(qps: Any, wake: Callable[[], None]) -> Any:
     if isinstance(qps, RemoteLimit):
         return qps.tokens(wake)
     return RateLimiter._for(qps)
-
-
-def _finish_progress_first(opts: ChannelOptions, reporter: Reporter) -> ChannelOptions:
-    """The options with an ``on_drained`` that makes the final progress report first: it runs
-    at the very end of the coordinator, before ``wait_drained()`` returns, so the final totals
-    are on screen before anything the program prints after the drain."""
-    user = opts.on_drained
-
-    def on_drained() -> None:
-        try:
-            reporter.finish()
-        finally:
-            if user is not None:
-                user()
-
-    return dataclasses.replace(opts, on_drained=on_drained)
 
 
 #: How long a drain waited for from a signal handler lets the admission lock stay taken

@@ -240,7 +240,9 @@ class Options:
         default=60.0,
         metadata=_doc(
             "seconds a worker may take to start, `worker_init` included; one not ready by then is "
-            "killed (a thread worker abandoned) and counts as a failed start",
+            "killed (a thread worker abandoned) and counts as a failed start. Worker processes "
+            "start a few at a time (about one per core); each one's clock starts when its own "
+            "start begins, not while it waits for its turn",
         ),
     )
     delivery_timeout: float | None = field(
@@ -291,7 +293,11 @@ class Options:
             "`True`: a tqdm bar on stderr (delivered / total, rate; dropped, in flight and "
             "retried after it), or a status line every 5 s when stderr is not a terminal, and a "
             "final one; a tqdm bar of yours to update and close; or a callable given a `Stats` "
-            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a bar",
+            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a "
+            "bar. The reports run on a thread of their own: one that raises (whatever it "
+            "raises) is logged once at WARNING and the reports go on; the end of the channel "
+            "waits at most 1 s for the final report (still busy then: a WARNING, and the final "
+            "report comes when it returns)",
         ),
     )
     progress_total: int | None = field(

@@ -38,7 +38,7 @@ from ._options import ChannelOptions
 from .buffer import Batch, Buffer
 from .errors import DeliveryTimeout
 
-__all__ = ["REPEATED_RETRY_WARNING", "SLOW_CALLBACK", "Outcomes", "Raised", "call_user", "name_of"]
+__all__ = ["REPEATED_RETRY_WARNING", "SLOW_CALLBACK", "Outcomes", "Raised", "call_user"]
 
 log = logging.getLogger("procdispatch")
 
@@ -351,7 +351,7 @@ def call_user(what: str, fn: Callable[..., R], *args: Any, named: object = None)
         _warn_if_slow(what, fn if named is None else named, t0)
 
 
-def name_of(fn: object) -> str:
+def _name_of(fn: object) -> str:
     try:
         name = getattr(fn, "__qualname__", None)
         return name if isinstance(name, str) else repr(fn)
@@ -366,6 +366,6 @@ def _warn_if_slow(what: str, fn: object, t0: float) -> None:
             "%s (%s) took %.1fs on the coordinator thread; while a callback runs no batch is "
             "leased, acknowledged or retried",
             what,
-            name_of(fn),
+            _name_of(fn),
             took,
         )
