@@ -217,13 +217,20 @@ class Admission:
         self.admit([item], None if size is None else [size], block=block, deadline=deadline)
 
     def admit(
-        self, items: list[Any], sizes: list[int] | None, *, block: bool, deadline: float | None
+        self,
+        items: list[Any],
+        sizes: list[int] | None,
+        *,
+        block: bool,
+        deadline: float | None,
+        method: str = "put",
     ) -> int:
         """Hand items to the coordinator in order, waiting for room under BlockNewItems.
 
         ``items`` is the caller's own list (it may be kept). Returns how many were added;
         raises (with ``added`` set on the exception) when it has to stop early: ChannelClosed,
-        BufferFull (``block=False``), TimeoutError, or a fatal error.
+        BufferFull (``block=False``, or a wait on the coordinator thread, which ``method``
+        names), TimeoutError, or a fatal error.
         """
         n = len(items)
         added = 0
@@ -251,7 +258,7 @@ class Admission:
                 if remaining is not None and remaining <= 0:
                     raise _with_added(TimeoutError("put timed out: buffer is full"), added)
                 if self.coordinator_ident == threading.get_ident():
-                    raise _with_added(self._wait_for_itself(), added)
+                    raise _with_added(self.wait_for_itself(method), added)
                 waiter = _allocate_lock()
                 waiter.acquire()
                 self._waiters.append(waiter)
@@ -278,9 +285,11 @@ class Admission:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
-    def _wait_for_itself(self) -> BaseException:
+    def wait_for_itself(self, method: str) -> BaseException:
+        """The BufferFull for ``method`` (a put) that would wait for room on the coordinator
+        thread, which alone makes room."""
         if self.reentry_error is not None:
-            err: BaseException = self.reentry_error("put() cannot wait for room")
+            err: BaseException = self.reentry_error(f"{method}() cannot wait for room")
             return err
         return BufferFull("buffer is full, and the coordinator thread cannot wait for room")
 

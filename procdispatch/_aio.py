@@ -22,6 +22,15 @@ overtake one that waited; the ``aput``s of one loop retry in the order they bega
 Draining. ``await_drained`` registers the same kind of waiter on the drained latch: no thread,
 and a cancelled wait leaves nothing registered.
 
+Waits that would wait for themselves. A callback on the coordinator thread (``on_error``,
+``on_drop``, ``on_delivered``, ``on_drained``, the retry policy) may run an event loop there, with
+``asyncio.run``: an await of a waiter there would block the only thread that can release it. So
+each of these calls checks, at the moment it would wait (after its timeout was checked, and
+after a try that may not need to wait), what the synchronous waits check, and raises the same
+error, naming itself and the callback: a ``BufferFull`` for ``aput`` and ``aput_many``, a
+``ProcDispatchError`` for the drain waits (from the ``progress`` callable's thread as well, since
+the drain waits for its last report). An ``aput`` with room, like a ``put`` with room, is fine.
+
 ``async with``. A normal exit awaits ``aclose_and_drain``. An exception or a cancellation in the
 block cancels the channel (as Ctrl-C does in ``with``; there, an ordinary exception drains) and
 awaits the end of the sends in flight (``cancel_grace``); a cancellation during that wait ends
@@ -34,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -46,7 +56,7 @@ if TYPE_CHECKING:
     from ._admission import Admission
     from ._channel import ProcessChannel
 
-__all__ = ["aexit", "await_drained", "put_many", "put_one"]
+__all__ = ["aexit", "await_drained", "close_and_drain", "put_many", "put_one"]
 
 log = logging.getLogger("procdispatch")
 monotonic = time.monotonic
@@ -103,7 +113,11 @@ def _try(adm: Admission, items: list[Any], sizes: list[int] | None, start: int) 
 
 
 async def _admit(
-    adm: Admission, items: list[Any], sizes: list[int] | None, deadline: float | None
+    adm: Admission,
+    items: list[Any],
+    sizes: list[int] | None,
+    deadline: float | None,
+    method: str,
 ) -> int:
     """Add ``items`` in order, awaiting room under BlockNewItems; see the module docstring."""
     n = len(items)
@@ -115,6 +129,14 @@ async def _admit(
             if added == n:
                 return n
             if waiter is None:
+                if adm.coordinator_ident == threading.get_ident():
+                    # As put() there: a timeout already over is a timeout, anything else a
+                    # wait for room that only this thread could make.
+                    if deadline is not None and monotonic() >= deadline:
+                        raise TimeoutError("put timed out: buffer is full")
+                    err = adm.wait_for_itself(method)
+                    err.added = added  # type: ignore[attr-defined]
+                    raise err
                 # Registered before the next try, so that no release can fall between them.
                 waiter = _LoopWaiter(asyncio.get_running_loop())
                 adm.add_waiter(waiter)
@@ -134,43 +156,66 @@ async def _admit(
 
 async def put_one(ch: ProcessChannel[Any], item: Any, timeout: float | None) -> None:
     """``aput``: the non-blocking commit first, and the waiting path only when it is full."""
-    size = ch._size_of(item) if ch._item_size is not None else None
     deadline = _deadline("aput", timeout)
+    size = ch._size_of(item) if ch._item_size is not None else None
     adm = ch._adm
     try:
         adm.put_one(item, size=size, block=False)
         return
     except BufferFull:
         pass
-    await _admit(adm, [item], None if size is None else [size], deadline)
+    await _admit(adm, [item], None if size is None else [size], deadline, "aput")
 
 
 async def put_many(ch: ProcessChannel[Any], items: Iterable[Any], timeout: float | None) -> int:
     """``aput_many``: as ``put_many``, the items measured first; an item that cannot be
     measured stops the call after the ones before it were added."""
+    deadline = _deadline("aput_many", timeout)  # before the iterable is consumed
     batch = list(items)
-    deadline = _deadline("aput_many", timeout)
     adm = ch._adm
     if ch._item_size is None:
-        return await _admit(adm, batch, None, deadline)
+        return await _admit(adm, batch, None, deadline, "aput_many")
     sizes: list[int] = []
     try:
         for item in batch:
             sizes.append(ch._size_of(item))
     except Exception as exc:
         good = len(sizes)
-        exc.added = await _admit(adm, batch[:good], sizes, deadline)  # type: ignore[attr-defined]
+        exc.added = await _admit(  # type: ignore[attr-defined]
+            adm, batch[:good], sizes, deadline, "aput_many"
+        )
         raise
-    return await _admit(adm, batch, sizes, deadline)
+    return await _admit(adm, batch, sizes, deadline, "aput_many")
 
 
 async def await_drained(ch: ProcessChannel[Any], timeout: float | None) -> bool:
     """``await_drained``: True once drained, False at the timeout."""
     ch._check_not_inherited()
+    seconds = check_timeout("await_drained", timeout)
+    if seconds != 0 and not ch._adm.drained.is_set():
+        ch._check_can_wait("await_drained() cannot be called")
+    return await _drained(ch, seconds)
+
+
+async def close_and_drain(ch: ProcessChannel[Any], timeout: float | None) -> bool:
+    """``aclose_and_drain``: the timeout checked, and the wait allowed, before it closes."""
+    ch._check_not_inherited()
+    seconds = check_timeout("aclose_and_drain", timeout)
+    if seconds != 0 and not ch._adm.drained.is_set():
+        ch._check_can_wait("aclose_and_drain() cannot be called")
+    ch.close()
+    ok = await _drained(ch, seconds)
+    if ok:
+        ch._raise_after_drain()
+    return ok
+
+
+async def _drained(ch: ProcessChannel[Any], seconds: float | None) -> bool:
+    """Await the drain for ``seconds`` (None: for ever), without any check."""
     latch = ch._adm.drained
     if latch.is_set():
         return True
-    deadline = _deadline("await_drained", timeout)
+    deadline = None if seconds is None else monotonic() + seconds
     waiter = _LoopWaiter(asyncio.get_running_loop())
     if not latch.add_waiter(waiter):
         return True
@@ -185,18 +230,26 @@ async def aexit(ch: ProcessChannel[Any], exc_type: type[BaseException] | None) -
     """The end of ``async with``; see the module docstring."""
     if ch._adm.inherited_by_fork:
         return  # nothing of it runs in this process
+    err = ch._reentry("leaving an async with block of the channel cannot wait")
+    if err is not None:
+        # In a callback: end the channel as the block would, but do not wait for it.
+        if exc_type is None:
+            ch.close()
+        else:
+            ch.cancel()
+        raise err
     if exc_type is not None:
         deadline = _process_end.sigterm_deadline()
         if deadline is not None and issubclass(exc_type, (SystemExit, asyncio.CancelledError)):
             ch.close()
-            if not await await_drained(ch, max(0.0, deadline - monotonic())):
+            if not await _drained(ch, max(0.0, deadline - monotonic())):
                 await _cancel_and_wait(ch, "SIGTERM drain timed out")
             return
         await _cancel_and_wait(ch, f"{exc_type.__name__} in the async with block")
         return
     try:
         ch.close()
-        await await_drained(ch, None)
+        await _drained(ch, None)
     except BaseException as interrupt:
         await _cancel_and_wait(ch, f"{type(interrupt).__name__} while draining")
         raise
@@ -218,10 +271,10 @@ async def _cancel_and_wait(ch: ProcessChannel[Any], why: str) -> None:
             n,
         )
     try:
-        await await_drained(ch, None)
+        await _drained(ch, None)
     except asyncio.CancelledError:
         n = adm.snapshot().batches_in_flight
         log.warning("cancelled again: stopping %d send(s) in flight now", n)
         adm.request_cancel(kill=True)
-        await await_drained(ch, None)
+        await _drained(ch, None)
         raise

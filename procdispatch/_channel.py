@@ -11,19 +11,22 @@ A channel left open at interpreter exit, or collected while open, is closed and 
 :mod:`._process_end`).
 
 Waits that would wait for themselves raise instead of hanging. The callbacks ``on_error``,
-``on_drop``, ``on_drained`` and the retry policy run on the coordinator thread, which alone
-makes room and ends the drain: from there ``wait_drained``, ``close_and_drain``, leaving a
-``with`` block and a ``put`` that would wait for room raise :class:`~.errors.ProcDispatchError`
-(:class:`~.errors.BufferFull` for ``put``) naming the callback. So does a drain waited for by a
-signal handler that interrupted a ``put`` of the same channel in the lock the drain needs.
-Calls that do not wait are fine anywhere: ``put`` with room, ``put_nowait``, ``stats``,
-``close``, ``cancel``. Every ``timeout=`` follows ``queue.Queue``'s rules (see
-:func:`._waits.check_timeout`).
+``on_drop``, ``on_delivered``, ``on_drained`` and the retry policy run on the coordinator
+thread, which alone makes room and ends the drain: from there every wait, synchronous or
+asynchronous (``asyncio.run`` of it), raises :class:`~.errors.ProcDispatchError` naming the
+method and the callback when it would wait -- ``wait_drained``, ``close_and_drain``, leaving a
+``with`` block, ``await_drained``, ``aclose_and_drain``, leaving an ``async with`` block, and a
+``put``, ``put_many``, ``aput`` or ``aput_many`` that would wait for room
+(:class:`~.errors.BufferFull` for those). The drain ends with the last report of a ``progress``
+callable, made on its own thread: from there the waits for the drain raise as well. So does a
+drain waited for by a signal handler that interrupted a ``put`` of the same channel in the
+lock the drain needs. Calls that do not wait are fine anywhere: a ``put`` or ``aput`` with room,
+``put_nowait``, ``stats``, ``close``, ``cancel``. Every ``timeout=`` follows ``queue.Queue``'s
+rules (see :func:`._waits.check_timeout`) and is checked before the call does anything.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import sys
@@ -37,7 +40,8 @@ from typing import Any, Generic, TypeVar
 from . import _process_end
 from ._admission import Admission, Stats
 from ._coordinator import Coordinator
-from ._options import ChannelOptions, Options
+from ._options import Options, check_body_runs
+from ._outcomes import _name_of
 from ._progress import Reporter, sized_length
 from ._waits import check_timeout
 from .backends import Backend
@@ -95,6 +99,7 @@ class ProcessChannel(Generic[T]):
     ) -> None:
         if not callable(send_fn):
             raise OptionsError(f"send_fn must be callable (got {send_fn!r})")
+        check_body_runs("send_fn", send_fn, in_worker=True)
         opts = Options(
             workers=workers,
             max_leases=max_leases,
@@ -136,12 +141,18 @@ class ProcessChannel(Generic[T]):
         self._progress: Reporter | None = None
         if opts.progress is not False:
             self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
-            opts = _finish_progress_first(opts, self._progress)
         limiter = _make_limiter(opts.qps, adm._wake)
         # A limiter built here (from a rate, or the token source over a Limiter) is ours to
         # close; a RateLimiter or Limiter given is the user's.
         owned = limiter is not None and limiter is not opts.qps
-        self._coord = coord = Coordinator(opts, adm, opts.backend, limiter, owns_limiter=owned)
+        self._coord = coord = Coordinator(
+            opts,
+            adm,
+            opts.backend,
+            limiter,
+            owns_limiter=owned,
+            final_report=None if self._progress is None else self._progress.finish,
+        )
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
         coord.start()
         if self._progress is not None:
@@ -165,6 +176,8 @@ class ProcessChannel(Generic[T]):
 
     def put(self, item: T, *, timeout: float | None = None) -> None:
         """Add one item; wait while BlockNewItems is full (TimeoutError after ``timeout``)."""
+        if timeout is not None:
+            check_timeout("put", timeout)  # before item_size runs
         size = self._size_of(item) if self._item_size is not None else None
         self._adm.put_one(item, size=size, timeout=timeout)
 
@@ -179,11 +192,11 @@ class ProcessChannel(Generic[T]):
         When it has to stop early (closed, timeout, an item of a forbidden size) it raises what
         ``put`` would have raised for that item, with the count added so far as ``exc.added``.
         """
+        deadline = _deadline("put_many", timeout)
         if self._progress is not None:
             n = sized_length(items)
             if n is not None:
                 self._progress.announce(n)
-        deadline = _deadline("put_many", timeout)
         batch: list[T] = []
         try:
             batch.extend(items)
@@ -196,7 +209,7 @@ class ProcessChannel(Generic[T]):
     def _put_list(self, batch: list[T], deadline: float | None, err: Exception | None) -> int:
         """Admit ``batch``; with ``err`` (what stopped the iterable), set ``err.added``."""
         if self._item_size is None:
-            added = self._adm.admit(batch, None, block=True, deadline=deadline)
+            added = self._adm.admit(batch, None, block=True, deadline=deadline, method="put_many")
             if err is not None:
                 err.added = added  # type: ignore[attr-defined]
             return added
@@ -206,10 +219,12 @@ class ProcessChannel(Generic[T]):
                 sizes.append(self._size_of(item))
         except Exception as exc:
             good = len(sizes)
-            added = self._adm.admit(batch[:good], sizes, block=True, deadline=deadline)
+            added = self._adm.admit(
+                batch[:good], sizes, block=True, deadline=deadline, method="put_many"
+            )
             exc.added = added  # type: ignore[attr-defined]
             raise
-        added = self._adm.admit(batch, sizes, block=True, deadline=deadline)
+        added = self._adm.admit(batch, sizes, block=True, deadline=deadline, method="put_many")
         if err is not None:
             err.added = added  # type: ignore[attr-defined]
         return added
@@ -261,11 +276,28 @@ class ProcessChannel(Generic[T]):
         if self._adm.inherited_by_fork:
             self._adm._check_open(0)  # raises the error that explains it
 
+    def _reentry(self, what: str) -> BaseException | None:
+        """The error for a wait for the drain made on a thread the drain waits for: the
+        coordinator's, or the one that makes the last progress report; None elsewhere."""
+        if self._adm.coordinator_ident == threading.get_ident():
+            err: BaseException = self._adm.reentry_error(what)
+            return err
+        progress = self._progress
+        if progress is not None and progress.is_current_thread():
+            name = _name_of(self._coord.opts.progress)
+            return ProcDispatchError(
+                f"{what} from the progress callable ({name}): the drain ends with its last "
+                "report, made on this thread, so it would wait for itself (call close() or "
+                "cancel() there: they do not wait)"
+            )
+        return None
+
     def _check_can_wait(self, what: str) -> None:
         """Raise instead of waiting for the drain when the wait would wait for itself."""
         adm = self._adm
-        if adm.coordinator_ident == threading.get_ident():
-            raise adm.reentry_error(what)
+        err = self._reentry(what)
+        if err is not None:
+            raise err
         if adm.lock.locked() and _interrupts_a_producer(adm):
             # A signal handler on top of put(): if that put holds the lock, the coordinator
             # cannot take what was put, and the drain never ends. Another thread holding the
@@ -301,13 +333,14 @@ class ProcessChannel(Generic[T]):
     ) -> None:
         if self._adm.inherited_by_fork:
             return  # nothing of it runs in this process
-        if self._adm.coordinator_ident == threading.get_ident():
+        err = self._reentry("leaving a with block of the channel cannot wait")
+        if err is not None:
             # In a callback: end the channel as the block would, but do not wait for it.
             if exc_type is None or issubclass(exc_type, (Exception, GeneratorExit)):
                 self.close()
             else:
                 self.cancel()
-            raise self._adm.reentry_error("leaving a with block of the channel cannot wait")
+            raise err
         if exc_type is not None and not issubclass(exc_type, (Exception, GeneratorExit)):
             deadline = _process_end.sigterm_deadline()
             if issubclass(exc_type, SystemExit) and deadline is not None:
@@ -383,11 +416,9 @@ class ProcessChannel(Generic[T]):
 
     async def aclose_and_drain(self, timeout: float | None = None) -> bool:
         """:meth:`close_and_drain` for asyncio (the same errors once drained)."""
-        self.close()
-        ok = await self.await_drained(timeout)
-        if ok:
-            self._raise_after_drain()
-        return ok
+        from . import _aio
+
+        return await _aio.close_and_drain(self, timeout)
 
     async def __aenter__(self) -> ProcessChannel[T]:
         return self
@@ -429,22 +460,6 @@ def _make_limiter(qps: Any, wake: Callable[[], None]) -> Any:
     if isinstance(qps, RemoteLimit):
         return qps.tokens(wake)
     return RateLimiter._for(qps)
-
-
-def _finish_progress_first(opts: ChannelOptions, reporter: Reporter) -> ChannelOptions:
-    """The options with an ``on_drained`` that makes the final progress report first: it runs
-    at the very end of the coordinator, before ``wait_drained()`` returns, so the final totals
-    are on screen before anything the program prints after the drain."""
-    user = opts.on_drained
-
-    def on_drained() -> None:
-        try:
-            reporter.finish()
-        finally:
-            if user is not None:
-                user()
-
-    return dataclasses.replace(opts, on_drained=on_drained)
 
 
 #: How long a drain waited for from a signal handler lets the admission lock stay taken
@@ -491,7 +506,7 @@ def _reentry_errors(opts: Any) -> Callable[[str], BaseException]:
                 name = codes[f.f_code]
                 break
             f = f.f_back  # type: ignore[assignment]
-        if what.startswith("put()"):
+        if what.endswith("cannot wait for room"):
             return BufferFull(
                 f"{what} from {name}: the buffer is full, and the coordinator thread, which "
                 f"runs {name}, is what makes room, so it would wait for itself (use "

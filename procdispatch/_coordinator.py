@@ -47,6 +47,7 @@ import enum
 import logging
 import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
@@ -105,8 +106,12 @@ class Coordinator:
         *,
         owns_limiter: bool = False,
         clock: Clock | None = None,
+        final_report: Callable[[], None] | None = None,
     ) -> None:
         self.opts = opts
+        #: The progress display's final report (it waits a bounded time for another thread),
+        #: made after the last ``on_drop`` and before ``on_drained``.
+        self._final_report = final_report
         self.admission = admission
         self.backend = backend
         self._limiter = limiter
@@ -194,6 +199,8 @@ class Coordinator:
             workers.respawn_due(now)
         if self._finished():
             return FINISHED
+        if self.pool.waiting:
+            workers.begin_waiting(now)  # starts whose turn came (a start in flight ended)
         return self._timeout(now)
 
     def _ingest(self, now: float, woke: bool) -> None:
@@ -390,6 +397,10 @@ class Coordinator:
         self.admission.publish(self.ledger, 0)
         # User code: each is guarded, and reported when slow, by Outcomes itself.
         self.outcomes.flush_drops()
+        if self._final_report is not None:
+            # Before on_drained, so the totals are on screen before anything printed after
+            # the drain; it never runs user code on this thread.
+            _guarded("make the final progress report", self._final_report)
         self.outcomes.drained()
 
 

@@ -1,9 +1,9 @@
 """Delivery reports: the ``on_delivered`` callback, once per delivered batch, with its items.
 
 Run by :class:`~._outcomes.Outcomes` on the coordinator thread, where ``on_drop`` runs, and
-guarded the same way: a raising ``on_delivered`` is logged and ignored, a slow one is reported
-(see :data:`~._outcomes.SLOW_CALLBACK`); the accounting is booked before the call, so nothing
-the callback does can lose or double-count an item.
+through the same guard (:func:`~._outcomes.call_user`): whatever ``on_delivered`` raises, of
+whatever class, is logged and ignored, and a slow one is reported; the accounting is booked
+before the call, so nothing the callback does can lose or double-count an item.
 
 What "delivered" is follows the accounting. A send that returned delivered every item its
 batch still held: the batch itself is reported. A send that raised after removing items from
@@ -20,28 +20,20 @@ Keep-alive batches (``min_qps``) are never reported: they hold no item of the us
 from __future__ import annotations
 
 import collections
-import logging
 from collections.abc import Callable
-from time import monotonic
 from typing import Any
 
 from .buffer import Batch
 
 __all__ = ["DeliveryReports", "removed_items"]
 
-log = logging.getLogger("procdispatch")
-
 
 class DeliveryReports:
-    """Calls ``on_delivered``; see the module docstring."""
+    """Tells ``report`` (the guarded call of ``on_delivered``) what was delivered; see the
+    module docstring."""
 
-    def __init__(
-        self,
-        on_delivered: Callable[[Batch[Any]], object],
-        warn_if_slow: Callable[[str, object, float], None],
-    ) -> None:
-        self._fn = on_delivered
-        self._warn_if_slow = warn_if_slow
+    def __init__(self, report: Callable[[Batch[Any]], None]) -> None:
+        self._call = report
 
     def whole(self, batch: Batch[Any]) -> None:
         """Every item ``batch`` holds was delivered."""
@@ -53,15 +45,6 @@ class DeliveryReports:
         or by ``on_error``); the rest stays with ``batch``."""
         if items and not batch.synthetic:
             self._call(Batch(items, batch.meta, batch.id, batch.attempt))
-
-    def _call(self, batch: Batch[Any]) -> None:
-        t0 = monotonic()
-        try:
-            self._fn(batch)
-        except Exception:
-            log.exception("on_delivered raised for batch %d; ignored", batch.id)
-        finally:
-            self._warn_if_slow("on_delivered", self._fn, t0)
 
 
 def removed_items(
@@ -94,7 +77,7 @@ def removed_items(
             for i, x in enumerate(gone):
                 try:
                     same = bool(x == y)
-                except Exception:
+                except BaseException:  # user code (an item's __eq__): as in call_user
                     same = False
                 if same:
                     del gone[i]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fullbehavior import check_int_limit
 from .backends import Backend, make_backend
+from .backends._usercode import lazy_kind
 
 if TYPE_CHECKING:
     from ._limiter.gcra import ParsedRate
@@ -29,7 +30,13 @@ if TYPE_CHECKING:
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
-__all__ = ["ChannelOptions", "Options", "default_start_method", "options_table"]
+__all__ = [
+    "ChannelOptions",
+    "Options",
+    "check_body_runs",
+    "default_start_method",
+    "options_table",
+]
 
 
 def default_start_method() -> str:
@@ -69,6 +76,44 @@ def _int(name: str, value: object, *, allow_none: bool) -> None:
 def _callable(name: str, value: object) -> None:
     if value is not None and not callable(value):
         raise OptionsError(f"{name} must be callable or None (got {value!r})")
+
+
+#: What a call of each kind of function (see ``lazy_kind``) makes instead of running its body.
+_BUILDS = {
+    "a generator function": "a generator",
+    "an async generator function": "an async generator",
+    "a coroutine function": "a coroutine",
+}
+
+
+def check_body_runs(name: str, value: object, *, in_worker: bool) -> None:
+    """Refuse a callable whose call would only build a generator (or, in the parent, where
+    nothing awaits, a coroutine): its body would never run, and nothing would say so. Workers
+    await coroutines (``send_fn``, ``worker_init``); the parent calls its callbacks as plain
+    functions."""
+    kind = lazy_kind(value) if value is not None else None
+    if kind is None or (in_worker and kind == "a coroutine function"):
+        return
+    made = f"calling it only makes {_BUILDS[kind]}"
+    if in_worker:
+        outcome = _NEVER_RUN.get(name, "")
+        raise OptionsError(
+            f"{name} must not be {kind} (got {value!r}): {made}, which a worker does not "
+            f"iterate, so its body would never run{outcome}; make it a plain function, or an "
+            "async def (a worker awaits its coroutine)"
+        )
+    raise OptionsError(
+        f"{name} must not be {kind} (got {value!r}): {made}, and the parent calls {name} as a "
+        "plain function (it neither iterates nor awaits what that returns), so its body would "
+        "never run; make it a plain function"
+    )
+
+
+#: What a worker-side callable whose body never runs would silently lead to.
+_NEVER_RUN = {
+    "send_fn": " and every batch would count as delivered",
+    "worker_init": " and workers would start without it",
+}
 
 
 def _bool(name: str, value: object) -> None:
@@ -198,7 +243,9 @@ class Options:
         default=60.0,
         metadata=_doc(
             "seconds a worker may take to start, `worker_init` included; one not ready by then is "
-            "killed (a thread worker abandoned) and counts as a failed start",
+            "killed (a thread worker abandoned) and counts as a failed start. Worker processes "
+            "start a few at a time (about one per core); each one's clock starts when its own "
+            "start begins, not while it waits for its turn",
         ),
     )
     delivery_timeout: float | None = field(
@@ -249,7 +296,11 @@ class Options:
             "`True`: a tqdm bar on stderr (delivered / total, rate; dropped, in flight and "
             "retried after it), or a status line every 5 s when stderr is not a terminal, and a "
             "final one; a tqdm bar of yours to update and close; or a callable given a `Stats` "
-            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a bar",
+            "up to 10 times a second and once at the end. Needs `procdispatch[progress]` for a "
+            "bar. The reports run on a thread of their own: one that raises (whatever it "
+            "raises) is logged once at WARNING and the reports go on; the end of the channel "
+            "waits at most 1 s for the final report (still busy then: a WARNING, and the final "
+            "report comes when it returns)",
         ),
     )
     progress_total: int | None = field(
@@ -296,6 +347,7 @@ class Options:
             fifo=self.fifo,
         ).validated()
         _callable("item_size", self.item_size)
+        check_body_runs("item_size", self.item_size, in_worker=False)
         if self.batch_size_max is not None and self.item_size is None:
             raise OptionsError(
                 f"batch_size_max needs item_size to measure items (got batch_size_max="
@@ -314,6 +366,7 @@ class Options:
                 )
         for name in ("on_error", "on_drop", "on_delivered", "on_drained", "worker_init"):
             _callable(name, getattr(self, name))
+            check_body_runs(name, getattr(self, name), in_worker=name == "worker_init")
         _number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
         _number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
         _number("start_timeout", self.start_timeout, minimum=0, strict=True, allow_none=False)
@@ -324,6 +377,8 @@ class Options:
         from ._progress import check_progress
 
         check_progress(self.progress, self.progress_total)
+        if not isinstance(self.progress, bool):
+            check_body_runs("progress", self.progress, in_worker=False)
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:
             raise OptionsError(

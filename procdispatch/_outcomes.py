@@ -16,9 +16,9 @@ user's callbacks and the ledger, and nothing of workers or pipes. The worker sid
 Every way out ends the lease exactly once, and every item leaves the channel exactly once, as
 delivered or dropped: the moves are booked in the :class:`~._admission.Ledger`.
 
-User code (``on_error``, ``on_drop``, ``on_drained``, the retry policy) runs only through
-:func:`call_user`: whatever it raises, of whatever class, is its own failure and never the
-loop's, and a call that takes longer than ``SLOW_CALLBACK`` is reported.
+User code (``on_error``, ``on_drop``, ``on_delivered``, ``on_drained``, the retry policy) runs
+only through :func:`call_user`: whatever it raises, of whatever class, is its own failure and
+never the loop's, and a call that takes longer than ``SLOW_CALLBACK`` is reported.
 """
 
 from __future__ import annotations
@@ -65,9 +65,7 @@ class Outcomes:
             opts.on_error or default_on_error
         )
         self._on_drop: Callable[[Batch[Any] | None, bool], None] = opts.on_drop or default_on_drop
-        self._reports = (
-            DeliveryReports(opts.on_delivered, _warn_if_slow) if opts.on_delivered else None
-        )
+        self._reports = DeliveryReports(self._report_delivered) if opts.on_delivered else None
         #: Set by the coordinator once the channel is cancelled: no failure is retried.
         self.cancelled = False
         #: Why the first item was dropped (None: an eviction or a cancel); for ItemsDropped.
@@ -277,6 +275,18 @@ class Outcomes:
             batch.data = data
             return False
         return res
+
+    def _report_delivered(self, batch: Batch[Any]) -> None:
+        """``on_delivered(batch)``; its items are counted as delivered whatever it does."""
+        assert self.opts.on_delivered is not None
+        res = call_user("on_delivered", self.opts.on_delivered, batch)
+        if isinstance(res, Raised):
+            log.error(
+                "on_delivered raised for batch %d: %s; ignored (its items are delivered)",
+                batch.id,
+                proto.describe_error(res.error),
+                exc_info=res.error,
+            )
 
     def _retry_wanted(self, batch: Batch[Any], exc: BaseException) -> bool:
         return bool(self._on_error(batch, exc))  # bool() of what it returned is user code too

@@ -7,6 +7,14 @@ backend), watches, kills and buries workers, and reports what happened; what tha
 batches (retry, drop) is decided by :mod:`._workers` and :mod:`._outcomes`. Only the
 coordinator thread calls into the pool.
 
+Starting a worker that costs a core while it starts (a process: an interpreter, the user's
+imports, ``worker_init``) competes for the cores with the workers already serving. So for such a
+backend (``staggered_start``) at most :data:`START_LIMIT` workers start at once: a slot is STARTING
+from its start's beginning until its Ready (or its death), and the slots spawned beyond the limit
+wait, in order, in a :class:`~._starting.QueuedStart` with no process and no deadline, until a
+start in flight ends (:meth:`WorkerPool.begin_waiting`). A worker that is ready takes leases
+while its siblings start; the channel's end abandons the waiting starts, which hold nothing.
+
 The selector is the coordinator's one wait point. It watches the wake pipe, every worker's result
 pipe and death sentinel, and -- only while a handle has frames waiting for room -- that worker's
 lease pipe for writability: :meth:`WorkerPool.wait` flushes those itself and reports only what
@@ -21,18 +29,31 @@ import collections
 import contextlib
 import enum
 import math
+import os
 import selectors
 import time
 from typing import Any
 
 from . import _protocol as proto
 from ._options import ChannelOptions
-from ._starting import Starts
+from ._starting import QueuedStart, Starts
 from .backends import Backend, WorkerHandle
 from .buffer import Batch
 from .errors import InternalError
 
-__all__ = ["Slot", "WState", "WorkerPool"]
+__all__ = ["START_LIMIT", "Slot", "WState", "WorkerPool"]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+#: Workers of a ``staggered_start`` backend that start at once at most (see the module
+#: docstring): about one per core, the cores their start-up competes for.
+START_LIMIT = max(2, _cores())
 
 #: Marks a selector key that watches a lease pipe for room (the others carry a sentinel flag).
 _WRITABLE = None
@@ -133,23 +154,60 @@ class WorkerPool:
             self._selector.register(self._starts.fileno(), selectors.EVENT_READ, _STARTS)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
+        #: Starts in flight at once at most (None: no limit), and the slots waiting their turn.
+        self._start_limit = START_LIMIT if backend.staggered_start else None
+        self.waiting: collections.deque[Slot] = collections.deque()
 
     # ---- starting and watching ------------------------------------------------------------
 
     def spawn(self, now: float) -> Slot:
-        """Start one worker (raises what starting it raised); start_timeout runs from now.
-        A start that may block runs on a starter thread: the slot holds a StartingHandle
-        until :meth:`wait` learns that it returned."""
+        """Start one worker (raises what starting it raised), or queue its start behind those
+        waiting while START_LIMIT starts are in flight; see :meth:`_begin`."""
         self._next_wid += 1
-        wid = self._next_wid
-        if self._starts is not None:
-            slot = Slot(wid, self._starts.begin(wid, self._backend))
+        slot = Slot(self._next_wid, QueuedStart())
+        if self.waiting or self._room() <= 0:
+            self.waiting.append(slot)
         else:
-            slot = Slot(wid, self._backend.start_worker(wid))
-            self._watch(slot)
-        slot.deadline = now + self.opts.start_timeout
+            self._begin(slot, now)
         self.slots.append(slot)
         return slot
+
+    def begin_waiting(self, now: float) -> list[BaseException]:
+        """Begin the waiting starts, oldest first, while fewer than START_LIMIT are in flight;
+        what each start that could not begin raised (its slot is forgotten)."""
+        errors: list[BaseException] = []
+        if not self.waiting:
+            return errors
+        room = self._room()
+        while room > 0 and self.waiting:
+            slot = self.waiting.popleft()
+            try:
+                self._begin(slot, now)
+            except Exception as exc:
+                slot.move(DEAD)
+                self.slots.remove(slot)
+                errors.append(exc)
+                continue
+            room -= 1
+        return errors
+
+    def _room(self) -> int:
+        """How many more starts may begin now."""
+        if self._start_limit is None:
+            return 1
+        starting = sum(1 for s in self.slots if s.state is STARTING)
+        return self._start_limit - (starting - len(self.waiting))
+
+    def _begin(self, slot: Slot, now: float) -> None:
+        """Begin a slot's start; start_timeout runs from now. A start that may block runs on a
+        starter thread: the slot holds a StartingHandle until :meth:`wait` learns that it
+        returned."""
+        if self._starts is not None:
+            slot.handle = self._starts.begin(slot.wid, self._backend)
+        else:
+            slot.handle = self._backend.start_worker(slot.wid)
+            self._watch(slot)
+        slot.deadline = now + self.opts.start_timeout
 
     def _watch(self, slot: Slot) -> None:
         conn, sentinel = slot.handle.waitables()
@@ -237,7 +295,8 @@ class WorkerPool:
         return any(s.batches for s in self.slots)
 
     def alive(self) -> int:
-        return sum(1 for s in self.slots if s.state is not DEAD)
+        """Workers begun and not gone (a start waiting its turn has nothing running)."""
+        return sum(1 for s in self.slots if s.state is not DEAD) - len(self.waiting)
 
     # ---- ending ---------------------------------------------------------------------------
 
@@ -262,6 +321,9 @@ class WorkerPool:
         self._unwatch(slot)
         handle.close()
         self.slots.remove(slot)
+        if isinstance(handle, QueuedStart):
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(slot)
         return code
 
     def _unwatch(self, slot: Slot) -> None:
@@ -277,7 +339,9 @@ class WorkerPool:
         A worker whose stop frame cannot be written at once (its pipe is full of leases the
         channel no longer holds) or that is still starting (it holds nothing) is killed
         instead: nothing is waited for that way, and no lease is sent after the drain. A
-        start still running is given up, and its starter thread joined."""
+        start still running is given up, and its starter thread joined; one waiting its turn
+        is forgotten."""
+        self.waiting.clear()
         for s in self.slots:
             if s.state is STARTING or s.handle.stop():
                 s.handle.kill()

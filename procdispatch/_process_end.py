@@ -246,7 +246,9 @@ def drain_on_sigterm(timeout: float = 30.0) -> None:
         or math.isnan(timeout)
         or timeout < 0
     ):
-        raise OptionsError(f"timeout must be a number of seconds >= 0 (got {timeout!r})")
+        raise OptionsError(
+            f"drain_on_sigterm(): timeout must be a number of seconds >= 0 (got {timeout!r})"
+        )
     seconds = float(timeout)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -9,10 +9,18 @@ Threads. A daemon thread of the parent (``procdispatch-progress``) takes a snaps
 the sink at most every :data:`REFRESH` seconds (bars and callables) or :data:`LINE_EVERY`
 seconds (lines). It never runs on the coordinator thread, so a slow terminal or callable
 delays only the display, never a batch. It is a daemon so that it never keeps the process
-alive. The channel ends it from its ``on_drained`` step: :meth:`Reporter.finish` asks for the
-final report and waits for it (at most :data:`FINISH_WAIT` seconds), so that the final
-refresh -- the totals after the drain -- is on screen before ``wait_drained()`` returns and
-the program prints anything else.
+alive. The coordinator's shutdown ends it as a step of its own, after the last ``on_drop`` and
+before ``on_drained``: :meth:`Reporter.finish` asks for the final report and waits for it at
+most :data:`FINISH_WAIT` seconds, so that the final refresh -- the totals after the drain -- is
+on screen before ``wait_drained()`` returns and the program prints anything else. A sink still
+busy after that bound (a blocked callable, a stderr nobody reads) is named in a WARNING and the
+drain goes on; the final report, with the final totals, is made when the sink returns.
+
+Failures. Whatever a sink raises, of whatever class, is its own failure: the first is logged
+once at WARNING (naming the sink, with its traceback) and the reports go on; a sink that
+failed again is named once more at the end, with the count. A ``SystemExit`` or
+``KeyboardInterrupt`` is no exception to that: on this thread it can only come from the sink
+itself (Python delivers signals to the main thread), and it must not end the reports.
 
 The total is ``progress_total`` when given, else the sum of the lengths of the sized
 iterables given to ``put_many`` (None when there were none: the bar then shows a count and a
@@ -21,6 +29,7 @@ rate only).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -36,10 +45,13 @@ __all__ = ["FINISH_WAIT", "LINE_EVERY", "REFRESH", "Reporter", "check_progress"]
 REFRESH = 0.1
 #: Seconds between two status lines when stderr is not a terminal.
 LINE_EVERY = 5.0
-#: Longest the end of a channel waits for the final report (a blocked stderr must not hang it).
-FINISH_WAIT = 5.0
+#: Longest the end of a channel waits for the final report: a blocked callable or stderr holds
+#: the drain no longer than this.
+FINISH_WAIT = 1.0
 
 _EXTRA = "pip install 'procdispatch[progress]'"
+
+log = logging.getLogger("procdispatch")
 
 
 def is_tqdm(value: object) -> bool:
@@ -96,6 +108,7 @@ class Reporter:
         self._started = time.monotonic()
         self._last_delivered = 0
         self._last_line = self._started
+        self._failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="procdispatch-progress", daemon=True)
 
@@ -112,6 +125,10 @@ class Reporter:
         self._last_line = self._started
         self._thread.start()
 
+    def is_current_thread(self) -> bool:
+        """Whether this is the reporting thread (the drain waits for its last report)."""
+        return threading.current_thread() is self._thread
+
     def announce(self, n: int) -> None:
         """``put_many`` was given a sized iterable of ``n`` items."""
         with self._lock:
@@ -122,20 +139,45 @@ class Reporter:
         return self._fixed_total if self._fixed_total is not None else self._announced
 
     def finish(self) -> None:
-        """The channel drained: make the final report, then return (waits at most
-        FINISH_WAIT seconds, and never from the reporting thread itself)."""
+        """The channel drained: make the final report, then return. Waits at most
+        FINISH_WAIT seconds (and never from the reporting thread itself); a sink still busy
+        then is named in a WARNING, and makes the final report when it returns."""
         self._stop.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(FINISH_WAIT)
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return
+        self._thread.join(FINISH_WAIT)
+        if self._thread.is_alive():
+            log.warning(
+                "%s has not returned after %.1fs: the drain goes on without waiting for the "
+                "final progress report, which is made when it returns",
+                self.describe(),
+                FINISH_WAIT,
+            )
+
+    def describe(self) -> str:
+        """The sink, for a log line: the user's callable or bar by name."""
+        from ._outcomes import _name_of
+
+        if self._call is not None:
+            return f"progress callable {_name_of(self._call)}"
+        if self._own_bar:
+            return "the progress bar on stderr"
+        if self._bar is not None:
+            return f"progress bar {_name_of(type(self._bar))}"
+        return "the progress lines on stderr"
 
     # ---- the reporting thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            while not self._stop.wait(self._interval):
-                self._report(final=False)
-        finally:
-            self._report(final=True)
+        while not self._stop.wait(self._interval):
+            self._report(final=False)
+        self._report(final=True)
+        if self._failures > 1:
+            log.warning(
+                "%s failed %d times in all (only the first is logged)",
+                self.describe(),
+                self._failures,
+            )
 
     def _report(self, *, final: bool) -> None:
         try:
@@ -146,13 +188,16 @@ class Reporter:
                 self._draw(s, final)
             else:
                 self._line(s, final)
-        except Exception as exc:
-            # A display that fails must not end the reports, nor ever the channel.
-            import logging
-
-            logging.getLogger("procdispatch").warning(
-                "progress report failed: %s: %s", type(exc).__name__, exc
-            )
+        except BaseException as exc:  # the sink's own failure: see the module docstring
+            self._failures += 1
+            if self._failures == 1:
+                log.warning(
+                    "%s raised %s: %s; the progress reports go on",
+                    self.describe(),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
 
     def _draw(self, s: Stats, final: bool) -> None:
         bar = self._bar

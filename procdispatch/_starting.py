@@ -8,6 +8,9 @@ results read, no ``send_timeout``, no cancel, no drain deadline. So for a backen
 ``start_worker_abortable`` on a thread of its own, and the slot holds a :class:`StartingHandle`
 meanwhile.
 
+Which starts begin, and when, is the pool's decision (at most ``START_LIMIT`` at once, see
+:mod:`._pool`); a start waiting for its turn holds a :class:`QueuedStart`, and no thread.
+
 A :class:`StartingHandle` is a worker whose start has not returned: no pid, nothing to read or
 watch. Its slot is STARTING, and ``start_timeout`` runs from the start's beginning as for any
 starting worker. When the start returns, its thread posts the handle and writes a byte into the
@@ -37,7 +40,7 @@ from .backends import Backend, StartAbort, StartAborted, WorkerHandle
 from .buffer import Batch
 from .errors import InternalError
 
-__all__ = ["ORPHAN_WAIT", "StartingHandle", "Starts"]
+__all__ = ["ORPHAN_WAIT", "QueuedStart", "StartingHandle", "Starts"]
 
 log = logging.getLogger("procdispatch")
 
@@ -142,6 +145,35 @@ class StartingHandle(WorkerHandle):
             posted = self._result
         if posted is not None:
             posted.disown()
+
+
+class QueuedStart(WorkerHandle):
+    """A worker whose start waits for its turn (see ``START_LIMIT`` in :mod:`._pool`): nothing
+    begun, nothing to watch, kill or wait for."""
+
+    def send_lease(self, batch: Batch[object]) -> bool:
+        raise InternalError(f"batch {batch.id} was handed to a worker whose start had not begun")
+
+    def waitables(self) -> tuple[None, None]:
+        return None, None
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        return [], False
+
+    def drain(self) -> list[proto.WorkerMessage]:
+        return []
+
+    def exitcode(self, wait: float) -> int | None:
+        return None
+
+    def kill(self) -> None:
+        pass
+
+    def stop(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 class Starts:

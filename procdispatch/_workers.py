@@ -10,6 +10,9 @@ outcomes for the batches it held (:class:`~._outcomes.Outcomes`):
 * before a worker is killed for a deadline (``send_timeout``, the end of ``cancel_grace``,
   ``start_timeout``) what it already answered is read, and read again once it is dead: a batch
   whose answer was in the pipe is not failed;
+* at most ``START_LIMIT`` workers of a backend whose workers cost a core to start are
+  starting at once (from the beginning of their start to their Ready); the others wait their
+  turn, and their ``start_timeout`` runs from the beginning of their own start;
 * a worker that cannot start, or is not ready within ``start_timeout``, counts towards
   ``WorkerStartFailed``; after too many failed starts in a row the channel fails. A start that
   may block runs on a starter thread (:mod:`._starting`): its slot is STARTING meanwhile, a
@@ -111,10 +114,20 @@ class Workers:
             for _ in range(n):
                 self.spawn()
 
+    def begin_waiting(self, now: float) -> None:
+        """Begin the starts waiting for their turn (at most START_LIMIT in flight), unless the
+        channel is ending; one that cannot begin counts as a start that raised."""
+        if self.ending():
+            return
+        for exc in self.pool.begin_waiting(now):
+            self._spawn_failed(exc)
+        self.ledger.alive = self.pool.alive()
+
     def spawn(self) -> None:
-        """Start a worker. If starting raises, no worker exists to die and be replaced, so the
-        start is retried after SPAWN_RETRY_DELAY; the failures count towards
-        WorkerStartFailed like workers dying at start-up."""
+        """Start a worker, or queue its start while START_LIMIT starts are in flight. If
+        starting raises, no worker exists to die and be replaced, so the start is retried after
+        SPAWN_RETRY_DELAY; the failures count towards WorkerStartFailed like workers dying at
+        start-up."""
         try:
             self.pool.spawn(self._now())
         except Exception as exc:

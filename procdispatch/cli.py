@@ -7,46 +7,71 @@ joins the two. Each is usable alone, so both halves can be tested without the ot
 
 Input. Each FILE (``-``: standard input; none: standard input) is read in order, as JSON lines
 (the default: one item per non-blank line), ``--lines`` (each line a string, without its line
-break) or ``--csv`` (each row a dict, keyed by the file's header row). A JSON line that does
-not parse is reported on stderr, never put, and counts as dropped.
+break) or ``--csv`` (each row a dict, keyed by the file's header row). The input is UTF-8 (a
+byte-order mark at the start of a file is skipped). Each item is put as soon as its line has
+been read, so a slow producer's items go out within ``--batch-age``. A JSON line that does not
+parse is reported on stderr, never put, and counts as dropped. A line that is not UTF-8 (or
+an input that cannot be read, or CSV that does not parse) is an input error: it is reported
+with its file and line number, the reading stops there, what was read before it is sent (the
+channel drains as usual), and the exit status is 2: the bytes are most likely not the text
+they were taken for (another encoding, a compressed file), which a line-by-line skip would
+turn into as many errors as lines. The reading also stops when ``--dropped`` cannot be
+written.
 
 Dropped items. With ``--dropped FILE``, every item the channel drops (and every JSON line that
 did not parse) is appended to FILE as one JSON line, the item re-encoded with ``json.dumps``:
 JSON input gives back the same lines, ready to replay with the same command; a ``--lines``
 item is written as a JSON string and a ``--csv`` row as a JSON object, so the file replays in
-the default JSON mode with the very items the send function was given.
+the default JSON mode with the very items the send function was given. FILE must not be one of
+the input files (nor the file on standard input).
 
-Exit status: 0 when every item was delivered; 1 when anything was dropped; 2 on bad usage (an
-unknown flag, an option the channel refuses, a MODULE:FUNCTION that cannot be loaded); 130
-after a Ctrl-C (the channel is cancelled: sends in flight get ``cancel_grace``, and what they
-held is dropped, so written to ``--dropped``).
+Exit status: 0 when every item was delivered; 1 when anything was dropped (or a JSON line did
+not parse); 2 on bad usage (an unknown flag, a value a flag refuses, a MODULE:FUNCTION that
+cannot be loaded, a FILE that cannot be read, a closed standard input, a ``--dropped`` that
+cannot be opened or names an input; nothing is read) or an input or ``--dropped`` error while
+running (see above; the final statistics are printed); 130 after a Ctrl-C: the channel is
+cancelled (sends in flight get ``cancel_grace``, and what they held is dropped, so written to
+``--dropped``) and the reading stops; every line read is sent, dropped, or, read after the
+cancel, written to ``--dropped`` and counted as not put. The first that applies, in the order
+130, 2, 1, is the status.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import io
 import json
 import multiprocessing
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import IO, Any
 
-__all__ = ["RunArgs", "UsageError", "load_target", "main", "parse_args", "read_items", "run"]
+from ._cli_dropped import open_dropped
+from ._cli_input import (
+    InputError,
+    Interrupt,
+    UsageError,
+    check_inputs,
+    count_items,
+    feed,
+    read_chunks,
+    read_items,
+)
 
-#: Items handed to the channel per ``put_many`` call.
-CHUNK = 500
-
-
-class UsageError(Exception):
-    """The command line cannot run as given (exit status 2)."""
+__all__ = [
+    "InputError",
+    "RunArgs",
+    "UsageError",
+    "load_target",
+    "main",
+    "parse_args",
+    "read_items",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -82,11 +107,18 @@ def run_parser() -> argparse.ArgumentParser:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.description = (
-        "Read items (JSON lines by default) from FILEs or stdin and send them, in batches, "
-        "through FUNCTION (it takes a procdispatch.Batch; raise to fail the batch, remove "
-        "from batch.data the items it delivered) in worker processes. Exit status: 0 when "
-        "every item was delivered, 1 when anything was dropped, 2 on bad usage, 130 after "
-        "Ctrl-C."
+        "Read items (JSON lines by default; UTF-8) from FILEs or stdin and send them, in "
+        "batches, through FUNCTION (it takes a procdispatch.Batch; raise to fail the batch, "
+        "remove from batch.data the items it delivered) in worker processes. Each item is put "
+        "as soon as its line is read."
+    )
+    p.epilog = (
+        "Exit status: 0 when every item was delivered; 1 when anything was dropped (or a JSON "
+        "line did not parse); 2 on bad usage (nothing is read) or an input error: a line that "
+        "is not UTF-8, an input that cannot be read, a --dropped FILE that cannot be written "
+        "(the reading stops there, what was read before is sent, and the final statistics are "
+        "printed); 130 after Ctrl-C (the channel is cancelled; what was read and not sent is "
+        "in --dropped)."
     )
     p.add_argument(
         "target",
@@ -170,6 +202,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+#: Each flag's dest and the channel option it sets.
 _FLAGS = {
     "workers": "workers",
     "batch_items": "batch_items_max",
@@ -182,22 +215,27 @@ _FLAGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> RunArgs:
-    """The command line as a RunArgs; bad usage prints the usage and exits with status 2."""
+    """The command line as a RunArgs; bad usage prints the usage and exits with status 2 (a
+    value a flag refuses is named by its flag, with the channel option's rule)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "run":
         build_parser().parse_args(argv)  # help, or the error for an unknown command
     # Intermixed: flags may come after FILEs and FILEs after flags, as with most tools.
-    ns = run_parser().parse_intermixed_args(argv[1:])
+    parser = run_parser()
+    ns = parser.parse_intermixed_args(argv[1:])
     options: dict[str, Any] = {}
-    for flag, option in _FLAGS.items():
-        value = getattr(ns, flag)
+    for dest, option in _FLAGS.items():
+        value = getattr(ns, dest)
         if value is not None:
+            problem = _refused(option, value)
+            if problem is not None:
+                parser.error(f"--{dest.replace('_', '-')}: {problem}")
             options[option] = value
     if ns.retries is not None:
         from . import retry
 
         if ns.retries < 0:
-            run_parser().error(f"--retries must be an int >= 0 (got {ns.retries})")
+            parser.error(f"--retries: must be an int >= 0 (got {ns.retries})")
         options["retry"] = retry.limited(ns.retries)
     return RunArgs(
         target=ns.target,
@@ -207,6 +245,22 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
         progress=ns.progress,
         dropped=ns.dropped,
     )
+
+
+def _refused(option: str, value: Any) -> str | None:
+    """Why the channel refuses ``option=value`` (its rule, without the option's name: the
+    caller names the flag), or None. The channel's own check, so the two cannot differ."""
+    from ._options import Options
+    from .errors import OptionsError
+
+    try:
+        Options(**{option: value}).resolve()
+    except OptionsError as exc:
+        message = str(exc)
+        if message.startswith(f"{option} "):
+            message = message[len(option) + 1 :]
+        return message.replace(" or None (got", " (got")  # None cannot be typed
+    return None
 
 
 def load_target(target: str) -> Callable[[Any], object]:
@@ -231,43 +285,6 @@ def load_target(target: str) -> Callable[[Any], object]:
     return obj  # type: ignore[no-any-return]
 
 
-def read_items(
-    files: list[str], fmt: str, stdin: IO[str], rejected: Callable[[str, str], None]
-) -> Iterator[Any]:
-    """The items of ``files`` in order; ``rejected(line, why)`` gets each JSON line that does
-    not parse."""
-    for name in files:
-        f = stdin if name == "-" else open(name, newline="" if fmt == "csv" else None)  # noqa: SIM115
-        try:
-            if fmt == "csv":
-                yield from csv.DictReader(f)
-            elif fmt == "lines":
-                for line in f:
-                    yield line.rstrip("\r\n")
-            else:
-                for n, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)
-                    except ValueError as exc:
-                        rejected(line.rstrip("\r\n"), f"{name}:{n}: not JSON: {exc}")
-        finally:
-            if f is not stdin:
-                f.close()
-
-
-def _count_items(files: list[str], fmt: str) -> int | None:
-    """The number of items, when it can be known before reading (regular files of lines)."""
-    if fmt == "csv" or "-" in files:
-        return None
-    total = 0
-    for name in files:
-        with open(name, "rb") as f:
-            total += sum(1 for line in f if line.strip()) if fmt == "json" else sum(1 for _ in f)
-    return total
-
-
 def _want_progress(asked: bool | None, stderr: IO[str]) -> bool:
     if asked is not None:
         return asked
@@ -282,29 +299,32 @@ def _want_progress(asked: bool | None, stderr: IO[str]) -> bool:
 
 
 def run(args: RunArgs, *, stdin: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
-    """Do what ``args`` says; return the exit status (UsageError: bad usage)."""
+    """Do what ``args`` says; return the exit status (UsageError: bad usage, found before
+    anything was read).
+
+    ``stdin`` is read for ``-`` instead of the process's standard input (which is read from
+    its file descriptor), as a text stream, line by line. In the main thread, SIGINT is
+    handled while the channel runs (the previous handler is put back after): it cancels the
+    channel and stops the reading, as Ctrl-C does on the command line.
+    """
     import procdispatch as pd
 
     stdin = stdin if stdin is not None else sys.stdin
     err = stderr if stderr is not None else sys.stderr
     send_fn = load_target(args.target)
-    for name in args.files:
-        if name != "-" and not os.path.isfile(name):
-            raise UsageError(f"FILE must be a readable file or '-' (got {name!r})")
-    sink = open(args.dropped, "a", encoding="utf-8") if args.dropped else None  # noqa: SIM115
-    lock = threading.Lock()
-    rejected = 0
+    check_inputs(args.files, stdin)
+    assert stdin is not None  # check_inputs: or no FILE is '-'
 
-    def write_dropped(item: Any) -> None:
-        if sink is not None:
-            with lock:
-                sink.write(json.dumps(item) + "\n")
-                sink.flush()
+    def report(message: str) -> None:
+        print(f"procdispatch: error: {message}", file=err, flush=True)
+
+    sink = open_dropped(args.dropped, args.files, stdin, report) if args.dropped else None
+    rejected = 0
+    not_put = 0
 
     def on_drop(batch: pd.Batch[Any] | None, flush: bool) -> None:
-        if batch is not None and not batch.synthetic:
-            for item in batch.data:
-                write_dropped(item)
+        if sink is not None and batch is not None and not batch.synthetic:
+            sink.write([json.dumps(item) for item in batch.data])
         pd.default_on_drop(batch, flush)
 
     def on_rejected(line: str, why: str) -> None:
@@ -312,46 +332,68 @@ def run(args: RunArgs, *, stdin: IO[str] | None = None, stderr: IO[str] | None =
         rejected += 1
         print(f"procdispatch: {why}", file=err)
         if sink is not None:
-            with lock:
-                sink.write(line + "\n")
-                sink.flush()
+            sink.write([line])
+
+    def on_not_put(items: list[Any]) -> None:
+        nonlocal not_put
+        not_put += len(items)
+        if sink is not None and items:
+            sink.write([json.dumps(item) for item in items])
 
     options = dict(args.options)
     progress = _want_progress(args.progress, err)
     if progress:
         options["progress"] = True
-        options["progress_total"] = _count_items(args.files, args.fmt)
+        options["progress_total"] = count_items(args.files, args.fmt)
     t0 = time.monotonic()
+    interrupt = Interrupt()
     interrupted = False
+    input_error: InputError | None = None
     try:
+        interrupt.install()
         try:
             ch: pd.ProcessChannel[Any] = pd.ProcessChannel(send_fn, on_drop=on_drop, **options)
         except pd.OptionsError as exc:
             raise UsageError(str(exc)) from exc
+        interrupt.attach(ch.cancel)
         try:
             with ch:
-                items = read_items(args.files, args.fmt, stdin, on_rejected)
-                while chunk := list(islice(items, CHUNK)):
-                    ch.put_many(chunk)
+                chunks = read_chunks(args.files, args.fmt, stdin, on_rejected, interrupt=interrupt)
+                try:
+                    feed(ch, chunks, interrupt, on_not_put, sink)
+                except InputError as exc:
+                    input_error = exc
+                    report(str(exc))
+                interrupt.done_reading()  # a Ctrl-C that came is raised now: the block cancels
         except KeyboardInterrupt:
             interrupted = True  # the with block cancelled the channel and waited for it
     finally:
+        interrupt.close()
         if sink is not None:
             sink.close()
     s = ch.stats()
     elapsed = time.monotonic() - t0
     rate = s.items_delivered / elapsed if elapsed > 0 else 0.0
+    extras = f", {rejected} lines not JSON" if rejected else ""
+    if not_put:
+        extras += f", {not_put} read after the interrupt and not put"
+    saved = ""
+    if sink is not None and sink.unsaved:
+        saved = f"; {sink.unsaved} dropped lines could not be written to {args.dropped}"
+    elif args.dropped and (s.items_dropped or rejected or not_put):
+        saved = f"; dropped items in {args.dropped}"
     print(
         f"procdispatch: {s.items_put} items put, {s.items_delivered} delivered, "
-        f"{s.items_dropped} dropped{f', {rejected} lines not JSON' if rejected else ''} in "
-        f"{elapsed:.1f}s ({rate:.0f} items/s; {s.batches_sent} sends, {s.batches_failed} failed, "
-        f"{s.batches_retried} retried, {s.worker_restarts} worker restarts)"
-        + (f"; dropped items in {args.dropped}" if args.dropped and s.items_dropped else ""),
+        f"{s.items_dropped} dropped{extras} in {elapsed:.1f}s ({rate:.0f} items/s; "
+        f"{s.batches_sent} sends, {s.batches_failed} failed, {s.batches_retried} retried, "
+        f"{s.worker_restarts} worker restarts){saved}",
         file=err,
     )
-    if interrupted:
+    if interrupted or interrupt.fired:
         print("procdispatch: interrupted", file=err)
         return 130
+    if input_error is not None or (sink is not None and sink.error is not None):
+        return 2
     return 1 if s.items_dropped or rejected else 0
 
 

@@ -57,3 +57,16 @@ def held_sink(batch: pd.Batch[Any]) -> None:
     cancel's kill ends it."""
     Path(os.environ["PD_CLI_STARTED"]).touch()
     threading.Event().wait()
+
+
+def jsonl_sink(batch: pd.Batch[Any]) -> None:
+    """Appends each batch's items to the file ``PD_CLI_OUT`` as JSON lines, in one write (so
+    whole lines, whatever the workers); an item that is a dict with ``"fail": true`` is
+    refused every time, as in ``sqlite_sink``."""
+    good = [x for x in batch.data if not (isinstance(x, dict) and x.get("fail"))]
+    if good:
+        with open(os.environ["PD_CLI_OUT"], "a") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in good))
+    batch.data[:] = [x for x in batch.data if x not in good]
+    if batch.data:
+        raise ValueError(f"refused: {batch.data}")

@@ -203,9 +203,12 @@ class FakeWorker(WorkerHandle):
 class FakeBackend(Backend):
     name = "fake"
 
-    def __init__(self, world: World, behaviour: Behaviour, ready: float = 0.0) -> None:
+    def __init__(
+        self, world: World, behaviour: Behaviour, ready: float = 0.0, staggered: bool = False
+    ) -> None:
         super().__init__()
         self.world, self.behaviour, self.ready = world, behaviour, ready
+        self.staggered_start = staggered  # workers that cost a core to start, like processes
         self.rec = Record()
         self.workers: dict[int, FakeWorker] = {}
 
@@ -278,12 +281,13 @@ def run(
     script: Iterable[tuple[float, Callable[[Scene], None]]] = (),
     limiter: Callable[[World], Any] | None = None,
     ready: float = 0.0,
+    staggered: bool = False,
     on_error: Callable[[Batch[Any], BaseException], bool] | None = None,
     **options: Any,
 ) -> Run:
     """Run a coordinator to the end on the fake world; return what happened."""
     world = World()
-    backend = FakeBackend(world, behaviour, ready)
+    backend = FakeBackend(world, behaviour, ready, staggered)
     drops: list[tuple[float, int, int, list[Any], BaseException | None]] = []
     errors: list[tuple[float, int, int, BaseException]] = []
 

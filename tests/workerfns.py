@@ -152,3 +152,35 @@ class GatedInit:
     def __call__(self) -> None:
         self.log.write(ev="init", pid=os.getpid())
         self.gate.wait()
+
+
+class FirstInitPasses:
+    """worker_init: the first worker to run it (the one that creates ``marker``) logs ``init``
+    and returns; every other logs ``init-wait`` and waits until the gate opens."""
+
+    def __init__(self, log: Log, gate: Gate, marker: str) -> None:
+        self.log = log
+        self.gate = gate
+        self.marker = marker
+
+    def __call__(self) -> None:
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            self.log.write(ev="init-wait", pid=os.getpid())
+            self.gate.wait()
+            return
+        os.close(fd)
+        self.log.write(ev="init", pid=os.getpid())
+
+
+class SlowInit:
+    """worker_init that logs its pid, then takes ``seconds``."""
+
+    def __init__(self, log: Log, seconds: float) -> None:
+        self.log = log
+        self.seconds = seconds
+
+    def __call__(self) -> None:
+        self.log.write(ev="init", pid=os.getpid(), t=time.monotonic())
+        time.sleep(self.seconds)

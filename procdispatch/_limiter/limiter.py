@@ -263,7 +263,7 @@ class RateLimiter:
         The earliest slot is booked before sleeping, so waiters queue in order and no time is
         lost to oversleeping; an exception during the sleep gives the slot back.
         """
-        max_wait = seconds_ns(timeout, "timeout", none_ok=True)
+        max_wait = seconds_ns(timeout, "RateLimiter.acquire(): timeout", none_ok=True)
         f, seq, _, got = self._from_pool(weight)
         if got == weight:
             return True
@@ -289,7 +289,7 @@ class RateLimiter:
         (then ``<= within``) says how long to wait before using them. A result ``> within``
         means nothing was taken. Booking avoids losing the time a sleep-and-retry oversleeps.
         """
-        max_wait = seconds_ns(within, "within", none_ok=False)
+        max_wait = seconds_ns(within, "RateLimiter.reserve(): within", none_ok=False)
         f, seq, units, got = self._from_pool(weight)
         if got == weight:
             wait, ticket = 0, -1 - seq

@@ -181,7 +181,8 @@ class Backend(abc.ABC):
     #: The name it is registered under (``ProcessChannel(backend=name)``).
     name: str = ""
     #: True when a worker costs a core while it starts (a process): the channel then starts
-    #: one worker at first, and the others as soon as more than one item is in the channel.
+    #: one worker at first, and the others as soon as more than one item is in the channel,
+    #: about one per core at once (a start lasts until the worker is ready).
     staggered_start: bool = False
     #: True when starting a worker may block (a process is made, a payload written to it): the
     #: channel then starts each worker on a starter thread of its own, through

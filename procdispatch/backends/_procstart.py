@@ -35,6 +35,7 @@ sees its parent's sentinel ready, and exits.
 from __future__ import annotations
 
 import io
+import math
 import os
 import select
 import selectors
@@ -359,9 +360,11 @@ def _build_popen_classes() -> dict[str, Any]:
                     _wait_for(self.sentinel, selectors.EVENT_READ, abort)
                 self.pid = forkserver.read_signed(self.sentinel)
             except BaseException:
-                if getattr(self, "pid", None) is None:
-                    _end_server_child(self.sentinel)
-                self.finalizer()  # the child, if the server still forks it, sees our end
+                try:
+                    if getattr(self, "pid", None) is None:
+                        _end_server_child(self.sentinel)
+                finally:
+                    self.finalizer()  # the child, if the server still forks it, sees our end
                 raise
 
     return {"spawn": SpawnPopen, "forkserver": ForkServerPopen}
@@ -373,8 +376,7 @@ def _end_server_child(sentinel: int, wait: float = 1.0) -> None:
     and kill the child before it reads the payload cut short, which it would report on stderr
     as an EOFError. The server reaps it; wait for its end so that none outlives the channel."""
     try:
-        ready, _, _ = select.select([sentinel], [], [], wait)
-        if not ready:
+        if not _readable(sentinel, wait):
             return
         from multiprocessing import forkserver
 
@@ -387,6 +389,14 @@ def _end_server_child(sentinel: int, wait: float = 1.0) -> None:
     except (AttributeError, OSError):
         return  # gone already, or no pidfd here: the kill is enough
     try:
-        select.select([pidfd], [], [], wait)
+        _readable(pidfd, wait)
     finally:
         os.close(pidfd)
+
+
+def _readable(fd: int, wait: float) -> bool:
+    """Whether ``fd`` becomes readable within ``wait`` seconds. poll, not select: a channel
+    with many workers has descriptors past select's limit (FD_SETSIZE, 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(wait * 1000))))

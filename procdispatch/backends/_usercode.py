@@ -26,11 +26,14 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CLOSE_TIMEOUT", "UserCode"]
+__all__ = ["CLOSE_TIMEOUT", "UserCode", "lazy_kind"]
 
 #: Seconds the tasks left on a worker's loop get to end after being cancelled at its exit.
 CLOSE_TIMEOUT = 5.0
-_CO_COROUTINE = 0x80  # the code flag of an ``async def`` (inspect.CO_COROUTINE)
+# Code flags (inspect.CO_*) of the functions whose call only builds an object.
+_CO_GENERATOR = 0x20
+_CO_COROUTINE = 0x80  # an ``async def``
+_CO_ASYNC_GENERATOR = 0x200
 
 
 class UserCode:
@@ -97,6 +100,25 @@ class UserCode:
 
 def _is_async(fn: Callable[..., object]) -> bool:
     """Whether calling ``fn`` makes a coroutine, told from its code (no import of inspect)."""
+    return bool(_flags_of(fn) & _CO_COROUTINE)
+
+
+def lazy_kind(fn: object) -> str | None:
+    """What calling ``fn`` only builds without running its body -- "a generator function",
+    "an async generator function" or "a coroutine function" -- or None for a plain callable.
+    Partials, bound methods and objects whose ``__call__`` is such a function count too."""
+    flags = _flags_of(fn)
+    if flags & _CO_GENERATOR:
+        return "a generator function"
+    if flags & _CO_ASYNC_GENERATOR:
+        return "an async generator function"
+    if flags & _CO_COROUTINE:
+        return "a coroutine function"
+    return None
+
+
+def _flags_of(fn: object) -> int:
+    """The code flags of what a call of ``fn`` runs first (0 when there is no code to read)."""
     while True:
         if isinstance(fn, functools.partial):
             fn = fn.func
@@ -108,4 +130,5 @@ def _is_async(fn: Callable[..., object]) -> bool:
     if code is None:  # an object: its __call__ decides
         call = type(fn).__call__ if callable(fn) else None
         code = getattr(call, "__code__", None)
-    return code is not None and bool(code.co_flags & _CO_COROUTINE)
+    flags = getattr(code, "co_flags", 0)
+    return flags if isinstance(flags, int) else 0

@@ -5,7 +5,8 @@ sent by value), ignores SIGINT (the parent decides what an interrupt means), and
 receive a lease frame, unpickle its items, call ``send_fn``, answer ``Done`` or ``Failed``.
 Every failure becomes a message, never a dead pipe. A watchdog thread ends the worker within
 about half a second of its parent's death, even when the parent was SIGKILLed while ``send_fn``
-is busy.
+is busy; a worker that finds its result pipe closed when it reports how its start went (its
+parent died, or ended the channel, during ``worker_init``) ends as quietly, with the same status.
 
 :func:`run_lease` is shared with the thread backend, which calls it without any pickling.
 """
@@ -33,6 +34,9 @@ from ._usercode import UserCode
 __all__ = ["diff_data", "run_lease", "worker_main"]
 
 WATCHDOG_PERIOD = 0.5
+#: The exit status of a worker that ends because its parent went away (died, or gave it up and
+#: closed its pipes): it ends at once and says nothing, since nobody is left to read it.
+PARENT_GONE = 70
 
 
 def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[Any] | None]:
@@ -189,11 +193,11 @@ def _watch_parent(parent_pid: int, parent_sentinel: int | None) -> None:
     while True:
         if waitables:
             if wait(waitables, WATCHDOG_PERIOD):
-                os._exit(70)
+                os._exit(PARENT_GONE)
         else:
             threading.Event().wait(WATCHDOG_PERIOD)
         if os.getppid() != parent_pid and not _pid_alive(parent_pid):
-            os._exit(70)
+            os._exit(PARENT_GONE)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -243,24 +247,38 @@ def worker_main(
         )
         err.__cause__ = exc
         shipper.end()
-        out.send(proto.encode_init_failed(err))
+        _say(out, proto.encode_init_failed(err))
         os._exit(3)
     try:
         user = UserCode(send_fn, worker_init)  # runs worker_init (on an event loop when async)
     except BaseException as exc:
         shipper.end()
-        out.send(proto.encode_init_failed(exc))
+        _say(out, proto.encode_init_failed(exc))
         os._exit(3)
     shipper.end()
-    out.send(proto.encode_ready(os.getpid()))
+    _say(out, proto.encode_ready(os.getpid()))
     _serve(lease_fd, out, user.send, shipper)
     user.close()
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
+    _flush_std_streams()
+    os._exit(0)
+
+
+def _flush_std_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(0)
+
+
+def _say(out: _ResultPipe, body: bytes) -> None:
+    """Send what the worker's start came to; a parent that went away while it started (the
+    channel ended, or gave this start up, and closed the pipe) reads nothing more: end quietly."""
+    try:
+        out.send(body)
+    except OSError:
+        _flush_std_streams()
+        os._exit(PARENT_GONE)
 
 
 class _ResultPipe:

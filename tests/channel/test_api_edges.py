@@ -3,6 +3,7 @@ a signal handler on top of a method of the same channel, iterables that raise.""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 import threading
@@ -43,6 +44,10 @@ CALLS: dict[str, Callable[[pd.ProcessChannel[Any], object], object]] = {
     "put_many": lambda ch, t: ch.put_many([1, 2], timeout=t),  # type: ignore[arg-type]
     "wait_drained": lambda ch, t: ch.wait_drained(t),  # type: ignore[arg-type]
     "close_and_drain": lambda ch, t: ch.close_and_drain(t),  # type: ignore[arg-type]
+    "aput": lambda ch, t: asyncio.run(ch.aput(1, timeout=t)),  # type: ignore[arg-type]
+    "aput_many": lambda ch, t: asyncio.run(ch.aput_many([1, 2], timeout=t)),  # type: ignore[arg-type]
+    "await_drained": lambda ch, t: asyncio.run(ch.await_drained(t)),  # type: ignore[arg-type]
+    "aclose_and_drain": lambda ch, t: asyncio.run(ch.aclose_and_drain(t)),  # type: ignore[arg-type]
 }
 
 
@@ -58,8 +63,94 @@ def test_a_bad_timeout_is_refused_at_once_whatever_the_buffer_holds(
     with pytest.raises(kind) as info:
         CALLS[method](ch, timeout)
     assert str(info.value) == f"{method}(): {message}"
-    assert not ch._adm.closed  # close_and_drain refused before it closed
+    assert not ch._adm.closed  # (a)close_and_drain refused before it closed
     assert ch.stats().items_put == 1
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+@pytest.mark.parametrize("timeout", [-1, "1"])
+def test_a_bad_timeout_is_refused_on_a_drained_channel_too(
+    make_channel: Any, method: str, timeout: object
+) -> None:
+    ch = make_channel(noop, workers=1)
+    assert ch.close_and_drain(30)
+    with pytest.raises((ValueError, TypeError), match=rf"^{method}\(\): 'timeout' must be"):
+        CALLS[method](ch, timeout)
+
+
+def test_a_bad_timeout_is_refused_before_anything_is_taken_or_measured(
+    make_channel: Any,
+) -> None:
+    measured: list[object] = []
+    taken: list[int] = []
+
+    def size(x: object) -> int:
+        measured.append(x)
+        return 1
+
+    def items() -> Any:
+        for i in range(3):
+            taken.append(i)
+            yield i
+
+    ch = make_channel(noop, workers=1, item_size=size, batch_size_max=10)
+    for call in (
+        lambda: ch.put(1, timeout=-1),
+        lambda: ch.put_many(items(), timeout=-1),
+        lambda: asyncio.run(ch.aput(1, timeout=-1)),
+        lambda: asyncio.run(ch.aput_many(items(), timeout=-1)),
+    ):
+        with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+            call()
+    assert (measured, taken) == ([], [])  # item_size never ran, no item was taken
+    assert ch.stats().items_put == 0
+    assert ch.close_and_drain(30)
+
+
+@pytest.mark.parametrize("timeout", [-1, math.nan, "30", True])
+def test_drain_on_sigterm_refuses_a_bad_timeout_naming_itself_and_installs_nothing(
+    timeout: object,
+) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(
+        pd.OptionsError, match=r"^drain_on_sigterm\(\): timeout must be a number of seconds"
+    ):
+        pd.drain_on_sigterm(timeout)  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _Bar:
+    """A progress bar look-alike: the total the channel gives it is what is checked."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: int | None = None
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+
+def test_a_put_many_refused_for_its_timeout_adds_nothing_to_the_progress_total(
+    make_channel: Any,
+) -> None:
+    bar = _Bar()
+    ch = make_channel(noop, workers=1, progress=bar)
+    with pytest.raises(ValueError, match=r"^put_many\(\): 'timeout'"):
+        ch.put_many([1, 2, 3], timeout=-1)
+    ch.put_many([7])
+    assert ch.close_and_drain(30)
+    assert (bar.n, bar.total) == (1, 1)
 
 
 def test_a_bad_timeout_of_put_is_refused_with_item_sizes_too(make_channel: Any) -> None:
@@ -157,17 +248,41 @@ def _with_block(ch: pd.ProcessChannel[Any]) -> None:
         pass
 
 
+def _async_with_block(ch: pd.ProcessChannel[Any]) -> None:
+    async def block() -> None:
+        async with ch:
+            pass
+
+    asyncio.run(block())
+
+
 WAITS = {
     "close_and_drain()": lambda ch: ch.close_and_drain(),
     "close_and_drain(5)": lambda ch: ch.close_and_drain(5),
     "wait_drained()": lambda ch: ch.wait_drained(),
     "wait_drained(5)": lambda ch: ch.wait_drained(5),
     "with": _with_block,
+    # asyncio.run on the coordinator thread: an await there would block the thread it awaits.
+    "aclose_and_drain()": lambda ch: asyncio.run(ch.aclose_and_drain()),
+    "aclose_and_drain(5)": lambda ch: asyncio.run(ch.aclose_and_drain(5)),
+    "await_drained()": lambda ch: asyncio.run(ch.await_drained()),
+    "await_drained(5)": lambda ch: asyncio.run(ch.await_drained(5)),
+    "async with": _async_with_block,
+}
+
+#: Each callback run on the coordinator thread, and the name the error gives it.
+CALLBACKS = {
+    "on_error": "on_error",
+    "on_drop": "on_drop",
+    "on_drained": "on_drained",
+    "on_delivered": "on_delivered",
+    "retry factory": "the retry policy",
+    "retry generator": "the retry policy",
 }
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("callback", ["on_error", "on_drop", "on_drained"])
+@pytest.mark.parametrize("callback", sorted(CALLBACKS))
 @pytest.mark.parametrize("wait", sorted(WAITS))
 def test_a_wait_from_a_callback_raises_instead_of_waiting_for_itself(
     make_channel: Any, callback: str, wait: str
@@ -177,7 +292,7 @@ def test_a_wait_from_a_callback_raises_instead_of_waiting_for_itself(
     def on_error(b: Any, e: BaseException) -> bool:
         if callback == "on_error":
             r.run()
-        return False
+        return callback.startswith("retry") and b.attempt == 1  # one retry, to ask the policy
 
     def on_drop(b: Any, flush: bool) -> None:
         if callback == "on_drop" and b is not None:
@@ -187,6 +302,20 @@ def test_a_wait_from_a_callback_raises_instead_of_waiting_for_itself(
         if callback == "on_drained":
             r.run()
 
+    def on_delivered(b: Any) -> None:
+        if callback == "on_delivered":
+            r.run()
+
+    def factory() -> Any:
+        if callback == "retry factory":
+            r.run()
+        return iter([0.0])
+
+    def generator() -> Any:  # the policy's own body runs at each next()
+        if callback == "retry generator":
+            r.run()
+        yield 0.0
+
     ch = make_channel(
         fail_on_x,
         workers=1,
@@ -195,19 +324,55 @@ def test_a_wait_from_a_callback_raises_instead_of_waiting_for_itself(
         on_error=on_error,
         on_drop=on_drop,
         on_drained=on_drained,
+        on_delivered=on_delivered,
+        retry=generator if callback == "retry generator" else factory,
     )
     r.ch = ch
     ch.put_many(["x", "ok"])
-    ch.close()  # the callback's wait was refused without closing (except the with block's)
+    ch.close()  # the callback's wait was refused without closing (except the with blocks')
     assert ch.wait_drained(30)  # the channel went on and drained: nothing hung
     [err] = r.outcome
     assert isinstance(err, pd.ProcDispatchError), err
-    assert f"from {callback}: the coordinator thread runs {callback}" in str(err)
+    name = CALLBACKS[callback]
+    method = wait.split("(", maxsplit=1)[0]
+    if "with" in wait:
+        assert str(err).startswith(f"leaving a{'n' if wait == 'async with' else ''} {wait} block")
+    else:
+        assert str(err).startswith(f"{method}() cannot be called from {name}: "), err
+    assert f"from {name}: the coordinator thread runs {name}" in str(err)
     assert "would wait for itself" in str(err)
     s = ch.stats()
     assert s.items_put == s.items_delivered + s.items_dropped == 2
-    if wait == "with":
+    if "with" in wait:
         assert ch._adm.closed  # leaving the block closed the channel, without waiting
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wait", sorted(WAITS))
+def test_a_drain_wait_from_the_progress_callable_raises_instead_of_waiting_for_itself(
+    tmp_path: Any, make_channel: Any, wait: str
+) -> None:
+    # The drain ends with the callable's last report, made on its thread: a wait for the
+    # drain there would wait for itself (until the drain gave up waiting for the report).
+    r = Reentry(WAITS[wait])
+
+    def report(s: pd.Stats) -> None:
+        if r.ch is not None:  # (the reports begin as the channel is made)
+            r.run()
+
+    gate = Gate(tmp_path / "gate")
+    ch = make_channel(Recorder(Log(tmp_path / "log"), gate=gate), workers=1, progress=report)
+    r.ch = ch
+    ch.put(1)
+    wait_for(lambda: r.outcome, what="the first report")
+    gate.open()
+    ch.close()
+    assert ch.wait_drained(30)
+    [err] = r.outcome
+    assert isinstance(err, pd.ProcDispatchError), err
+    assert f"from the progress callable ({report.__qualname__}): the drain ends" in str(err)
+    assert "would wait for itself" in str(err)
+    assert ch.stats().items_delivered == 1
 
 
 def test_a_callable_object_or_partial_is_named_too(make_channel: Any) -> None:
@@ -237,20 +402,26 @@ def test_a_put_that_would_wait_for_room_from_a_callback_raises_buffer_full(
     make_channel: Any,
 ) -> None:
     # on_error requeues the failed item while BlockNewItems is full: only the coordinator,
-    # which runs on_error, could make room.
-    requeued: list[object] = []
+    # which runs on_error, could make room. asyncio.run there would block it just the same.
+    requeued: list[tuple[str, object]] = []
 
     def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
-        for call in (
-            lambda: ch.put(("again", b.data[0])),
-            lambda: ch.put(("again", b.data[0]), timeout=5),
-            lambda: ch.put_many([("again", b.data[0])]),
+        item = ("again", b.data[0])
+        for method, call in (
+            ("put", lambda: ch.put(item)),
+            ("put", lambda: ch.put(item, timeout=5)),
+            ("put_many", lambda: ch.put_many([item])),
+            ("put_many", lambda: ch.put_many([item], timeout=5)),
+            ("aput", lambda: asyncio.run(ch.aput(item))),
+            ("aput", lambda: asyncio.run(ch.aput(item, timeout=5))),
+            ("aput_many", lambda: asyncio.run(ch.aput_many([item]))),
+            ("aput_many", lambda: asyncio.run(ch.aput_many([item], timeout=5))),
         ):
             try:
                 call()
-                requeued.append("put")
-            except pd.BufferFull as exc:
-                requeued.append(exc)
+                requeued.append((method, "put"))
+            except BaseException as exc:
+                requeued.append((method, exc))
         return False
 
     ch = make_channel(
@@ -262,12 +433,46 @@ def test_a_put_that_would_wait_for_room_from_a_callback_raises_buffer_full(
         full_behavior=pd.BlockNewItems(max_items=2),
     )
     ch.put_many(["x", "ok"])  # one worker: "ok" waits while "x" fails, so the buffer is full
-    wait_for(lambda: len(requeued) == 3, what="on_error")
+    wait_for(lambda: len(requeued) == 8, what="on_error")
     assert ch.close_and_drain(30)
-    for exc in requeued:
+    for method, exc in requeued:
         assert isinstance(exc, pd.BufferFull), requeued
-        assert "put() cannot wait for room from on_error" in str(exc)
+        assert f"{method}() cannot wait for room from on_error" in str(exc)
         assert exc.added == 0  # type: ignore[attr-defined]
+    assert ch.stats().items_put == 2
+
+
+def test_a_put_with_a_timeout_already_over_times_out_in_a_callback_too(
+    make_channel: Any,
+) -> None:
+    # timeout=0 never waits: as anywhere else, a full buffer makes it a TimeoutError.
+    outcomes: list[object] = []
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        for call in (
+            lambda: ch.put("again", timeout=0),
+            lambda: asyncio.run(ch.aput("again", timeout=0)),
+            lambda: asyncio.run(ch.aput_many(["again"], timeout=0)),
+        ):
+            try:
+                call()
+                outcomes.append("put")
+            except BaseException as exc:
+                outcomes.append(exc)
+        return False
+
+    ch = make_channel(
+        fail_on_x,
+        workers=1,
+        batch_items_max=1,
+        batch_age_max=0.01,
+        on_error=on_error,
+        full_behavior=pd.BlockNewItems(max_items=2),
+    )
+    ch.put_many(["x", "ok"])
+    wait_for(lambda: len(outcomes) == 3, what="on_error")
+    assert ch.close_and_drain(30)
+    assert [type(x) for x in outcomes] == [TimeoutError] * 3, outcomes
 
 
 def test_calls_that_do_not_wait_are_fine_from_a_callback(tmp_path: Any, make_channel: Any) -> None:

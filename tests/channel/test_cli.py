@@ -6,41 +6,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from clifns import create_table
+from clirun import cli, finish
 from workerfns import wait_for
 
 import procdispatch as pd
-from procdispatch import cli
-
-TESTS = Path(__file__).resolve().parents[1]
-REPO = TESTS.parent
-
-
-def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    full = dict(os.environ, **env)
-    full["PYTHONPATH"] = str(REPO)  # not the tests folder: clifns comes from the current dir
-    return subprocess.Popen(
-        [sys.executable, "-m", "procdispatch", "run", *args],
-        cwd=TESTS,
-        env=full,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=240)
-    return proc.returncode, out + err
+from procdispatch import cli as pd_cli
 
 
 def _rows(n: int, fail: int | None = None) -> list[str]:
@@ -64,8 +41,7 @@ def test_the_cli_loads_a_100k_line_jsonl_file_into_sqlite(tmp_path: Path, fail: 
     db = tmp_path / "out.sqlite"
     create_table(str(db))
     dropped = tmp_path / "dropped.jsonl"
-    proc = _cli(
-        tmp_path,
+    proc = cli(
         "clifns:sqlite_sink",
         str(src),
         "--workers",
@@ -78,7 +54,7 @@ def test_the_cli_loads_a_100k_line_jsonl_file_into_sqlite(tmp_path: Path, fail: 
         str(dropped),
         PD_CLI_DB=str(db),
     )
-    status, output = _finish(proc)
+    status, output = finish(proc)
     ids = _ids(db)
     if fail is None:
         assert status == 0, output
@@ -99,13 +75,11 @@ def test_the_dropped_file_replays(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(_rows(50, fail=7)) + "\n")
     args = ["clifns:sqlite_sink", "--workers", "1", "--batch-age", "0.05"]
-    status, output = _finish(
-        _cli(tmp_path, *args, str(src), "--dropped", str(dropped), PD_CLI_DB=str(db))
-    )
+    status, output = finish(cli(*args, str(src), "--dropped", str(dropped), PD_CLI_DB=str(db)))
     assert status == 1, output
     # Fixed upstream, the dropped line goes through: replayed from the dropped file.
     dropped.write_text(dropped.read_text().replace(', "fail": true', ""))
-    status, output = _finish(_cli(tmp_path, *args, str(dropped), PD_CLI_DB=str(db)))
+    status, output = finish(cli(*args, str(dropped), PD_CLI_DB=str(db)))
     assert status == 0, output
     assert _ids(db) == list(range(50))
 
@@ -115,8 +89,7 @@ def test_ctrl_c_cancels_and_exits_130(tmp_path: Path) -> None:
     dropped = tmp_path / "dropped.jsonl"
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(_rows(5)) + "\n")
-    proc = _cli(
-        tmp_path,
+    proc = cli(
         "clifns:held_sink",
         str(src),
         "--workers",
@@ -129,7 +102,7 @@ def test_ctrl_c_cancels_and_exits_130(tmp_path: Path) -> None:
     )
     wait_for(started.exists, 60, "the first send")
     proc.send_signal(signal.SIGINT)
-    status, output = _finish(proc)
+    status, output = finish(proc)
     assert status == 130, output
     assert "interrupted" in output
     # The batch in flight was dropped at the end of the cancel grace, so it is in the file.
@@ -146,15 +119,15 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
         ["clifns:sqlite_sink", str(tmp_path / "missing.jsonl")],
         ["clifns:sqlite_sink", "--lines", "--csv"],
     ):
-        proc = _cli(tmp_path, *args)
+        proc = cli(*args)
         proc.stdin = None
-        status, output = _finish(proc)
+        status, output = finish(proc)
         assert status == 2, (args, output)
         assert "usage:" in output, output
 
 
 def test_help_explains_every_flag() -> None:
-    text = cli.run_parser().format_help()
+    text = pd_cli.run_parser().format_help()
     for flag in (
         "--workers",
         "--batch-items",
@@ -177,7 +150,7 @@ def test_help_explains_every_flag() -> None:
 
 
 def test_flags_become_channel_options() -> None:
-    a = cli.parse_args(
+    a = pd_cli.parse_args(
         [
             "run",
             "m:f",
@@ -222,7 +195,7 @@ def test_flags_become_channel_options() -> None:
         False,
         "d",
     )
-    b = cli.parse_args(["run", "m:f", "--csv", "--progress"])
+    b = pd_cli.parse_args(["run", "m:f", "--csv", "--progress"])
     assert (b.files, b.fmt, b.progress, b.options) == (["-"], "csv", True, {})
 
 
@@ -245,15 +218,15 @@ def _run_in_process(
     monkeypatch: pytest.MonkeyPatch, fmt: str, text: str, refuse: list[Any], dropped: Path
 ) -> tuple[int, Collect, str]:
     sink = Collect(refuse)
-    monkeypatch.setattr(cli, "load_target", lambda target: sink)
+    monkeypatch.setattr(pd_cli, "load_target", lambda target: sink)
     err = io.StringIO()
-    args = cli.RunArgs(
+    args = pd_cli.RunArgs(
         target="x:y",
         fmt=fmt,
         options={"backend": "thread", "workers": 1, "batch_age_max": 0.05},
         dropped=str(dropped),
     )
-    status = cli.run(args, stdin=io.StringIO(text), stderr=err)
+    status = pd_cli.run(args, stdin=io.StringIO(text), stderr=err)
     return status, sink, err.getvalue()
 
 

@@ -98,14 +98,16 @@ def test_a_batch_delivered_whole_is_reported_once_with_its_items(
     assert len(seen.calls) == len({bid for bid, _, _ in seen.calls}) == 15
 
 
+@pytest.mark.parametrize("kind", [ValueError, SystemExit, KeyboardInterrupt, GeneratorExit])
 def test_a_raising_on_delivered_is_logged_and_loses_nothing(
-    make_channel: Any, caplog: pytest.LogCaptureFixture
+    make_channel: Any, caplog: pytest.LogCaptureFixture, kind: type[BaseException]
 ) -> None:
+    # Whatever it raises is its own failure: the channel reports the next batches, and drains.
     calls: list[int] = []
 
     def on_delivered(batch: pd.Batch[int]) -> None:
         calls.append(batch.id)
-        raise ValueError("report failed")
+        raise kind("report failed")
 
     ch = make_channel(lambda b: None, workers=2, batch_items_max=5, on_delivered=on_delivered)
     ch.put_many(list(range(50)))
@@ -113,7 +115,9 @@ def test_a_raising_on_delivered_is_logged_and_loses_nothing(
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (50, 50, 0)
     assert len(calls) == 10
-    assert "on_delivered raised for batch" in caplog.text
+    assert f"on_delivered raised for batch {calls[0]}: {kind.__name__}: report failed" in (
+        caplog.text
+    )
 
 
 def test_a_slow_on_delivered_is_reported(
@@ -156,6 +160,25 @@ def test_removed_items_by_kept_indices_identity_and_equality() -> None:
     # Never more than the accounting counts delivered.
     assert removed_items([[1], [2]], None, [[5], [6]], 0) == []
     assert removed_items([[1], [2], [3]], None, [[5]], 2) == [[1], [2]]
+
+
+class _Unequal:
+    """An item whose ``==`` raises what is not an Exception (user code on the coordinator)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        raise KeyboardInterrupt("no comparing")
+
+    __hash__ = object.__hash__
+
+
+def test_an_item_whose_equality_raises_anything_is_matched_to_nothing() -> None:
+    a, b = _Unequal(1), _Unequal(2)
+    # The send came back with a new list holding a copy of b: nothing can be matched to it,
+    # so the items taken as delivered are the first ones, up to the count.
+    assert removed_items([a, b], None, [_Unequal(2)], 1) == [a]
 
 
 def test_a_batch_is_reported_as_soon_as_it_is_delivered(make_channel: Any) -> None:

@@ -192,4 +192,130 @@ def test_a_failing_callable_is_logged_and_never_harms_the_channel(
     assert ch.close_and_drain(60)
     s = ch.stats()
     assert s.items_delivered == 10
-    assert "progress report failed: ValueError: display broke" in caplog.text
+    assert "report raised ValueError: display broke" in caplog.text
+
+
+class Reports:
+    """A progress callable that keeps each Stats it gets and fails as told: ``raises`` on the
+    first call (or on every call with ``always``)."""
+
+    def __init__(self, raises: BaseException | None = None, always: bool = False) -> None:
+        self.got: list[pd.Stats] = []
+        self.raises = raises
+        self.always = always
+
+    def __call__(self, s: pd.Stats) -> None:
+        self.got.append(s)
+        if self.raises is not None and (self.always or len(self.got) == 1):
+            raise self.raises
+
+
+def _progress_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "progress" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SystemExit(3), KeyboardInterrupt(), ValueError("display broke")],
+    ids=["SystemExit", "KeyboardInterrupt", "ValueError"],
+)
+def test_a_raising_callable_is_logged_once_and_the_reports_go_on(
+    tmp_path: Any, make_channel: Any, caplog: pytest.LogCaptureFixture, error: BaseException
+) -> None:
+    report = Reports(error)
+    gate = Gate(tmp_path / "gate")
+    ch = make_channel(GatedItems({0: gate.path}), workers=1, batch_items_max=5, progress=report)
+    ch.put_many(list(range(20)))
+    # The first call raised; the reports go on while the first batch is held.
+    wait_for(lambda: len(report.got) >= 2, what="a report after the failing one")
+    assert report.got[0].items_delivered == 0
+    gate.open()
+    assert ch.close_and_drain(60)
+    final = report.got[-1]
+    assert (final.items_put, final.items_delivered, final.items_in_flight) == (20, 20, 0)
+    warnings = _progress_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert type(error).__name__ in warnings[0]
+    assert "Reports" in warnings[0]  # the callable, by name
+    assert not _progress_threads()
+
+
+def test_a_callable_that_always_raises_is_logged_once_then_counted(
+    make_channel: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = Reports(SystemExit(1), always=True)
+    ch = make_channel(lambda b: None, workers=1, progress=report)
+    ch.put_many(list(range(10)))
+    assert ch.close_and_drain(60)
+    assert report.got[-1].items_delivered == 10  # the final report ran, with the totals
+    warnings = _progress_warnings(caplog)
+    assert 1 <= len(warnings) <= 2, warnings
+    if len(report.got) > 1:
+        # Failed again after the first: one more line, at the end, with the count.
+        assert f"failed {len(report.got)} times" in warnings[-1], warnings
+
+
+class Blocking:
+    """A progress callable that blocks, once the channel is drained, until ``release``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+        self.got: list[pd.Stats] = []
+
+    def __call__(self, s: pd.Stats) -> None:
+        if s.items_delivered == self.total and not self.release.is_set():
+            self.blocked.set()
+            self.release.wait(120)
+        self.got.append(s)
+
+
+def test_a_blocked_callable_does_not_hold_the_drain_and_the_final_report_follows(
+    make_channel: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    report = Blocking(10)
+    drained: list[bool] = []
+    ch = make_channel(
+        lambda b: None, workers=1, progress=report, on_drained=lambda: drained.append(True)
+    )
+    try:
+        ch.put_many(list(range(10)))
+        # The drain ends while the callable is still blocked: the final report does not wait
+        # for it beyond its bound, and on_drained still runs.
+        assert ch.close_and_drain(60)
+        assert drained == [True]
+        assert report.blocked.is_set()
+        assert not report.release.is_set()
+        assert _progress.FINISH_WAIT == 1.0  # the bound the progress option's docs state
+        warnings = _progress_warnings(caplog)
+        assert any("Blocking" in w and "has not returned" in w for w in warnings), warnings
+        assert not any("_finish_progress_first" in r.getMessage() for r in caplog.records)
+    finally:
+        report.release.set()
+    # Released, the callable returns, and the final report is made, with the totals.
+    wait_for(lambda: not _progress_threads(), what="the progress thread's end")
+    assert report.got[-1].items_delivered == 10
+    assert report.got[-1].items_put == 10
+
+
+def test_a_slow_on_drained_is_named_as_itself_with_progress_on(
+    make_channel: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from procdispatch import _outcomes
+
+    monkeypatch.setattr(_outcomes, "SLOW_CALLBACK", -1.0)  # every callback counts as slow
+
+    def my_on_drained() -> None:
+        pass
+
+    ch = make_channel(lambda b: None, workers=1, progress=Reports(), on_drained=my_on_drained)
+    ch.put_many(list(range(3)))
+    assert ch.close_and_drain(60)
+    slow = [r.getMessage() for r in caplog.records if "on the coordinator thread" in r.getMessage()]
+    assert any("on_drained" in m and "my_on_drained" in m for m in slow), slow
+    assert not any("_finish_progress_first" in m for m in slow), slow

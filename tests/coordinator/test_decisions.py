@@ -14,7 +14,7 @@ import pytest
 from fakeworld import FakeLimiter, Plan, World, always, run
 
 import procdispatch as pd
-from procdispatch import retry
+from procdispatch import _pool, retry
 from procdispatch._coordinator import MAX_WAIT, _bounded
 
 
@@ -325,3 +325,76 @@ def test_a_cancel_grace_of_1e10_still_ends_at_a_second_interrupt() -> None:
 )
 def test_the_loop_s_wait_is_clamped(timeout: float | None, waited: float | None) -> None:
     assert _bounded(timeout) == waited
+
+
+# ---- starts of workers that cost a core to start: at most START_LIMIT at once ---------------
+
+
+def test_starts_beyond_the_limit_wait_their_turn_and_their_start_timeout_runs_from_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each worker is ready 4 s after its start begins; one start at a time. The third start
+    # waits 8 s for its turn, longer than start_timeout, and is not given up: its own start
+    # takes 4 s.
+    monkeypatch.setattr(_pool, "START_LIMIT", 1)
+    r = run(
+        always(Plan("done", after=20.0)),
+        ["a", "b", "c"],
+        staggered=True,
+        ready=4.0,
+        workers=3,
+        batch_items_max=1,
+        start_timeout=5.0,
+    )
+    assert r.rec.starts == [(0.0, 1), (4.0, 2), (8.0, 3)]
+    assert sends(r) == [(4.0, 1, 1, ["a"]), (8.0, 2, 1, ["b"]), (12.0, 3, 1, ["c"])]
+    assert r.rec.kills == []
+    assert (r.stats.items_delivered, r.stats.worker_restarts) == (3, 0)
+
+
+def test_a_start_that_does_not_end_in_time_lets_the_next_one_begin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No worker ever becomes ready: each start is given up at its own start_timeout, and the
+    # start waiting behind it begins then, until the failures in a row end the channel.
+    monkeypatch.setattr(_pool, "START_LIMIT", 1)
+    with pytest.raises(pd.WorkerStartFailed, match="4 attempts failed in a row") as info:
+        run(
+            always(Plan("done")),
+            ["a", "b"],
+            staggered=True,
+            ready=float("inf"),
+            workers=2,
+            start_timeout=5.0,
+        )
+    # Workers 1 to 4 began at 0, 5, 10 and 15; the fourth was given up at 20.
+    assert str(info.value.__cause__) == (
+        "worker 4 (pid 10004) did not become ready within start_timeout=5.0s; it was killed"
+    )
+
+
+def test_a_cancel_abandons_the_starts_waiting_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pool, "START_LIMIT", 2)
+    r = run(
+        always(Plan("done")),
+        ["a", "b"],
+        close_at=None,
+        script=[(1.0, lambda c: c.adm.request_cancel())],
+        staggered=True,
+        ready=4.0,
+        workers=5,
+        batch_items_max=1,
+    )
+    assert r.rec.starts == [(0.0, 1), (0.0, 2)]  # the other three never began
+    assert r.rec.kills == [(1.0, 1), (1.0, 2)]
+    assert [(t, data) for t, _, _, data, _ in r.drops] == [(1.0, ["a"]), (1.0, ["b"])]
+    assert r.world.t == 1.0
+    assert r.stats.workers_alive == 0
+
+
+def test_without_a_cost_to_start_every_worker_starts_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_pool, "START_LIMIT", 1)
+    r = run(always(Plan("done")), ["a", "b"], ready=4.0, workers=3, batch_items_max=1)
+    assert r.rec.starts == [(0.0, 1), (0.0, 2), (0.0, 3)]

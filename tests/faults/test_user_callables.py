@@ -6,6 +6,7 @@ Items 0..5 go out in batches of two; the misbehaviour hits the batch holding ite
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -168,6 +169,87 @@ def test_a_slow_callback_is_reported_with_its_name(
     assert "patient_on_error" in slow[0]
 
 
+# ---- callables that raise what is not an Exception ------------------------------------------
+
+#: Each user callable the coordinator runs, and what its raising must lead to: the batch
+#: holding item 0 ([0, 1], which fails its first send) dropped or not, and the ERROR that
+#: names the callable.
+COORDINATOR_CALLABLES = {
+    "on_error": (True, "on_error raised for batch 1 (attempt 1): {kind}"),
+    "on_drop": (True, "on_drop raised for batch 1: {kind}"),
+    "on_delivered": (False, "on_delivered raised for batch 1: {kind}"),
+    "on_drained": (False, "on_drained raised: {kind}"),
+    "retry factory": (True, "the retry policy failed for batch 1 (attempt 1): {kind}"),
+    "retry iterator": (True, "the retry policy failed for batch 1 (attempt 1): {kind}"),
+}
+
+
+@pytest.mark.parametrize("kind", [SystemExit, KeyboardInterrupt, GeneratorExit])
+@pytest.mark.parametrize("where", sorted(COORDINATOR_CALLABLES))
+def test_a_callable_raising_a_base_exception_is_only_its_own_failure(
+    tmp_path: Any, make_channel: Any, caplog: Any, where: str, kind: type[BaseException]
+) -> None:
+    # SystemExit, KeyboardInterrupt and GeneratorExit out of a callback on the coordinator
+    # thread are that callback's failure, as any Exception is: never the channel's.
+    log = Log(tmp_path / "log")
+    reported: list[list[Any]] = []
+
+    def boom() -> None:
+        raise kind(f"raised by {where}")
+
+    def on_error(b: pd.Batch[Any], e: BaseException) -> bool:
+        if where == "on_error":
+            boom()
+        return where != "on_drop"  # retry, except where a drop is what is tested
+
+    def on_drop(b: pd.Batch[Any] | None, flush: bool) -> None:
+        if where == "on_drop" and b is not None:
+            boom()
+
+    def on_delivered(b: pd.Batch[Any]) -> None:
+        reported.append(list(b.data))
+        if where == "on_delivered":
+            boom()
+
+    def on_drained() -> None:
+        if where == "on_drained":
+            boom()
+
+    def factory() -> Any:
+        if where == "retry factory":
+            boom()
+        return iterator()
+
+    def iterator() -> Any:
+        if where == "retry iterator":
+            boom()
+        yield 0.0
+
+    ch = make_channel(
+        FailsFirst(log, "transient"),
+        workers=1,
+        batch_items_max=2,
+        on_error=on_error,
+        on_drop=on_drop,
+        on_delivered=on_delivered,
+        on_drained=on_drained,
+        retry=factory,
+    )
+    ch.put_many(range(6))
+    with caplog.at_level(logging.ERROR, logger="procdispatch"):
+        assert ch.close_and_drain(60)  # no InternalError: the channel lived on
+    dropped, message = COORDINATOR_CALLABLES[where]
+    s = ch.stats()
+    lost = [0, 1] if dropped else []
+    assert sorted(delivered_items(log)) == [x for x in range(6) if x not in lost]
+    assert (s.items_put, s.items_delivered, s.items_dropped) == (6, 6 - len(lost), len(lost))
+    assert sorted(x for r in reported for x in r) == sorted(delivered_items(log))
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    expected = message.format(kind=f"{kind.__name__}: raised by {where}")
+    assert [m for m in errors if expected in m], errors
+    assert not [m for m in errors if "coordinator failed" in m], errors
+
+
 # ---- item_size ---------------------------------------------------------------------------------
 
 
@@ -194,6 +276,81 @@ def test_item_size_that_fails_fails_the_put_and_the_item_never_counts(
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (3, 3, 0)
     assert sorted(delivered_items(log)) == [0, 1, 2]
+
+
+# ---- callables whose body a call does not run ------------------------------------------------
+
+
+def _gen(*args: Any) -> Any:
+    yield args
+
+
+async def _agen(*args: Any) -> Any:
+    yield args
+
+
+async def _coro(*args: Any) -> None:
+    pass
+
+
+class _GenCall:
+    def __call__(self, *args: Any) -> Any:
+        yield args
+
+
+LAZY = {
+    "generator": (_gen, "a generator function", "a generator"),
+    "async generator": (_agen, "an async generator function", "an async generator"),
+    "partial of a generator": (
+        functools.partial(_gen, 1),
+        "a generator function",
+        "a generator",
+    ),
+    "object whose __call__ yields": (_GenCall(), "a generator function", "a generator"),
+    "coroutine": (_coro, "a coroutine function", "a coroutine"),
+}
+
+
+@pytest.mark.parametrize("option", ["send_fn", "worker_init"])
+@pytest.mark.parametrize("name", sorted(LAZY))
+def test_a_worker_callable_whose_body_would_not_run_is_refused(option: str, name: str) -> None:
+    fn, kind, made = LAZY[name]
+    send_fn = fn if option == "send_fn" else _coro
+    kw: dict[str, Any] = {"worker_init": fn} if option == "worker_init" else {}
+    if kind == "a coroutine function":
+        # A worker awaits a coroutine (each runs an event loop): supported.
+        ch = pd.ProcessChannel(send_fn, backend="thread", **kw)
+        ch.put(1)
+        assert ch.close_and_drain(60)
+        assert ch.stats().items_delivered == 1
+        return
+    with pytest.raises(pd.OptionsError) as info:
+        pd.ProcessChannel(send_fn, backend="thread", **kw)
+    text = str(info.value)
+    assert text.startswith(
+        f"{option} must not be {kind} (got {fn!r}): calling it only makes "
+        f"{made}, which a worker does not iterate, so its body would never run"
+    )
+    assert "an async def (a worker awaits its coroutine)" in text
+
+
+@pytest.mark.parametrize(
+    "option", ["on_error", "on_drop", "on_delivered", "on_drained", "item_size", "progress"]
+)
+@pytest.mark.parametrize("name", sorted(LAZY))
+def test_a_parent_callback_whose_body_would_not_run_is_refused(option: str, name: str) -> None:
+    # The parent calls its callbacks as plain functions: a coroutine's body would not run
+    # either (on_error's coroutine would even count as "retry", for ever).
+    fn, kind, made = LAZY[name]
+    kw: dict[str, Any] = {option: fn}
+    if option == "item_size":
+        kw["batch_size_max"] = 10
+    with pytest.raises(pd.OptionsError) as info:
+        pd.ProcessChannel(print, backend="thread", **kw)
+    assert str(info.value).startswith(
+        f"{option} must not be {kind} (got {fn!r}): calling it only makes {made}, and the "
+        f"parent calls {option} as a plain function"
+    )
 
 
 # ---- what send_fn leaves behind ---------------------------------------------------------------

@@ -66,7 +66,10 @@ def test_reserve_within_books_a_near_slot_and_says_when() -> None:
 def test_bad_within_raises_options_error(within: object) -> None:
     with (
         RateLimiter(HOURLY) as lim,
-        pytest.raises(OptionsError, match=r"within must be a number of seconds >= 0 \(got "),
+        pytest.raises(
+            OptionsError,
+            match=r"^RateLimiter\.reserve\(\): within must be a number of seconds >= 0 \(got ",
+        ),
     ):
         lim.reserve(within=within)  # type: ignore[arg-type]
 
@@ -135,7 +138,10 @@ def test_bad_weights_raise_options_error(weight: object) -> None:
 def test_bad_timeouts_raise_options_error(timeout: object) -> None:
     with (
         RateLimiter(HOURLY) as lim,
-        pytest.raises(OptionsError, match="timeout must be None or a number of seconds >= 0"),
+        pytest.raises(
+            OptionsError,
+            match=r"^RateLimiter\.acquire\(\): timeout must be None or a number of seconds >= 0",
+        ),
     ):
         lim.acquire(timeout=timeout)  # type: ignore[arg-type]
 
