@@ -152,8 +152,12 @@ def _rebuild_worker_crashed(
 
 
 class SendTimeout(ProcDispatchError, TimeoutError):
-    """A send ran longer than ``send_timeout``; its worker was killed and replaced (``where``:
-    the Dask worker that ran it, which was restarted, or left running the send)."""
+    """A send ran longer than ``send_timeout``; its worker was killed and replaced.
+
+    ``killed`` is False when the worker could only be abandoned (a thread; a Dask task on a
+    cluster the backend does not restart): the send may run on. ``where`` names a worker that is
+    not a local process (the Dask worker that ran the send).
+    """
 
     def __init__(
         self,

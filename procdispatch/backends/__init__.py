@@ -8,9 +8,9 @@ pipes, what "kill" means, what starts first) is behind these two classes.
 Three backends are built in: ``"process"`` (the default: worker processes, leases pickled over
 pipes), ``"thread"`` (``send_fn`` in threads of this process, nothing pickled: for stepping
 through ``send_fn`` in a debugger) and ``"dask"`` (the workers of a Dask distributed cluster,
-with the ``dask`` extra: see :mod:`procdispatch.backends.dask`). A third is one class plus a call to
-:func:`register_backend`, in this package or outside it; ``ProcessChannel(backend=...)`` takes
-a registered name or a :class:`Backend` object.
+with the ``dask`` extra: see :mod:`procdispatch.backends.dask`). Another is one class plus a call
+to :func:`register_backend`, in this package or outside it; ``ProcessChannel(backend=...)``
+takes a registered name or a :class:`Backend` object.
 
 Starting a worker may block: a process backend creates a process, asks a forkserver for a
 fork, writes the pickled ``send_fn`` into the child's pipe. A backend that sets
