@@ -204,6 +204,23 @@ def test_send_timeout_pickles(roundtrip: object) -> None:
 
 
 @pytest.mark.parametrize("roundtrip", PICKLERS)
+def test_where_a_remote_worker_ran_is_named_and_pickles(roundtrip: object) -> None:
+    crashed = WorkerCrashed(77, None, worker=2, batch_id=5, attempt=1, where="tcp://10.0.0.1:4000")
+    assert str(crashed) == (
+        "worker 2 (pid 77) on tcp://10.0.0.1:4000 was lost while sending batch 5 (attempt 1)"
+    )
+    got = roundtrip(crashed)  # type: ignore[operator]
+    assert (got.where, str(got)) == ("tcp://10.0.0.1:4000", str(crashed))
+    hung = SendTimeout(1.0, pid=7, worker=1, batch_id=3, attempt=2, where="tcp://h:1", killed=False)
+    assert str(hung) == (
+        "send of batch 3 (attempt 2) ran longer than send_timeout=1.0s; worker 1 (pid 7) was "
+        "abandoned: the send may run on (on tcp://h:1)"
+    )
+    back = roundtrip(hung)  # type: ignore[operator]
+    assert (back.where, back.killed, str(back)) == ("tcp://h:1", False, str(hung))
+
+
+@pytest.mark.parametrize("roundtrip", PICKLERS)
 def test_remote_error_pickles(roundtrip: object) -> None:
     exc = RemoteError("a.B", "msg with\nnewline", "tb line 1\ntb line 2\n")
     got = roundtrip(exc)  # type: ignore[operator]
