@@ -2,7 +2,12 @@
 
 Each slot wraps one :class:`~procdispatch.backends.WorkerHandle` (whatever the backend) and the
 batches handed to it, oldest first: the head is the one running, the rest wait in the worker's
-pipe (pipelining, when ``max_leases`` exceeds ``workers``). The pool starts (through the
+pipe (pipelining, when ``max_leases`` exceeds ``workers``). With ``max_leases`` left out, a
+worker is handed a second batch only while its sends are *quick* (its last one took less than
+:data:`~._options.QUICK_SEND`): that hides the round trip between an answer and the next lease,
+which is most of the cost of a quick send, while a batch never waits behind a slow one when
+another worker could take it (and a worker not yet seen to answer, such as one just started,
+holds one batch). The pool starts (through the
 backend), watches, kills and buries workers, and reports what happened; what that *means* for
 batches (retry, drop) is decided by :mod:`._workers` and :mod:`._outcomes`. Only the
 coordinator thread calls into the pool.
@@ -83,6 +88,7 @@ class Slot:
         "init_error",
         "kill_reason",
         "leased",
+        "quick",
         "replaced",
         "state",
         "victim",
@@ -90,7 +96,7 @@ class Slot:
         "writing",
     )
 
-    def __init__(self, wid: int, handle: WorkerHandle) -> None:
+    def __init__(self, wid: int, handle: WorkerHandle, quick: bool = False) -> None:
         self.wid = wid
         self.handle = handle
         self.state = STARTING
@@ -103,6 +109,9 @@ class Slot:
         self.checked = 0  # `done` when its memory was last read (max_worker_memory)
         self.replaced = False  # asked to stop, with a replacement started
         self.writing = False  # its lease pipe is watched for room
+        #: It may hold more than one batch: always with an explicit ``max_leases``, else
+        #: while its last send was quick.
+        self.quick = quick
         self.init_error: BaseException | None = None
         #: "timeout", "cancel" or "start" when we killed it; ``victim`` is the batch it was
         #: killed over (for "timeout").
@@ -133,6 +142,8 @@ class WorkerPool:
             self._selector.register(self._starts.fileno(), selectors.EVENT_READ, _STARTS)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
+        #: a worker starts quick (may hold ``depth`` batches) unless that depends on its sends
+        self._quick_at_start = not opts.adaptive_depth
 
     # ---- starting and watching ------------------------------------------------------------
 
@@ -143,9 +154,9 @@ class WorkerPool:
         self._next_wid += 1
         wid = self._next_wid
         if self._starts is not None:
-            slot = Slot(wid, self._starts.begin(wid, self._backend))
+            slot = Slot(wid, self._starts.begin(wid, self._backend), self._quick_at_start)
         else:
-            slot = Slot(wid, self._backend.start_worker(wid))
+            slot = Slot(wid, self._backend.start_worker(wid), self._quick_at_start)
             self._watch(slot)
         slot.deadline = now + self.opts.start_timeout
         self.slots.append(slot)
@@ -225,12 +236,14 @@ class WorkerPool:
     def pick(self) -> Slot | None:
         """The ready worker holding the fewest batches, if one has room for another."""
         best: Slot | None = None
+        least = self.depth
         for s in self.slots:
-            if (s.state is IDLE or s.state is BUSY) and len(s.batches) < self.depth:
-                if not s.batches:
+            if s.state is IDLE or s.state is BUSY:
+                n = len(s.batches)
+                if not n:
                     return s
-                if best is None or len(s.batches) < len(best.batches):
-                    best = s
+                if n < least and s.quick:
+                    best, least = s, n
         return best
 
     def busy(self) -> bool:

@@ -22,6 +22,7 @@ not pickle back.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
@@ -74,6 +75,7 @@ K_FAILED = 0x46  # "F"
 K_LOG = 0x47  # "G"    worker -> parent: a log record
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
+DONE = struct.Struct("<BQIBd")  # a Done frame: the header, then the send's seconds
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
 SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
 BIG = struct.Struct("!Q")
@@ -197,13 +199,16 @@ class InitFailed(_Message):
 
 
 class Done(_Message):
-    """worker -> parent: ``send_fn`` returned for this lease."""
+    """worker -> parent: ``send_fn`` returned for this lease, after ``seconds`` (infinite when
+    not measured); the coordinator hands a second batch only to a worker whose sends are quick
+    (see :data:`~procdispatch._options.QUICK_SEND`)."""
 
-    __slots__ = ("attempt", "batch_id")
+    __slots__ = ("attempt", "batch_id", "seconds")
 
-    def __init__(self, batch_id: int, attempt: int) -> None:
+    def __init__(self, batch_id: int, attempt: int, seconds: float = math.inf) -> None:
         self.batch_id = batch_id
         self.attempt = attempt
+        self.seconds = seconds
 
 
 class Failed(_Message):
@@ -476,8 +481,8 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
     """Decode one frame from a worker. Raises only on a corrupt frame (a protocol bug)."""
     kind = buf[0]
     if kind == K_DONE:
-        _, bid, attempt, _ = HEADER.unpack_from(buf)
-        return Done(bid, attempt)
+        _, bid, attempt, _, seconds = DONE.unpack_from(buf)
+        return Done(bid, attempt, seconds)
     if kind == K_FAILED:
         return _decode_failed(buf)
     if kind == K_LOG:
@@ -521,7 +526,7 @@ def encode_result(res: Done | Failed) -> bytes:
     """A result, framed for the parent. Never raises: whatever ``send_fn`` raised or left in
     the batch, the parent hears about this batch (see :func:`encode_failed`)."""
     if isinstance(res, Done):
-        return encode_done(res.batch_id, res.attempt)
+        return encode_done(res.batch_id, res.attempt, res.seconds)
     try:
         return encode_failed(
             res.batch_id, res.attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
@@ -539,8 +544,8 @@ def encode_ready(pid: int) -> bytes:
     return bytes([K_READY]) + pickle.dumps(pid, PROTOCOL)
 
 
-def encode_done(batch_id: int, attempt: int) -> bytes:
-    return HEADER.pack(K_DONE, batch_id, attempt, 0)
+def encode_done(batch_id: int, attempt: int, seconds: float = math.inf) -> bytes:
+    return DONE.pack(K_DONE, batch_id, attempt, 0, seconds)
 
 
 def text_of(obj: object, how: Callable[[object], str] = str) -> str:

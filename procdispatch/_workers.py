@@ -31,7 +31,7 @@ from typing import Any
 from . import _protocol as proto
 from ._admission import Admission, Ledger
 from ._clock import Clock
-from ._options import ChannelOptions
+from ._options import QUICK_SEND, ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
 from ._starting import StartingHandle
@@ -83,6 +83,8 @@ class Workers:
         self.recycling = opts.max_batches_per_worker is not None or (
             opts.max_worker_memory is not None
         )
+        #: Whether a worker may hold more than one batch depends on its sends (see _pool).
+        self._adaptive = opts.adaptive_depth
 
     # ---- starting ---------------------------------------------------------------------
 
@@ -197,8 +199,12 @@ class Workers:
         failed: proto.Failed | None
         if isinstance(msg, proto.Done):  # by far the most common: tested first
             m, failed = msg, None
+            if self._adaptive:
+                slot.quick = msg.seconds < QUICK_SEND
         elif isinstance(msg, proto.Failed):
             m = failed = msg
+            if self._adaptive:
+                slot.quick = False
         elif isinstance(msg, proto.Log):
             handle_record(msg.attrs)  # the user's handlers run here, on the coordinator thread
             return

@@ -19,6 +19,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -65,7 +66,9 @@ def run_lease(
     ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
     thread backend it is the coordinator's own list, which nothing changes while it is leased).
     Never raises: whatever ``send_fn`` raises or leaves in the batch becomes the batch's answer.
+    A Done says how long the call took.
     """
+    start = time.monotonic()
     orig = lease.data
     batch: Batch[Any] = Batch(
         list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
@@ -79,7 +82,7 @@ def run_lease(
             return proto.Failed(
                 lease.batch_id, lease.attempt, _unreadable(lease, exc, e), None, None, False, None
             )
-    return proto.Done(lease.batch_id, lease.attempt)
+    return proto.Done(lease.batch_id, lease.attempt, time.monotonic() - start)
 
 
 _MISSING: Any = object()

@@ -183,6 +183,37 @@ def test_a_worker_is_handed_at_most_max_batches_per_worker_then_replaced() -> No
     assert r.rec.starts == [(0.0, 1), (2.0, 2), (4.0, 3)]
 
 
+def quick_then_slow(quick_ids: int) -> Any:
+    """Sends of the first ``quick_ids`` batches take a millisecond, the others a second."""
+    return lambda b, w: Plan("done", after=0.001 if b.id <= quick_ids else 1.0)
+
+
+def test_by_default_a_worker_holds_a_second_batch_only_while_its_sends_are_quick() -> None:
+    r = run(quick_then_slow(2), list(range(5)), workers=1, batch_items_max=1)
+    # 1 goes alone (nothing is known of the worker's sends yet); its quick answer lets 2 and
+    # 3 go together; 2's lets 4 go behind 3; 3 is slow, so 5 waits until the worker is idle.
+    assert [t for t, _, _, _ in sends(r)] == pytest.approx([0.0, 0.001, 0.001, 0.002, 2.002])
+    assert r.stats.items_delivered == 5
+
+
+def test_a_failed_send_leaves_its_worker_one_batch_at_a_time() -> None:
+    def fail_first(b: pd.Batch[Any], w: Any) -> Plan:
+        if b.id == 2 and b.attempt == 1:
+            return Plan("fail", after=0.001, error=pd.TransientError("later"))
+        return Plan("done", after=0.001)
+
+    r = run(fail_first, list(range(4)), workers=1, batch_items_max=1, retry=retry.none())
+    # 1 alone, then 2 and 3 together (1 was quick); 2 fails: 4 goes only once 3 answered.
+    assert [data for _, _, _, data in sends(r)] == [[0], [1], [2], [3]]
+    assert [t for t, _, _, _ in sends(r)] == pytest.approx([0.0, 0.001, 0.001, 0.003])
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (3, 1)
+
+
+def test_an_explicit_max_leases_fills_every_worker_from_the_start() -> None:
+    r = run(quick_then_slow(0), list(range(4)), workers=1, max_leases=2, batch_items_max=1)
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 0.0, 1.0, 2.0]
+
+
 def test_delivery_timeout_drops_a_batch_waiting_for_its_retry_at_its_deadline() -> None:
     r = run(
         always(Plan("fail", after=0.1, error=pd.TransientError("down"))),

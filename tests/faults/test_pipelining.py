@@ -13,6 +13,7 @@ import os
 import pickle
 import select
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,40 @@ def test_an_answer_that_arrives_as_the_worker_is_killed_is_delivered(
     assert [(r["item"], r["attempt"]) for r in _sent(script.log)] == [("wait:b", 1)]
     s = _check_accounting(ch)
     assert (s.items_delivered, s.batches_failed) == (1, 0)
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_done_says_how_long_its_send_ran(script, kind):
+    """The coordinator hands a second batch only to a worker whose sends are quick: each Done
+    carries the send's duration, which lies between what the test saw of it from outside."""
+    if kind == "process":
+        payload = pickle.dumps((script, None), protocol=5)
+        h: Any = ProcessWorker(WorkerContext("forkserver"), payload, 1)
+    else:
+        h = ThreadWorker(script, None, 1)
+    h.start()
+    try:
+        received: list[Any] = []
+
+        def read_until(n: int) -> None:
+            while len(received) < n:
+                readable, _, _ = select.select([h.waitables()[0]], [], [], 20)
+                assert readable, f"waiting for message {n}, got {received}"
+                received.extend(h.receive()[0])
+
+        read_until(1)
+        handed = time.monotonic()
+        assert h.send_lease(pd.Batch(["wait:b"], id=1, attempt=1)) is False
+        script.log.wait_count(1, ev="start")
+        running = time.monotonic()  # the send began before this
+        script.gate("b").open()
+        opened = time.monotonic()  # and ended after this
+        read_until(2)
+        answered = time.monotonic()
+        (done,) = received[1:]
+        assert isinstance(done, proto.Done)
+        assert opened - running <= done.seconds <= answered - handed
+    finally:
+        h.kill()
+        h.exitcode(5)
+        h.close()
