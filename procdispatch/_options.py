@@ -30,14 +30,25 @@ if TYPE_CHECKING:
 from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
-__all__ = ["QUICK_SEND", "ChannelOptions", "Options", "default_start_method", "options_table"]
+__all__ = [
+    "DEPTH",
+    "QUICK_SEND",
+    "ChannelOptions",
+    "Options",
+    "default_start_method",
+    "options_table",
+]
 
-#: With ``max_leases`` left out, a worker is handed a second batch (waiting in its pipe while
-#: the first runs) only while its last send took less than this many seconds. Queued, the
-#: second batch starts without a round trip through the coordinator (tens of microseconds),
-#: which is most of the cost of a quick send; a slower send loses at most about 1 % to that
-#: round trip, and a batch queued behind it would wait for it while another worker may be idle.
+#: With ``max_leases`` left out, a worker holds batches waiting in its pipe behind the one it
+#: runs only while its sends are quick: as many as its last send's time fits into QUICK_SEND
+#: seconds (none once a send took that long), up to DEPTH - 1. A queued batch starts without
+#: a round trip through the coordinator (tens of microseconds, most of the cost of a quick
+#: send), and a worker that finds its next batch waiting needs no wake-up; a slower send loses
+#: at most about 1 % to that round trip, and a batch queued behind it would wait for it while
+#: another worker may be idle.
 QUICK_SEND = 0.005
+#: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers).
+DEPTH = 8
 
 
 def default_start_method() -> str:
@@ -108,9 +119,9 @@ class Options:
         metadata=_doc(
             "batches in flight at once (>= 1); above `workers`, each worker holds up to "
             "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
-            "pipe. Left out, a worker is handed a second batch only while its sends are quick "
-            f"(its last one took under {QUICK_SEND * 1000:g} ms)",
-            shown="`2 * workers` (`workers` with `fifo=True`)",
+            "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
+            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}",
+            shown=f"`{DEPTH} * workers` (`workers` with `fifo=True`)",
         ),
     )
     batch_items_max: int | None = field(
@@ -274,7 +285,7 @@ class Options:
         _int("max_leases", self.max_leases, allow_none=True)
         leases = self.max_leases
         if leases is None:
-            leases = workers if self.fifo is True else 2 * workers
+            leases = workers if self.fifo is True else DEPTH * workers
         full_behavior = self.full_behavior if self.full_behavior is not None else BlockNewItems()
         if isinstance(full_behavior, FullBehavior):
             check_int_limit("batch_items_max", self.batch_items_max)  # before they are used
@@ -377,7 +388,7 @@ class ChannelOptions:
     workers: int
     max_leases: int
     #: ``max_leases`` was left out: a worker is handed more than one batch only while its
-    #: sends are quick (see :data:`~._pool.QUICK_SEND`).
+    #: sends are quick (see :data:`QUICK_SEND`).
     adaptive_depth: bool
     buffer: BufferOptions
     item_size: Callable[[Any], int] | None

@@ -2,12 +2,12 @@
 
 Each slot wraps one :class:`~procdispatch.backends.WorkerHandle` (whatever the backend) and the
 batches handed to it, oldest first: the head is the one running, the rest wait in the worker's
-pipe (pipelining, when ``max_leases`` exceeds ``workers``). With ``max_leases`` left out, a
-worker is handed a second batch only while its sends are *quick* (its last one took less than
-:data:`~._options.QUICK_SEND`): that hides the round trip between an answer and the next lease,
-which is most of the cost of a quick send, while a batch never waits behind a slow one when
-another worker could take it (and a worker not yet seen to answer, such as one just started,
-holds one batch). The pool starts (through the
+pipe (pipelining, when ``max_leases`` exceeds ``workers``). With ``max_leases`` left out, each
+slot's own ``depth`` follows its sends: as many batches as its last send's time fits into
+:data:`~._options.QUICK_SEND` (one once a send took that long, and one for a worker not yet seen
+to answer, such as one just started), up to ``max_leases / workers``. That hides the round trip
+between an answer and the next lease, most of the cost of a quick send, while a batch never
+waits behind a slow one when another worker could take it. The pool starts (through the
 backend), watches, kills and buries workers, and reports what happened; what that *means* for
 batches (retry, drop) is decided by :mod:`._workers` and :mod:`._outcomes`. Only the
 coordinator thread calls into the pool.
@@ -83,12 +83,12 @@ class Slot:
         "batches",
         "checked",
         "deadline",
+        "depth",
         "done",
         "handle",
         "init_error",
         "kill_reason",
         "leased",
-        "quick",
         "replaced",
         "state",
         "victim",
@@ -96,7 +96,7 @@ class Slot:
         "writing",
     )
 
-    def __init__(self, wid: int, handle: WorkerHandle, quick: bool = False) -> None:
+    def __init__(self, wid: int, handle: WorkerHandle, depth: int = 1) -> None:
         self.wid = wid
         self.handle = handle
         self.state = STARTING
@@ -109,9 +109,9 @@ class Slot:
         self.checked = 0  # `done` when its memory was last read (max_worker_memory)
         self.replaced = False  # asked to stop, with a replacement started
         self.writing = False  # its lease pipe is watched for room
-        #: It may hold more than one batch: always with an explicit ``max_leases``, else
-        #: while its last send was quick.
-        self.quick = quick
+        #: The most batches it may hold now: the pool's depth with an explicit ``max_leases``,
+        #: else what its last send's time allows (see the module docstring).
+        self.depth = depth
         self.init_error: BaseException | None = None
         #: "timeout", "cancel" or "start" when we killed it; ``victim`` is the batch it was
         #: killed over (for "timeout").
@@ -142,8 +142,8 @@ class WorkerPool:
             self._selector.register(self._starts.fileno(), selectors.EVENT_READ, _STARTS)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
-        #: a worker starts quick (may hold ``depth`` batches) unless that depends on its sends
-        self._quick_at_start = not opts.adaptive_depth
+        #: what a new worker may hold: ``depth``, or one until its sends were seen
+        self._depth_at_start = 1 if opts.adaptive_depth else self.depth
 
     # ---- starting and watching ------------------------------------------------------------
 
@@ -154,9 +154,9 @@ class WorkerPool:
         self._next_wid += 1
         wid = self._next_wid
         if self._starts is not None:
-            slot = Slot(wid, self._starts.begin(wid, self._backend), self._quick_at_start)
+            slot = Slot(wid, self._starts.begin(wid, self._backend), self._depth_at_start)
         else:
-            slot = Slot(wid, self._backend.start_worker(wid), self._quick_at_start)
+            slot = Slot(wid, self._backend.start_worker(wid), self._depth_at_start)
             self._watch(slot)
         slot.deadline = now + self.opts.start_timeout
         self.slots.append(slot)
@@ -242,7 +242,7 @@ class WorkerPool:
                 n = len(s.batches)
                 if not n:
                     return s
-                if n < least and s.quick:
+                if n < least and n < s.depth:
                     best, least = s, n
         return best
 

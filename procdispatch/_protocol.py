@@ -199,9 +199,9 @@ class InitFailed(_Message):
 
 
 class Done(_Message):
-    """worker -> parent: ``send_fn`` returned for this lease, after ``seconds`` (infinite when
-    not measured); the coordinator hands a second batch only to a worker whose sends are quick
-    (see :data:`~procdispatch._options.QUICK_SEND`)."""
+    """worker -> parent: ``send_fn`` returned for this lease; the worker spent ``seconds`` on
+    it (infinite when not measured): how many batches the coordinator queues for a worker
+    follows that time (see :data:`~procdispatch._options.QUICK_SEND`)."""
 
     __slots__ = ("attempt", "batch_id", "seconds")
 

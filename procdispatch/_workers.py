@@ -85,6 +85,7 @@ class Workers:
         )
         #: Whether a worker may hold more than one batch depends on its sends (see _pool).
         self._adaptive = opts.adaptive_depth
+        self._depth = pool.depth
 
     # ---- starting ---------------------------------------------------------------------
 
@@ -200,11 +201,11 @@ class Workers:
         if isinstance(msg, proto.Done):  # by far the most common: tested first
             m, failed = msg, None
             if self._adaptive:
-                slot.quick = msg.seconds < QUICK_SEND
+                slot.depth = self._depth_after(msg.seconds)
         elif isinstance(msg, proto.Failed):
             m = failed = msg
             if self._adaptive:
-                slot.quick = False
+                slot.depth = 1
         elif isinstance(msg, proto.Log):
             handle_record(msg.attrs)  # the user's handlers run here, on the coordinator thread
             return
@@ -235,6 +236,17 @@ class Workers:
             self.outcomes.delivered(b)
         else:
             self.outcomes.failed(b, failed, now)
+
+    def _depth_after(self, seconds: float) -> int:
+        """How many batches a worker may hold after a send of ``seconds``: the running one,
+        and as many more as that time fits into QUICK_SEND (never more than the pool's depth;
+        one for NaN, an unmeasured send's infinity, or a send of QUICK_SEND or more)."""
+        depth = self._depth
+        if seconds * depth < QUICK_SEND:
+            return depth
+        if seconds < QUICK_SEND:
+            return min(depth, 1 + int(QUICK_SEND / seconds))
+        return 1
 
     def _on_death(self, slot: Slot, now: float) -> None:
         start = slot.handle

@@ -128,8 +128,8 @@ class WorkerHandle(abc.ABC):
     def receive(self) -> tuple[list[WorkerMessage], bool]:
         """Called when the first waitable is readable: the messages, and whether it is gone.
         A ``Done`` that says how long its send took (``seconds``) lets a channel whose
-        ``max_leases`` was left out queue a second batch behind quick sends; one made without
-        it counts as slow."""
+        ``max_leases`` was left out queue batches behind quick sends; one made without it
+        counts as slow."""
 
     @abc.abstractmethod
     def drain(self) -> list[WorkerMessage]:

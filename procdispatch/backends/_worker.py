@@ -59,16 +59,18 @@ def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[A
 
 
 def run_lease(
-    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease
+    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease, start: float | None = None
 ) -> proto.Done | proto.Failed:
     """Call ``send_fn`` on the lease's batch; capture its failure and its mutation.
 
     ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
     thread backend it is the coordinator's own list, which nothing changes while it is leased).
     Never raises: whatever ``send_fn`` raises or leaves in the batch becomes the batch's answer.
-    A Done says how long the call took.
+    A Done says how long the lease took since ``start`` (``time.monotonic()`` when the worker
+    began on it; by default, now).
     """
-    start = time.monotonic()
+    if start is None:
+        start = time.monotonic()
     orig = lease.data
     batch: Batch[Any] = Batch(
         list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
@@ -293,6 +295,7 @@ def _serve(
             return
         if body is None or body[0] != proto.K_LEASE:
             return  # the end of the pipe, or the stop request
+        start = time.monotonic()  # unpickling counts: the worker is busy with the lease
         _, bid, attempt, _ = proto.HEADER.unpack_from(body)
         shipper.begin(bid)
         try:
@@ -300,7 +303,7 @@ def _serve(
         except BaseException as exc:
             answer = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
         else:
-            answer = proto.encode_result(run_lease(send_fn, lease))
+            answer = proto.encode_result(run_lease(send_fn, lease, start))
         del body
         shipper.end()  # its records go before its answer
         try:
