@@ -3,7 +3,7 @@
 Every message is a small slotted class, made once and never changed; its docstring says its
 direction. This module owns everything that crosses a pipe, both ways: a backend that moves
 bytes (processes) sends what :func:`encode_lease` and the ``encode_*`` functions make and reads
-with :class:`FrameSplitter` / :func:`read_frame`; one that needs no bytes (threads) hands over
+with :class:`FrameSplitter` / :class:`FrameReader`; one that needs no bytes (threads) hands over
 the message objects themselves.
 
 *Framing*: each message is one frame, a 4-byte big-endian size (or -1 and an 8-byte size, for
@@ -21,6 +21,7 @@ not pickle back.
 
 from __future__ import annotations
 
+import collections
 import io
 import math
 import os
@@ -60,8 +61,8 @@ __all__ = [
     "encode_log",
     "encode_ready",
     "encode_result",
+    "FrameReader",
     "frame",
-    "read_frame",
     "write_frame",
 ]
 
@@ -80,6 +81,8 @@ PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of i
 SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
 BIG = struct.Struct("!Q")
 _SMALL_LIMIT = 0x7FFFFFFF
+#: The most a worker reads from its lease pipe at once (a pipe holds 64 KiB by default).
+READ_SIZE = 1 << 16
 #: Frames up to this size are made as one bytes object (a copy, written with one write);
 #: larger ones as parts, written together with one writev and never copied.
 COPY_MAX = 16384
@@ -299,36 +302,70 @@ class FrameSplitter:
         return out
 
 
-def read_frame(fd: int) -> bytearray | None:
-    """Read one frame's body from a blocking descriptor; None at end of file. The body is
-    read straight into its own buffer (no copy of a large lease)."""
-    head = _read_exactly(fd, 4)
-    if head is None:
-        return None
-    (size,) = SIZE.unpack(head)
-    if size == -1:
-        big = _read_exactly(fd, 8)
-        if big is None:
-            return None
-        (size,) = BIG.unpack(big)
-    return _read_exactly(fd, size)
+class FrameReader:
+    """Frame bodies from a blocking descriptor (a worker's lease pipe), one per :meth:`read`;
+    None at end of file. Each read takes whatever the pipe holds, up to ``READ_SIZE``: leases
+    written one after another arrive with one system call instead of two each. A frame larger
+    than that is read the rest of the way straight into its own buffer (no copy of a large
+    lease)."""
 
+    __slots__ = ("_fd", "_frames", "_split")
 
-def _read_exactly(fd: int, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = os.readv(fd, [view[got:]])
-        if k == 0:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._split = FrameSplitter()
+        self._frames: collections.deque[bytes | bytearray] = collections.deque()
+
+    def read(self) -> bytes | bytearray | None:
+        frames = self._frames
+        while not frames:
+            big = self._large_head()
+            if big is not None:
+                return big
+            chunk = os.read(self._fd, READ_SIZE)
+            if not chunk:
+                return None
+            frames.extend(self._split.split(chunk))
+        return frames.popleft()
+
+    def _large_head(self) -> bytearray | None:
+        """The body of the frame begun in the buffer, read whole, when it is too large for
+        one read; else None."""
+        buf = self._split._buf
+        n = len(buf)
+        if n < 4:
             return None
-        got += k
-    return buf
+        (size,) = SIZE.unpack_from(buf)
+        head = 4
+        if size == -1:
+            if n < 12:
+                return None
+            (size,) = BIG.unpack_from(buf, 4)
+            head = 12
+        if head + size <= READ_SIZE:
+            return None
+        body = bytearray(size)
+        have = n - head
+        body[:have] = buf[head:]
+        del buf[:]
+        view = memoryview(body)
+        while have < size:
+            k = os.readv(self._fd, [view[have:]])
+            if k == 0:
+                return None  # the end of the pipe in the middle of a frame
+            have += k
+        return body
 
 
 def write_frame(fd: int, body: bytes) -> None:
     """Write one frame to a blocking descriptor."""
-    parts = [memoryview(p) for p in frame(body)]
+    framed = frame(body)
+    if len(framed) == 1:  # small (an answer, a log record): usually one write takes it all
+        k = os.write(fd, framed[0])
+        if k == len(framed[0]):
+            return
+        framed = (framed[0][k:],)
+    parts = [memoryview(p) for p in framed]
     while parts:
         k = os.writev(fd, parts)
         while parts and k >= len(parts[0]):
@@ -515,7 +552,7 @@ def _decode_log(buf: bytes) -> dict[str, Any]:
 # ---- worker side ---------------------------------------------------------------------------
 
 
-def decode_lease(body: bytearray) -> Lease:
+def decode_lease(body: bytes | bytearray) -> Lease:
     """The lease in a frame body (raises what unpickling its items raised)."""
     _, bid, attempt, synthetic = HEADER.unpack_from(body)
     data, meta = pickle.loads(memoryview(body)[HEADER.size :])

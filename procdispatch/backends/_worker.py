@@ -288,9 +288,10 @@ def _serve(
     lease_fd: int, out: _ResultPipe, send_fn: Callable[[Batch[Any]], object], shipper: Shipper
 ) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
+    reader = proto.FrameReader(lease_fd)
     while True:
         try:
-            body = proto.read_frame(lease_fd)
+            body = reader.read()
         except OSError:
             return
         if body is None or body[0] != proto.K_LEASE:
