@@ -54,7 +54,7 @@ from ._admission import Admission, Ledger
 from ._clock import Clock, RealClock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import DEAD, STARTING, Slot, WorkerPool
+from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool
 from ._workers import Workers
 from .backends import Backend
 from .buffer import Buffer
@@ -260,13 +260,20 @@ class Coordinator:
         pool = self.pool
         send = self.workers.send
         if limiter is None and min_qps is None:
-            # Nothing to consult before leasing: lease and send while both sides have room.
-            while (slot := pool.pick()) is not None:
-                leased = buf.lease_one(now)
-                if leased is None:
-                    return booked
-                self._last_send = now
-                send(slot, leased, now)
+            # Nothing to consult before leasing: lease and send while both sides have room, in
+            # the order of pick() (the first of the workers holding the fewest), level by level.
+            slots = pool.with_room()
+            level = min([len(s.batches) for s in slots], default=0)
+            while slots:
+                for s in slots:
+                    if len(s.batches) == level and (s.state is IDLE or s.state is BUSY):
+                        leased = buf.lease_one(now)
+                        if leased is None:
+                            return booked
+                        self._last_send = now
+                        send(s, leased, now)
+                level += 1
+                slots = [s for s in slots if level < s.depth]
             return booked
         while True:
             slot = pool.pick()

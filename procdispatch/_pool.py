@@ -246,6 +246,14 @@ class WorkerPool:
                     best, least = s, n
         return best
 
+    def with_room(self) -> list[Slot]:
+        """The ready workers that have room for another batch, in table order."""
+        return [
+            s
+            for s in self.slots
+            if (s.state is IDLE or s.state is BUSY) and len(s.batches) < s.depth
+        ]
+
     def busy(self) -> bool:
         return any(s.batches for s in self.slots)
 
