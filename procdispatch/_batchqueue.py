@@ -95,9 +95,11 @@ class BatchQueue(Generic[T]):
         fresh = self._fresh
         entry = fresh[0]
         if type(entry[2]) is _Run:
-            key, bid, run = fresh.popleft()
+            key, bid, run = entry
             if run.left > 1:
-                fresh.appendleft((key, bid + 1, run))
+                fresh[0] = (key, bid + 1, run)
+            else:
+                fresh.popleft()
             entry = (key, bid, run.cut(bid))
             fresh.appendleft(entry)
         return entry
@@ -118,12 +120,21 @@ class BatchQueue(Generic[T]):
         """Take the first batch if it may be sent at ``now``."""
         fresh, heap = self._fresh, self._heap
         if fresh:
-            first = fresh[0] if type(fresh[0][2]) is not _Run else self._cut_front()
+            first = fresh[0]
             if heap and heap[0] < first:
                 if heap[0][2]._next_send <= now:
                     return heapq.heappop(heap)[2]
+            elif type(first[2]) is _Run:
+                key, bid, run = first
+                if run.time <= now:
+                    if run.left > 1:
+                        fresh[0] = (key, bid + 1, run)
+                    else:
+                        fresh.popleft()
+                    cut: Batch[T] = run.cut(bid)
+                    return cut
             elif first[2]._next_send <= now:
-                b: Batch[T] = fresh.popleft()[2]  # a batch: the front run was cut above
+                b: Batch[T] = fresh.popleft()[2]
                 return b
         elif heap and heap[0][2]._next_send <= now:
             return heapq.heappop(heap)[2]

@@ -77,6 +77,7 @@ K_LOG = 0x47  # "G"    worker -> parent: a log record
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
 DONE = struct.Struct("<BQIBd")  # a Done frame: the header, then the send's seconds
+_DONE_FRAME = 4 + DONE.size  # a Done frame with its size
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
 SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
 BIG = struct.Struct("!Q")
@@ -299,6 +300,41 @@ class FrameSplitter:
             pos = start + size
         if pos:
             del buf[:pos]
+        return out
+
+    def messages(self, chunk: bytes) -> list[WorkerMessage]:
+        """The messages from a worker in what was read (see :func:`decode_from_worker`): the
+        answers of quick sends come many to a read, so a Done is decoded where it lies."""
+        buf = self._buf
+        data: bytes | bytearray = chunk
+        if buf:
+            buf += chunk
+            data = buf
+        out: list[WorkerMessage] = []
+        pos = 0
+        n = len(data)
+        while n - pos >= 4:
+            (size,) = SIZE.unpack_from(data, pos)
+            if size == DONE.size and n - pos >= _DONE_FRAME and data[pos + 4] == K_DONE:
+                _, bid, attempt, _, seconds = DONE.unpack_from(data, pos + 4)
+                out.append(Done(bid, attempt, seconds))
+                pos += _DONE_FRAME
+                continue
+            head = 4
+            if size == -1:
+                if n - pos < 12:
+                    break
+                (size,) = BIG.unpack_from(data, pos + 4)
+                head = 12
+            if n - pos - head < size:
+                break
+            start = pos + head
+            out.append(decode_from_worker(bytes(data[start : start + size])))
+            pos = start + size
+        if data is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
         return out
 
 

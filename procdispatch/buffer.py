@@ -433,8 +433,14 @@ class Buffer(Generic[T]):
             )
 
     def _end_lease(self, batch: Batch[T], what: str) -> None:
-        self._check_leased(batch, what)
-        del self._leases[batch.id]
+        leases = self._leases
+        try:
+            leased = leases.get(batch.id) is batch
+        except AttributeError:  # not a Batch at all
+            leased = False
+        if not leased:
+            self._check_leased(batch, what)  # raises, saying what is wrong
+        del leases[batch.id]
         self._leased_items -= batch._lease_count
         self._leased_size -= batch._lease_size
 

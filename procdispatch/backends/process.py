@@ -235,8 +235,7 @@ class ProcessWorker(WorkerHandle):
             pass
         except OSError:
             gone = True
-        frames = self._frames.split(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        return [proto.decode_from_worker(f) for f in frames], gone
+        return self._frames.messages(chunks[0] if len(chunks) == 1 else b"".join(chunks)), gone
 
     def drain(self) -> list[proto.WorkerMessage]:
         return self.receive()[0]

@@ -1,4 +1,5 @@
-"""The worker's lease reader: frames as written, whatever the pipe hands over per read."""
+"""Framing both ways: the worker's lease reader and the coordinator's answer splitter give the
+frames as written, whatever each read hands over."""
 
 from __future__ import annotations
 
@@ -78,3 +79,42 @@ def test_a_frame_with_the_long_size_header_is_read_whole(pipe):
 def test_the_end_of_the_pipe_inside_a_frame_is_the_end(pipe, size):
     pipe.write(proto.SIZE.pack(size) + b"y" * (size // 2))
     assert proto.FrameReader(pipe.r).read() is None
+
+
+def _answers() -> tuple[bytes, list[tuple[str, int, int]]]:
+    """A worker's answers, framed one after another, and what each says."""
+    bodies = [
+        proto.encode_ready(4242),
+        proto.encode_done(1, 1, 0.25),
+        proto.encode_done(2, 1, 0.5),
+        proto.encode_result(proto.Failed(3, 2, ValueError("no"), [0], None, False, None)),
+        proto.encode_done(4, 3, float("inf")),
+        proto.encode_done(5, 1, 1e-6),
+    ]
+    said = [("Ready", 4242, 0), ("Done", 1, 1), ("Done", 2, 1), ("Failed", 3, 2)]
+    said += [("Done", 4, 3), ("Done", 5, 1)]
+    return b"".join(b"".join(proto.frame(b)) for b in bodies), said
+
+
+def _what(m: proto.WorkerMessage) -> tuple[str, int, int]:
+    if isinstance(m, proto.Ready):
+        return ("Ready", m.pid, 0)
+    assert isinstance(m, (proto.Done, proto.Failed))
+    return (type(m).__name__, m.batch_id, m.attempt)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 7, 25, 26, 27, 1000])
+def test_answers_come_out_whole_however_the_reads_cut_them(cut):
+    """Done frames are decoded where they lie in what was read; any frame cut by the end of
+    a read waits for the rest."""
+    stream, said = _answers()
+    splitter = proto.FrameSplitter()
+    got: list[proto.WorkerMessage] = []
+    for at in range(0, len(stream), cut):
+        got.extend(splitter.messages(stream[at : at + cut]))
+    assert [_what(m) for m in got] == said
+    seconds = [m.seconds for m in got if isinstance(m, proto.Done)]
+    assert seconds == [0.25, 0.5, float("inf"), 1e-6]
+    (failed,) = [m for m in got if isinstance(m, proto.Failed)]
+    assert isinstance(failed.error, ValueError)
+    assert failed.kept == [0]
