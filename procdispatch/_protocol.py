@@ -55,6 +55,7 @@ __all__ = [
     "describe_error",
     "dumps",
     "encode_done",
+    "framed_done",
     "encode_failed",
     "encode_init_failed",
     "encode_lease",
@@ -87,6 +88,7 @@ READ_SIZE = 1 << 16
 #: Frames up to this size are made as one bytes object (a copy, written with one write);
 #: larger ones as parts, written together with one writev and never copied.
 COPY_MAX = 16384
+_DONE_HEAD = SIZE.pack(DONE.size)
 STOP_FRAME = bytes([K_STOP])
 #: The stop request, framed.
 STOP = SIZE.pack(1) + STOP_FRAME
@@ -619,6 +621,11 @@ def encode_ready(pid: int) -> bytes:
 
 def encode_done(batch_id: int, attempt: int, seconds: float = math.inf) -> bytes:
     return DONE.pack(K_DONE, batch_id, attempt, 0, seconds)
+
+
+def framed_done(batch_id: int, attempt: int, seconds: float) -> bytes:
+    """A Done, framed: what the worker writes after most sends."""
+    return _DONE_HEAD + DONE.pack(K_DONE, batch_id, attempt, 0, seconds)
 
 
 def text_of(obj: object, how: Callable[[object], str] = str) -> str:

@@ -280,6 +280,12 @@ class _ResultPipe:
         with self._lock:
             proto.write_frame(self._fd, body)
 
+    def send_framed(self, data: bytes) -> None:
+        """Write a whole small frame (a Done)."""
+        with self._lock:
+            while data:
+                data = data[os.write(self._fd, data) :]
+
     def send_log(self, pickled_attrs: bytes) -> None:
         self.send(proto.encode_log(pickled_attrs))
 
@@ -299,15 +305,19 @@ def _serve(
         start = time.monotonic()  # unpickling counts: the worker is busy with the lease
         _, bid, attempt, _ = proto.HEADER.unpack_from(body)
         shipper.begin(bid)
+        res: proto.Done | proto.Failed
         try:
             lease = proto.decode_lease(body)
         except BaseException as exc:
-            answer = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
+            res = proto.Failed(bid, attempt, exc, None, None, False, None)
         else:
-            answer = proto.encode_result(run_lease(send_fn, lease, start))
+            res = run_lease(send_fn, lease, start)
         del body
         shipper.end()  # its records go before its answer
         try:
-            out.send(answer)
+            if type(res) is proto.Done:
+                out.send_framed(proto.framed_done(res.batch_id, res.attempt, res.seconds))
+            else:
+                out.send(proto.encode_result(res))
         except OSError:
             return
