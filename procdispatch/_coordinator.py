@@ -263,17 +263,19 @@ class Coordinator:
             # Nothing to consult before leasing: lease and send while both sides have room, in
             # the order of pick() (the first of the workers holding the fewest), level by level.
             slots = pool.with_room()
-            level = min([len(s.batches) for s in slots], default=0)
-            while slots:
+            if not slots:
+                return booked
+            for level in range(min([len(s.batches) for s in slots]), pool.depth):
                 for s in slots:
-                    if len(s.batches) == level and (s.state is IDLE or s.state is BUSY):
+                    if (
+                        len(s.batches) == level < s.depth
+                        and (s.state is IDLE or s.state is BUSY)  # not retired meanwhile
+                    ):
                         leased = buf.lease_one(now)
                         if leased is None:
                             return booked
                         self._last_send = now
                         send(s, leased, now)
-                level += 1
-                slots = [s for s in slots if level < s.depth]
             return booked
         while True:
             slot = pool.pick()
