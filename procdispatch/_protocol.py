@@ -54,6 +54,7 @@ __all__ = [
     "decode_from_worker",
     "describe_error",
     "dumps",
+    "dumps_out_of_band",
     "encode_done",
     "framed_done",
     "encode_failed",
@@ -69,6 +70,8 @@ __all__ = [
 
 PROTOCOL = 5
 K_LEASE = 0x4C  # "L"  parent -> worker
+K_LEASE_OOB = 0x4F  # "O"  parent -> worker: a lease with buffers in the arena (backends._arena)
+K_ARENA = 0x41  # "A"  parent -> worker: the arena's name and size
 K_STOP = 0x53  # "S"   parent -> worker
 K_READY = 0x52  # "R"  worker -> parent
 K_INIT_FAILED = 0x49  # "I"
@@ -157,6 +160,14 @@ def dumps(obj: object) -> bytes:
         buf.truncate()
         pickler.clear_memo()
     return data
+
+
+def dumps_out_of_band(obj: object, buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> bytes:
+    """Pickle with protocol 5, handing buffers to ``buffer_callback`` (a false answer keeps
+    one out of band); raises what pickling raised (nothing is retried by value)."""
+    out = io.BytesIO()
+    _ByReference(out, PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
 
 
 class _Message:

@@ -268,6 +268,29 @@ def worker_main(
     os._exit(0)
 
 
+class _Unmapped:
+    """Stands for an arena the worker could not map (or was never named: a protocol error):
+    its leases fail, saying why."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def decode(self, body: bytes | bytearray) -> proto.Lease:
+        raise RuntimeError(
+            "this worker could not map the shared memory that carries large items: "
+            f"{type(self.error).__name__}: {self.error}"
+        ) from self.error
+
+
+def _open_arena(body: bytes | bytearray) -> Any:
+    from ._arena import WorkerArena
+
+    try:
+        return WorkerArena(body)
+    except Exception as exc:
+        return _Unmapped(exc)
+
+
 class _ResultPipe:
     """The result pipe: one frame at a time, from the worker's loop and from whatever thread
     of ``send_fn`` logs (frames of two threads must not interleave)."""
@@ -295,19 +318,28 @@ def _serve(
 ) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
     reader = proto.FrameReader(lease_fd)
+    # The shared memory of large items, once the coordinator names it (before any lease in it).
+    arena: Any = _Unmapped(RuntimeError("no shared memory was named to this worker"))
     while True:
         try:
             body = reader.read()
         except OSError:
             return
-        if body is None or body[0] != proto.K_LEASE:
-            return  # the end of the pipe, or the stop request
+        if body is None:
+            return  # the end of the pipe
+        kind = body[0]
+        if kind != proto.K_LEASE:
+            if kind == proto.K_ARENA:
+                arena = _open_arena(body)
+                continue
+            if kind != proto.K_LEASE_OOB:
+                return  # the stop request
         start = time.monotonic()  # unpickling counts: the worker is busy with the lease
         _, bid, attempt, _ = proto.HEADER.unpack_from(body)
         shipper.begin(bid)
         res: proto.Done | proto.Failed
         try:
-            lease = proto.decode_lease(body)
+            lease = proto.decode_lease(body) if kind == proto.K_LEASE else arena.decode(body)
         except BaseException as exc:
             res = proto.Failed(bid, attempt, exc, None, None, False, None)
         else:

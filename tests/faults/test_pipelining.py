@@ -4,7 +4,8 @@ A lease larger than the pipe waits in the coordinator's outgoing queue while its
 timers still fire, results still come back, and a worker blocked writing a large result cannot
 deadlock with a coordinator writing it a large lease. A lease the worker never wholly received
 does not count against it when it dies, and an answer already in the pipe when a worker is killed
-for a deadline is delivered, not failed.
+for a deadline is delivered, not failed. (Large items go through the pipe here, not through
+shared memory.)
 """
 
 from __future__ import annotations
@@ -24,11 +25,19 @@ from workerfns import Log, wait_for
 import procdispatch as pd
 from procdispatch import _protocol as proto
 from procdispatch._pool import IDLE
+from procdispatch.backends import _arena
 from procdispatch.backends._procstart import WorkerContext
 from procdispatch.backends.process import ProcessWorker
 from procdispatch.backends.thread import ThreadWorker
 
 BIG = 300_000  # several times a pipe's capacity
+
+
+@pytest.fixture(autouse=True)
+def _through_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about frames larger than a pipe: large bytes items must not take the
+    shared memory way (see backends._arena), whose frames are small."""
+    monkeypatch.setattr(_arena, "OOB_MIN", 1 << 62)
 
 
 @pytest.fixture
