@@ -161,7 +161,13 @@ class ProcessWorker(WorkerHandle):
 
     def send_lease(self, batch: Batch[Any]) -> bool:
         parts = None
-        if self._arena is not False and wants_arena(batch.data):
+        data = batch.data
+        if (
+            data
+            and (type(data[0]) is bytes or type(data[0]) is bytearray)  # cheap, before the call
+            and self._arena is not False
+            and wants_arena(data)
+        ):
             parts = self._through_arena(batch)
         if parts is None:
             parts = proto.encode_lease(batch)
