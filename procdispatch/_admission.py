@@ -439,8 +439,12 @@ class Admission:
                 self._delivered += led.d_delivered
                 self._dropped += led.d_dropped
                 self.admitted -= gone
-                for name in _TOTALS:
-                    setattr(pub, name, getattr(led, name))
+                pub.alive = led.alive
+                pub.batches_dropped = led.batches_dropped
+                pub.batches_failed = led.batches_failed
+                pub.batches_retried = led.batches_retried
+                pub.batches_sent = led.batches_sent
+                pub.worker_restarts = led.worker_restarts
             finally:
                 self._seq += 1
             self.admitted_size -= led.d_size
@@ -494,16 +498,6 @@ class Admission:
         self.inherited_by_fork = True
         self.closed = True
         self._coordinator_gone = True
-
-
-_TOTALS = (
-    "alive",
-    "batches_dropped",
-    "batches_failed",
-    "batches_retried",
-    "batches_sent",
-    "worker_restarts",
-)
 
 
 def _forked_error() -> ProcDispatchError:

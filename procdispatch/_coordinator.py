@@ -55,7 +55,7 @@ from ._admission import Admission, Ledger
 from ._clock import Clock, RealClock
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import DEAD, STARTING, Slot, WorkerPool
+from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool
 from ._workers import Workers
 from .backends import Backend
 from .buffer import Buffer
@@ -267,13 +267,22 @@ class Coordinator:
         pool = self.pool
         send = self.workers.send
         if limiter is None and min_qps is None:
-            # Nothing to consult before leasing: lease and send while both sides have room.
-            while (slot := pool.pick()) is not None:
-                leased = buf.lease_one(now)
-                if leased is None:
-                    return booked
-                self._last_send = now
-                send(slot, leased, now)
+            # Nothing to consult before leasing: lease and send while both sides have room, in
+            # the order of pick() (the first of the workers holding the fewest), level by level.
+            slots = pool.with_room()
+            if not slots:
+                return booked
+            for level in range(min([len(s.batches) for s in slots]), pool.depth):
+                for s in slots:
+                    if (
+                        len(s.batches) == level < s.depth
+                        and (s.state is IDLE or s.state is BUSY)  # not retired meanwhile
+                    ):
+                        leased = buf.lease_one(now)
+                        if leased is None:
+                            return booked
+                        self._last_send = now
+                        send(s, leased, now)
             return booked
         while True:
             slot = pool.pick()

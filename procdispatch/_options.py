@@ -31,12 +31,25 @@ from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
 __all__ = [
+    "DEPTH",
+    "QUICK_SEND",
     "ChannelOptions",
     "Options",
     "check_body_runs",
     "default_start_method",
     "options_table",
 ]
+
+#: With ``max_leases`` left out, a worker holds batches waiting in its pipe behind the one it
+#: runs only while its sends are quick: as many as its last send's time fits into QUICK_SEND
+#: seconds (none once a send took that long), up to DEPTH - 1. A queued batch starts without
+#: a round trip through the coordinator (tens of microseconds, most of the cost of a quick
+#: send), and a worker that finds its next batch waiting needs no wake-up; a slower send loses
+#: at most about 1 % to that round trip, and a batch queued behind it would wait for it while
+#: another worker may be idle.
+QUICK_SEND = 0.005
+#: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers).
+DEPTH = 8
 
 
 def default_start_method() -> str:
@@ -148,8 +161,10 @@ class Options:
         default=None,
         metadata=_doc(
             "batches in flight at once (>= 1); above `workers`, each worker holds up to "
-            "`ceil(max_leases / workers)` batches, one running and the rest waiting in its pipe",
-            shown="`workers`",
+            "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
+            "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
+            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}",
+            shown=f"`{DEPTH} * workers` (`workers` with `fifo=True` or the Dask backend)",
         ),
     )
     batch_items_max: int | None = field(
@@ -327,7 +342,10 @@ class Options:
         workers = self.workers if self.workers is not None else backend.default_workers()
         _int("workers", workers, allow_none=False)
         _int("max_leases", self.max_leases, allow_none=True)
-        leases = self.max_leases if self.max_leases is not None else workers
+        leases = self.max_leases
+        if leases is None:
+            queued = self.fifo is not True and backend.queues_leases
+            leases = DEPTH * workers if queued else workers
         full_behavior = self.full_behavior if self.full_behavior is not None else BlockNewItems()
         if isinstance(full_behavior, FullBehavior):
             check_int_limit("batch_items_max", self.batch_items_max)  # before they are used
@@ -388,6 +406,7 @@ class Options:
         return ChannelOptions(
             workers=workers,
             max_leases=leases,
+            adaptive_depth=self.max_leases is None,
             buffer=buf,
             item_size=self.item_size,
             qps=qps,
@@ -431,6 +450,9 @@ class ChannelOptions:
 
     workers: int
     max_leases: int
+    #: ``max_leases`` was left out: a worker is handed more than one batch only while its
+    #: sends are quick (see :data:`QUICK_SEND`).
+    adaptive_depth: bool
     buffer: BufferOptions
     item_size: Callable[[Any], int] | None
     #: ``qps_limit`` normalised once: the user's RateLimiter, the parsed rate of a number or

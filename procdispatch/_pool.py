@@ -2,7 +2,12 @@
 
 Each slot wraps one :class:`~procdispatch.backends.WorkerHandle` (whatever the backend) and the
 batches handed to it, oldest first: the head is the one running, the rest wait in the worker's
-pipe (pipelining, when ``max_leases`` exceeds ``workers``). The pool starts (through the
+pipe (pipelining, when ``max_leases`` exceeds ``workers``). With ``max_leases`` left out, each
+slot's own ``depth`` follows its sends: as many batches as its last send's time fits into
+:data:`~._options.QUICK_SEND` (one once a send took that long, and one for a worker not yet seen
+to answer, such as one just started), up to ``max_leases / workers``. That hides the round trip
+between an answer and the next lease, most of the cost of a quick send, while a batch never
+waits behind a slow one when another worker could take it. The pool starts (through the
 backend), watches, kills and buries workers, and reports what happened; what that *means* for
 batches (retry, drop) is decided by :mod:`._workers` and :mod:`._outcomes`. Only the
 coordinator thread calls into the pool.
@@ -99,6 +104,7 @@ class Slot:
         "batches",
         "checked",
         "deadline",
+        "depth",
         "done",
         "handle",
         "init_error",
@@ -111,7 +117,7 @@ class Slot:
         "writing",
     )
 
-    def __init__(self, wid: int, handle: WorkerHandle) -> None:
+    def __init__(self, wid: int, handle: WorkerHandle, depth: int = 1) -> None:
         self.wid = wid
         self.handle = handle
         self.state = STARTING
@@ -124,6 +130,9 @@ class Slot:
         self.checked = 0  # `done` when its memory was last read (max_worker_memory)
         self.replaced = False  # asked to stop, with a replacement started
         self.writing = False  # its lease pipe is watched for room
+        #: The most batches it may hold now: the pool's depth with an explicit ``max_leases``,
+        #: else what its last send's time allows (see the module docstring).
+        self.depth = depth
         self.init_error: BaseException | None = None
         #: "timeout", "cancel" or "start" when we killed it; ``victim`` is the batch it was
         #: killed over (for "timeout").
@@ -154,6 +163,8 @@ class WorkerPool:
             self._selector.register(self._starts.fileno(), selectors.EVENT_READ, _STARTS)
         #: batches one worker may hold at once: the first runs, the others wait in its pipe.
         self.depth = max(1, -(-opts.max_leases // opts.workers))
+        #: what a new worker may hold: ``depth``, or one until its sends were seen
+        self._depth_at_start = 1 if opts.adaptive_depth else self.depth
         #: Starts in flight at once at most (None: no limit), and the slots waiting their turn.
         self._start_limit = START_LIMIT if backend.staggered_start else None
         self.waiting: collections.deque[Slot] = collections.deque()
@@ -164,7 +175,7 @@ class WorkerPool:
         """Start one worker (raises what starting it raised), or queue its start behind those
         waiting while START_LIMIT starts are in flight; see :meth:`_begin`."""
         self._next_wid += 1
-        slot = Slot(self._next_wid, QueuedStart())
+        slot = Slot(self._next_wid, QueuedStart(), self._depth_at_start)
         if self.waiting or self._room() <= 0:
             self.waiting.append(slot)
         else:
@@ -283,13 +294,23 @@ class WorkerPool:
     def pick(self) -> Slot | None:
         """The ready worker holding the fewest batches, if one has room for another."""
         best: Slot | None = None
+        least = self.depth
         for s in self.slots:
-            if (s.state is IDLE or s.state is BUSY) and len(s.batches) < self.depth:
-                if not s.batches:
+            if s.state is IDLE or s.state is BUSY:
+                n = len(s.batches)
+                if not n:
                     return s
-                if best is None or len(s.batches) < len(best.batches):
-                    best = s
+                if n < least and n < s.depth:
+                    best, least = s, n
         return best
+
+    def with_room(self) -> list[Slot]:
+        """The ready workers that have room for another batch, in table order."""
+        return [
+            s
+            for s in self.slots
+            if (s.state is IDLE or s.state is BUSY) and len(s.batches) < s.depth
+        ]
 
     def busy(self) -> bool:
         return any(s.batches for s in self.slots)

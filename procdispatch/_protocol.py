@@ -3,7 +3,7 @@
 Every message is a small slotted class, made once and never changed; its docstring says its
 direction. This module owns everything that crosses a pipe, both ways: a backend that moves
 bytes (processes) sends what :func:`encode_lease` and the ``encode_*`` functions make and reads
-with :class:`FrameSplitter` / :func:`read_frame`; one that needs no bytes (threads) hands over
+with :class:`FrameSplitter` / :class:`FrameReader`; one that needs no bytes (threads) hands over
 the message objects themselves.
 
 *Framing*: each message is one frame, a 4-byte big-endian size (or -1 and an 8-byte size, for
@@ -21,7 +21,9 @@ not pickle back.
 
 from __future__ import annotations
 
+import collections
 import io
+import math
 import os
 import pickle
 import struct
@@ -52,21 +54,25 @@ __all__ = [
     "decode_from_worker",
     "describe_error",
     "dumps",
+    "dumps_out_of_band",
     "encode_done",
+    "framed_done",
     "encode_failed",
     "encode_init_failed",
     "encode_lease",
     "encode_log",
     "encode_ready",
     "encode_result",
+    "FrameReader",
     "frame",
     "lease_parts",
-    "read_frame",
     "write_frame",
 ]
 
 PROTOCOL = 5
 K_LEASE = 0x4C  # "L"  parent -> worker
+K_LEASE_OOB = 0x4F  # "O"  parent -> worker: a lease with buffers in the arena (backends._arena)
+K_ARENA = 0x41  # "A"  parent -> worker: the arena's name and size
 K_STOP = 0x53  # "S"   parent -> worker
 K_READY = 0x52  # "R"  worker -> parent
 K_INIT_FAILED = 0x49  # "I"
@@ -75,13 +81,18 @@ K_FAILED = 0x46  # "F"
 K_LOG = 0x47  # "G"    worker -> parent: a log record
 
 HEADER = struct.Struct("<BQIB")  # kind, batch id, attempt, synthetic flag
+DONE = struct.Struct("<BQIBd")  # a Done frame: the header, then the send's seconds
+_DONE_FRAME = 4 + DONE.size  # a Done frame with its size
 PARTS = struct.Struct("<II")  # a Failed frame: sizes of its error part and of its data part
 SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
 BIG = struct.Struct("!Q")
 _SMALL_LIMIT = 0x7FFFFFFF
+#: The most a worker reads from its lease pipe at once (a pipe holds 64 KiB by default).
+READ_SIZE = 1 << 16
 #: Frames up to this size are made as one bytes object (a copy, written with one write);
 #: larger ones as parts, written together with one writev and never copied.
 COPY_MAX = 16384
+_DONE_HEAD = SIZE.pack(DONE.size)
 STOP_FRAME = bytes([K_STOP])
 #: The stop request, framed.
 STOP = SIZE.pack(1) + STOP_FRAME
@@ -152,6 +163,14 @@ def dumps(obj: object) -> bytes:
     return data
 
 
+def dumps_out_of_band(obj: object, buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> bytes:
+    """Pickle with protocol 5, handing buffers to ``buffer_callback`` (a false answer keeps
+    one out of band); raises what pickling raised (nothing is retried by value)."""
+    out = io.BytesIO()
+    _ByReference(out, PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return out.getvalue()
+
+
 class _Message:
     """Base of the messages: plain slotted classes. Five NamedTuple classes took 3-4 ms of
     every worker's start (the forkserver's, when it preloads this module); these take 0.4."""
@@ -198,13 +217,16 @@ class InitFailed(_Message):
 
 
 class Done(_Message):
-    """worker -> parent: ``send_fn`` returned for this lease."""
+    """worker -> parent: ``send_fn`` returned for this lease; the worker spent ``seconds`` on
+    it (infinite when not measured): how many batches the coordinator queues for a worker
+    follows that time (see :data:`~procdispatch._options.QUICK_SEND`)."""
 
-    __slots__ = ("attempt", "batch_id")
+    __slots__ = ("attempt", "batch_id", "seconds")
 
-    def __init__(self, batch_id: int, attempt: int) -> None:
+    def __init__(self, batch_id: int, attempt: int, seconds: float = math.inf) -> None:
         self.batch_id = batch_id
         self.attempt = attempt
+        self.seconds = seconds
 
 
 class Failed(_Message):
@@ -294,37 +316,106 @@ class FrameSplitter:
             del buf[:pos]
         return out
 
+    def messages(self, chunk: bytes) -> list[WorkerMessage]:
+        """The messages from a worker in what was read (see :func:`decode_from_worker`): the
+        answers of quick sends come many to a read, so a Done is decoded where it lies."""
+        buf = self._buf
+        data: bytes | bytearray = chunk
+        if buf:
+            buf += chunk
+            data = buf
+        out: list[WorkerMessage] = []
+        pos = 0
+        n = len(data)
+        while n - pos >= 4:
+            (size,) = SIZE.unpack_from(data, pos)
+            if size == DONE.size and n - pos >= _DONE_FRAME and data[pos + 4] == K_DONE:
+                _, bid, attempt, _, seconds = DONE.unpack_from(data, pos + 4)
+                out.append(Done(bid, attempt, seconds))
+                pos += _DONE_FRAME
+                continue
+            head = 4
+            if size == -1:
+                if n - pos < 12:
+                    break
+                (size,) = BIG.unpack_from(data, pos + 4)
+                head = 12
+            if n - pos - head < size:
+                break
+            start = pos + head
+            out.append(decode_from_worker(bytes(data[start : start + size])))
+            pos = start + size
+        if data is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
+        return out
 
-def read_frame(fd: int) -> bytearray | None:
-    """Read one frame's body from a blocking descriptor; None at end of file. The body is
-    read straight into its own buffer (no copy of a large lease)."""
-    head = _read_exactly(fd, 4)
-    if head is None:
-        return None
-    (size,) = SIZE.unpack(head)
-    if size == -1:
-        big = _read_exactly(fd, 8)
-        if big is None:
+
+class FrameReader:
+    """Frame bodies from a blocking descriptor (a worker's lease pipe), one per :meth:`read`;
+    None at end of file. Each read takes whatever the pipe holds, up to ``READ_SIZE``: leases
+    written one after another arrive with one system call instead of two each. A frame larger
+    than that is read the rest of the way straight into its own buffer (no copy of a large
+    lease)."""
+
+    __slots__ = ("_fd", "_frames", "_split")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._split = FrameSplitter()
+        self._frames: collections.deque[bytes | bytearray] = collections.deque()
+
+    def read(self) -> bytes | bytearray | None:
+        frames = self._frames
+        while not frames:
+            big = self._large_head()
+            if big is not None:
+                return big
+            chunk = os.read(self._fd, READ_SIZE)
+            if not chunk:
+                return None
+            frames.extend(self._split.split(chunk))
+        return frames.popleft()
+
+    def _large_head(self) -> bytearray | None:
+        """The body of the frame begun in the buffer, read whole, when it is too large for
+        one read; else None."""
+        buf = self._split._buf
+        n = len(buf)
+        if n < 4:
             return None
-        (size,) = BIG.unpack(big)
-    return _read_exactly(fd, size)
-
-
-def _read_exactly(fd: int, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = os.readv(fd, [view[got:]])
-        if k == 0:
+        (size,) = SIZE.unpack_from(buf)
+        head = 4
+        if size == -1:
+            if n < 12:
+                return None
+            (size,) = BIG.unpack_from(buf, 4)
+            head = 12
+        if head + size <= READ_SIZE:
             return None
-        got += k
-    return buf
+        body = bytearray(size)
+        have = n - head
+        body[:have] = buf[head:]
+        del buf[:]
+        view = memoryview(body)
+        while have < size:
+            k = os.readv(self._fd, [view[have:]])
+            if k == 0:
+                return None  # the end of the pipe in the middle of a frame
+            have += k
+        return body
 
 
 def write_frame(fd: int, body: bytes) -> None:
     """Write one frame to a blocking descriptor."""
-    parts = [memoryview(p) for p in frame(body)]
+    framed = frame(body)
+    if len(framed) == 1:  # small (an answer, a log record): usually one write takes it all
+        k = os.write(fd, framed[0])
+        if k == len(framed[0]):
+            return
+        framed = (framed[0][k:],)
+    parts = [memoryview(p) for p in framed]
     while parts:
         k = os.writev(fd, parts)
         while parts and k >= len(parts[0]):
@@ -484,8 +575,8 @@ def decode_from_worker(buf: bytes) -> WorkerMessage:
     """Decode one frame from a worker. Raises only on a corrupt frame (a protocol bug)."""
     kind = buf[0]
     if kind == K_DONE:
-        _, bid, attempt, _ = HEADER.unpack_from(buf)
-        return Done(bid, attempt)
+        _, bid, attempt, _, seconds = DONE.unpack_from(buf)
+        return Done(bid, attempt, seconds)
     if kind == K_FAILED:
         return _decode_failed(buf)
     if kind == K_LOG:
@@ -529,7 +620,7 @@ def encode_result(res: Done | Failed) -> bytes:
     """A result, framed for the parent. Never raises: whatever ``send_fn`` raised or left in
     the batch, the parent hears about this batch (see :func:`encode_failed`)."""
     if isinstance(res, Done):
-        return encode_done(res.batch_id, res.attempt)
+        return encode_done(res.batch_id, res.attempt, res.seconds)
     try:
         return encode_failed(
             res.batch_id, res.attempt, res.error, res.kept, res.new_data, res.meta_sent, res.meta
@@ -547,8 +638,13 @@ def encode_ready(pid: int) -> bytes:
     return bytes([K_READY]) + pickle.dumps(pid, PROTOCOL)
 
 
-def encode_done(batch_id: int, attempt: int) -> bytes:
-    return HEADER.pack(K_DONE, batch_id, attempt, 0)
+def encode_done(batch_id: int, attempt: int, seconds: float = math.inf) -> bytes:
+    return DONE.pack(K_DONE, batch_id, attempt, 0, seconds)
+
+
+def framed_done(batch_id: int, attempt: int, seconds: float) -> bytes:
+    """A Done, framed: what the worker writes after most sends."""
+    return _DONE_HEAD + DONE.pack(K_DONE, batch_id, attempt, 0, seconds)
 
 
 def text_of(obj: object, how: Callable[[object], str] = str) -> str:

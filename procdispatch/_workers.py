@@ -34,7 +34,7 @@ from typing import Any
 from . import _protocol as proto
 from ._admission import Admission, Ledger
 from ._clock import Clock
-from ._options import ChannelOptions
+from ._options import QUICK_SEND, ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
 from ._starting import StartingHandle
@@ -86,6 +86,9 @@ class Workers:
         self.recycling = opts.max_batches_per_worker is not None or (
             opts.max_worker_memory is not None
         )
+        #: Whether a worker may hold more than one batch depends on its sends (see _pool).
+        self._adaptive = opts.adaptive_depth
+        self._depth = pool.depth
 
     # ---- starting ---------------------------------------------------------------------
 
@@ -199,19 +202,29 @@ class Workers:
         for m in msgs:
             if slot.state is DEAD:
                 return
-            self._on_message(slot, m, now)
+            if type(m) is proto.Done:  # by far the most common: handled here
+                if self._adaptive:
+                    seconds = m.seconds
+                    depth = self._depth
+                    slot.depth = (
+                        depth if seconds * depth < QUICK_SEND else self._depth_after(seconds)
+                    )
+                self.outcomes.delivered(self._answered(slot, m, now))
+            else:
+                self._on_message(slot, m, now)
         if gone and slot.state is not DEAD:
             self._on_death(slot, now)
         elif self.recycling and slot.state is not DEAD:
             self.maybe_recycle(slot)  # the limits hold under pipelining too
 
     def _on_message(self, slot: Slot, msg: proto.WorkerMessage, now: float) -> None:
-        m: proto.Done | proto.Failed
-        failed: proto.Failed | None
-        if isinstance(msg, proto.Done):  # by far the most common: tested first
-            m, failed = msg, None
-        elif isinstance(msg, proto.Failed):
-            m = failed = msg
+        """Any message but a Done (see :meth:`handle`)."""
+        if isinstance(msg, proto.Failed):
+            if self._adaptive:
+                slot.depth = 1
+            self.outcomes.failed(self._answered(slot, msg, now), msg, now)
+        elif isinstance(msg, proto.Done):
+            self.outcomes.delivered(self._answered(slot, msg, now))
         elif isinstance(msg, proto.Log):
             handle_record(msg.attrs)  # the user's handlers run here, on the coordinator thread
             return
@@ -223,26 +236,37 @@ class Workers:
             return
         else:
             slot.init_error = msg.error  # InitFailed: reported when the worker's death is seen
-            return
-        b = slot.batches[0] if slot.batches else None
+
+    def _answered(self, slot: Slot, m: proto.Done | proto.Failed, now: float) -> Batch[Any]:
+        """The batch a worker answered for, taken off the slot (the oldest it holds)."""
+        batches = slot.batches
+        b = batches[0] if batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
             raise InternalError(
                 f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
                 f"but its oldest batch is {b!r}"
             )
-        slot.batches.popleft()
+        batches.popleft()
         slot.done += 1
-        if slot.batches:  # the next one starts running now
+        if batches:  # the next one starts running now
             st = self.opts.send_timeout
             slot.deadline = now + st if st is not None else math.inf
         else:
             slot.deadline = math.inf
             if slot.state is BUSY:
                 slot.move(IDLE)
-        if failed is None:
-            self.outcomes.delivered(b)
-        else:
-            self.outcomes.failed(b, failed, now)
+        return b
+
+    def _depth_after(self, seconds: float) -> int:
+        """How many batches a worker may hold after a send of ``seconds``: the running one,
+        and as many more as that time fits into QUICK_SEND (never more than the pool's depth;
+        one for NaN, an unmeasured send's infinity, or a send of QUICK_SEND or more)."""
+        depth = self._depth
+        if seconds * depth < QUICK_SEND:
+            return depth
+        if seconds < QUICK_SEND:
+            return min(depth, 1 + int(QUICK_SEND / seconds))
+        return 1
 
     def _on_death(self, slot: Slot, now: float) -> None:
         start = slot.handle

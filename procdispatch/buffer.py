@@ -382,22 +382,32 @@ class Buffer(Generic[T]):
             self.flush(now)
 
     def _extend(self, now: float, items: Sequence[T], n: int) -> None:
-        """Append items[:n] (all of size 0) by slices: the bulk path of add_many."""
+        """Append items[:n] (all of size 0) by slices: the bulk path of add_many. Whole batches
+        past the one being filled are queued as one run (see :mod:`._batchqueue`)."""
         i = 0
         items_max = self._items_max
-        while i < n:
-            cur = self._cur
-            if cur is None:
-                cur = self._new_batch(now)
-            room = n - i if items_max <= 0 else min(n - i, items_max - cur._count)
-            cur.data.extend(items[i : i + room])
-            if cur._sizes is not None:
-                cur._sizes.extend([0] * room)
-            cur._count += room
-            i += room
+        cur = self._cur
+        if cur is not None:
+            i = n if items_max <= 0 else min(n, items_max - cur._count)
+            self._fill(cur, items, 0, i)
             if items_max > 0 and cur._count >= items_max:
                 self.flush(now)
+        if items_max > 0 and n - i >= items_max:
+            whole = (n - i) // items_max
+            self._queue.push_run(now, items, i, items_max, whole, self._last_id + 1)
+            self._last_id += whole
+            i += whole * items_max
+        if i < n:  # less than a whole batch
+            self._fill(self._new_batch(now), items, i, n)
         self._unleased_items += n
+
+    @staticmethod
+    def _fill(cur: Batch[T], items: Sequence[T], start: int, end: int) -> None:
+        cur.data.extend(items[start:end])
+        room = end - start
+        if cur._sizes is not None:
+            cur._sizes.extend([0] * room)
+        cur._count += room
 
     def _lease(self, b: Batch[T], now: float | None = None) -> Batch[T]:
         b._state = _LEASED
@@ -423,8 +433,14 @@ class Buffer(Generic[T]):
             )
 
     def _end_lease(self, batch: Batch[T], what: str) -> None:
-        self._check_leased(batch, what)
-        del self._leases[batch.id]
+        leases = self._leases
+        try:
+            leased = leases.get(batch.id) is batch
+        except AttributeError:  # not a Batch at all
+            leased = False
+        if not leased:
+            self._check_leased(batch, what)  # raises, saying what is wrong
+        del leases[batch.id]
         self._leased_items -= batch._lease_count
         self._leased_size -= batch._lease_size
 

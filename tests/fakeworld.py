@@ -144,7 +144,7 @@ class FakeWorker(WorkerHandle):
             self._queue.pop(0)
             self._busy = False
             if plan.kind == "done":
-                self._post(proto.Done(b.id, b.attempt))
+                self._post(proto.Done(b.id, b.attempt, plan.after))
             else:
                 assert plan.error is not None
                 self._post(proto.Failed(b.id, b.attempt, plan.error, plan.keep, None, False, None))

@@ -130,7 +130,10 @@ class WorkerHandle(abc.ABC):
 
     @abc.abstractmethod
     def receive(self) -> tuple[list[WorkerMessage], bool]:
-        """Called when the first waitable is readable: the messages, and whether it is gone."""
+        """Called when the first waitable is readable: the messages, and whether it is gone.
+        A ``Done`` that says how long its send took (``seconds``) lets a channel whose
+        ``max_leases`` was left out queue batches behind quick sends; one made without it
+        counts as slow."""
 
     @abc.abstractmethod
     def drain(self) -> list[WorkerMessage]:
@@ -190,6 +193,9 @@ class Backend(abc.ABC):
     #: a pipe its selector watches. False: :meth:`start_worker` returns at once, and is called
     #: on the coordinator's thread.
     start_blocks: bool = False
+    #: False when a worker holds one batch at most (nothing may wait queued on a worker that
+    #: could die with it): ``max_leases`` left out is then ``workers``, not a multiple of it.
+    queues_leases: bool = True
 
     def __init__(self) -> None:
         self._opened = False

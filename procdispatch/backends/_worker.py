@@ -20,6 +20,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -62,14 +63,18 @@ def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[A
 
 
 def run_lease(
-    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease
+    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease, start: float | None = None
 ) -> proto.Done | proto.Failed:
     """Call ``send_fn`` on the lease's batch; capture its failure and its mutation.
 
     ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
     thread backend it is the coordinator's own list, which nothing changes while it is leased).
     Never raises: whatever ``send_fn`` raises or leaves in the batch becomes the batch's answer.
+    A Done says how long the lease took since ``start`` (``time.monotonic()`` when the worker
+    began on it; by default, now).
     """
+    if start is None:
+        start = time.monotonic()
     orig = lease.data
     batch: Batch[Any] = Batch(
         list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
@@ -83,7 +88,7 @@ def run_lease(
             return proto.Failed(
                 lease.batch_id, lease.attempt, _unreadable(lease, exc, e), None, None, False, None
             )
-    return proto.Done(lease.batch_id, lease.attempt)
+    return proto.Done(lease.batch_id, lease.attempt, time.monotonic() - start)
 
 
 _MISSING: Any = object()
@@ -281,6 +286,29 @@ def _say(out: _ResultPipe, body: bytes) -> None:
         os._exit(PARENT_GONE)
 
 
+class _Unmapped:
+    """Stands for an arena the worker could not map (or was never named: a protocol error):
+    its leases fail, saying why."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def decode(self, body: bytes | bytearray) -> proto.Lease:
+        raise RuntimeError(
+            "this worker could not map the shared memory that carries large items: "
+            f"{type(self.error).__name__}: {self.error}"
+        ) from self.error
+
+
+def _open_arena(body: bytes | bytearray) -> Any:
+    from ._arena import WorkerArena
+
+    try:
+        return WorkerArena(body)
+    except Exception as exc:
+        return _Unmapped(exc)
+
+
 class _ResultPipe:
     """The result pipe: one frame at a time, from the worker's loop and from whatever thread
     of ``send_fn`` logs (frames of two threads must not interleave)."""
@@ -293,6 +321,12 @@ class _ResultPipe:
         with self._lock:
             proto.write_frame(self._fd, body)
 
+    def send_framed(self, data: bytes) -> None:
+        """Write a whole small frame (a Done)."""
+        with self._lock:
+            while data:
+                data = data[os.write(self._fd, data) :]
+
     def send_log(self, pickled_attrs: bytes) -> None:
         self.send(proto.encode_log(pickled_attrs))
 
@@ -301,24 +335,39 @@ def _serve(
     lease_fd: int, out: _ResultPipe, send_fn: Callable[[Batch[Any]], object], shipper: Shipper
 ) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
+    reader = proto.FrameReader(lease_fd)
+    # The shared memory of large items, once the coordinator names it (before any lease in it).
+    arena: Any = _Unmapped(RuntimeError("no shared memory was named to this worker"))
     while True:
         try:
-            body = proto.read_frame(lease_fd)
+            body = reader.read()
         except OSError:
             return
-        if body is None or body[0] != proto.K_LEASE:
-            return  # the end of the pipe, or the stop request
+        if body is None:
+            return  # the end of the pipe
+        kind = body[0]
+        if kind != proto.K_LEASE:
+            if kind == proto.K_ARENA:
+                arena = _open_arena(body)
+                continue
+            if kind != proto.K_LEASE_OOB:
+                return  # the stop request
+        start = time.monotonic()  # unpickling counts: the worker is busy with the lease
         _, bid, attempt, _ = proto.HEADER.unpack_from(body)
         shipper.begin(bid)
+        res: proto.Done | proto.Failed
         try:
-            lease = proto.decode_lease(body)
+            lease = proto.decode_lease(body) if kind == proto.K_LEASE else arena.decode(body)
         except BaseException as exc:
-            answer = proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
+            res = proto.Failed(bid, attempt, exc, None, None, False, None)
         else:
-            answer = proto.encode_result(run_lease(send_fn, lease))
+            res = run_lease(send_fn, lease, start)
         del body
         shipper.end()  # its records go before its answer
         try:
-            out.send(answer)
+            if type(res) is proto.Done:
+                out.send_framed(proto.framed_done(res.batch_id, res.attempt, res.seconds))
+            else:
+                out.send(proto.encode_result(res))
         except OSError:
             return

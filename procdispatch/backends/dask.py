@@ -66,6 +66,7 @@ class DaskBackend(WorkerTable, Backend):
     """
 
     name = "dask"
+    queues_leases = False  # a lease is a task on a thread: none waits on a worker
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
 from . import Backend, StartAbort, WorkerHandle
+from ._arena import Arena, arena_frame, encode_oob_lease, wants_arena
 from ._procstart import WorkerContext
 from ._shipping import describe_payload, pickle_payload
 from ._worker import worker_main
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from .._options import ChannelOptions
 
 __all__ = ["ProcessBackend", "ProcessWorker"]
+
+log = logging.getLogger("procdispatch")
 
 READ_SIZE = 1 << 16
 _write = os.write
@@ -148,8 +151,26 @@ class ProcessWorker(WorkerHandle):
     def unsent(self) -> int:
         return self._unsent
 
+    #: The worker's arena for large buffers (see _arena), made on the first batch of them;
+    #: False once it could not be made (everything goes through the pipe then).
+    _arena: Arena | bool | None = None
+    #: (batch id, attempt) of the leases with space in the arena, oldest first: the worker
+    #: answers in order, and each answer to one of them frees the oldest space.
+    _in_arena: collections.deque[tuple[int, int]] | None = None
+    _arena_named = False  # the K_ARENA frame went ahead of the first lease through it
+
     def send_lease(self, batch: Batch[Any]) -> bool:
-        parts = proto.encode_lease(batch)
+        parts = None
+        data = batch.data
+        if (
+            data
+            and (type(data[0]) is bytes or type(data[0]) is bytearray)  # cheap, before the call
+            and self._arena is not False
+            and wants_arena(data)
+        ):
+            parts = self._through_arena(batch)
+        if parts is None:
+            parts = proto.encode_lease(batch)
         if len(parts) > 1:
             # Large: its parts go out in one writev, without copying the payload.
             return self._put(parts, True)
@@ -166,6 +187,29 @@ class ProcessWorker(WorkerHandle):
                 return False
             frame = frame[written:]
         return self._put((frame,), True)
+
+    def _through_arena(self, batch: Batch[Any]) -> tuple[bytes, ...] | None:
+        """The frames of a lease whose large buffers went into the arena (the arena's own
+        frame first, when it was just made); None when it goes through the pipe."""
+        arena = self._arena
+        if not isinstance(arena, Arena):
+            try:
+                arena = Arena()
+            except OSError as exc:  # no /dev/shm, or not room enough in it
+                log.info("worker %d: large items go through its pipe (%s)", self._wid, exc)
+                self._arena = False
+                return None
+            self._arena = arena
+            self._in_arena = collections.deque()
+        parts = encode_oob_lease(batch, arena)
+        if parts is None:
+            return None
+        assert self._in_arena is not None
+        self._in_arena.append((batch.id, batch.attempt))
+        if self._arena_named:
+            return parts
+        self._arena_named = True
+        return (arena_frame(arena), *parts)  # the worker maps it before it reads the lease
 
     def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
         """Queue what of a frame is not written yet; True when something waits. A frame in
@@ -235,8 +279,26 @@ class ProcessWorker(WorkerHandle):
             pass
         except OSError:
             gone = True
-        frames = self._frames.split(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        return [proto.decode_from_worker(f) for f in frames], gone
+        msgs = self._frames.messages(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if self._in_arena:
+            self._free_answered(msgs)
+        return msgs, gone
+
+    def _free_answered(self, msgs: list[proto.WorkerMessage]) -> None:
+        """Free the arena space of the leases just answered (the worker copied their buffers
+        out before it began the send)."""
+        in_arena = self._in_arena
+        arena = self._arena
+        assert in_arena is not None
+        assert isinstance(arena, Arena)
+        for m in msgs:
+            if (
+                in_arena
+                and (type(m) is proto.Done or type(m) is proto.Failed)
+                and (m.batch_id, m.attempt) == in_arena[0]
+            ):
+                in_arena.popleft()
+                arena.free_oldest()
 
     def drain(self) -> list[proto.WorkerMessage]:
         return self.receive()[0]
@@ -267,6 +329,9 @@ class ProcessWorker(WorkerHandle):
 
     def close(self) -> None:
         self._out = None
+        arena, self._arena = self._arena, False
+        if isinstance(arena, Arena):
+            arena.close()  # whatever ended the worker: the segment goes with its handle
         for c in (self._lease_w, self._result_r):
             if c is not None:
                 c.close()
@@ -290,3 +355,5 @@ class ProcessWorker(WorkerHandle):
 
         if self._proc is not None:
             process._children.discard(self._proc)  # type: ignore[attr-defined]
+        if isinstance(self._arena, Arena):
+            self._arena.disown()

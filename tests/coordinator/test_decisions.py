@@ -183,6 +183,47 @@ def test_a_worker_is_handed_at_most_max_batches_per_worker_then_replaced() -> No
     assert r.rec.starts == [(0.0, 1), (2.0, 2), (4.0, 3)]
 
 
+def quick_then_slow(quick_ids: int) -> Any:
+    """Sends of the first ``quick_ids`` batches take a millisecond, the others a second."""
+    return lambda b, w: Plan("done", after=0.001 if b.id <= quick_ids else 1.0)
+
+
+def test_by_default_a_worker_holds_what_its_last_send_s_time_fits_into_5_ms() -> None:
+    r = run(always(Plan("done", after=0.002)), list(range(6)), workers=1, batch_items_max=1)
+    # 1 goes alone (nothing is known of the worker's sends yet); then 2 ms sends: the running
+    # batch and 2 more (4 ms) fit into 5 ms, so each answer lets one more go.
+    assert [t for t, _, _, _ in sends(r)] == pytest.approx([0, 0.002, 0.002, 0.002, 0.004, 0.006])
+    assert r.stats.items_delivered == 6
+
+
+def test_by_default_no_batch_is_queued_behind_a_slow_send() -> None:
+    r = run(quick_then_slow(2), list(range(9)), workers=1, batch_items_max=1)
+    # 1's millisecond lets the worker hold 6 (the running one and 5 ms of quick sends), and
+    # so does 2's; 3 takes a second: 9 waits until the worker has nothing left.
+    times = [t for t, _, _, _ in sends(r)]
+    assert times == pytest.approx([0.0] + [0.001] * 6 + [0.002, 6.002])
+    assert r.stats.items_delivered == 9
+
+
+def test_a_failed_send_leaves_its_worker_one_batch_until_its_next_answer() -> None:
+    def fail_second(b: pd.Batch[Any], w: Any) -> Plan:
+        if b.id == 2:
+            return Plan("fail", after=0.001, error=pd.TransientError("later"))
+        return Plan("done", after=0.001)
+
+    r = run(fail_second, list(range(10)), workers=1, batch_items_max=1, retry=retry.none())
+    # 2 fails at 0.002: nothing goes then, though the worker holds 5 of 6; 3's answer at
+    # 0.003 lets it hold 6 again.
+    times = [t for t, _, _, _ in sends(r)]
+    assert times == pytest.approx([0.0] + [0.001] * 6 + [0.003, 0.003, 0.004])
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (9, 1)
+
+
+def test_an_explicit_max_leases_fills_every_worker_from_the_start() -> None:
+    r = run(quick_then_slow(0), list(range(4)), workers=1, max_leases=2, batch_items_max=1)
+    assert [t for t, _, _, _ in sends(r)] == [0.0, 0.0, 1.0, 2.0]
+
+
 def test_delivery_timeout_drops_a_batch_waiting_for_its_retry_at_its_deadline() -> None:
     r = run(
         always(Plan("fail", after=0.1, error=pd.TransientError("down"))),

@@ -279,14 +279,23 @@ def test_worker_killed_while_idle_is_replaced_without_failing_anything(tmp_path,
 @pytest.mark.needs(
     "processes", why="a worker that crashes, exits or is killed is a process of its own"
 )
-def test_pipelined_batches_behind_a_crash_are_requeued_without_an_attempt(tmp_path, make_channel):
+@pytest.mark.parametrize(
+    "max_leases",
+    [
+        4,  # two batches per worker: one running, one waiting in its pipe
+        None,  # the default: the same, once a worker's sends were seen to be quick
+    ],
+)
+def test_pipelined_batches_behind_a_crash_are_requeued_without_an_attempt(
+    tmp_path, make_channel, max_leases
+):
     log = Log(tmp_path / "log")
     errors, _, s = _run(
         tmp_path,
         make_channel,
         Fault(log, "sigkill", trigger=2),
         list(range(12)),
-        max_leases=4,  # two batches per worker: one running, one waiting in its pipe
+        max_leases=max_leases,
     )
     ((exc, data, attempt),) = errors
     assert isinstance(exc, pd.WorkerCrashed)

@@ -4,7 +4,8 @@ A lease larger than the pipe waits in the coordinator's outgoing queue while its
 timers still fire, results still come back, and a worker blocked writing a large result cannot
 deadlock with a coordinator writing it a large lease. A lease the worker never wholly received
 does not count against it when it dies, and an answer already in the pipe when a worker is killed
-for a deadline is delivered, not failed.
+for a deadline is delivered, not failed. (Large items go through the pipe here, not through
+shared memory.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import pickle
 import select
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,19 @@ from workerfns import Log, wait_for
 import procdispatch as pd
 from procdispatch import _protocol as proto
 from procdispatch._pool import IDLE
+from procdispatch.backends import _arena
 from procdispatch.backends._procstart import WorkerContext
 from procdispatch.backends.process import ProcessWorker
 from procdispatch.backends.thread import ThreadWorker
 
 BIG = 300_000  # several times a pipe's capacity
+
+
+@pytest.fixture(autouse=True)
+def _through_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about frames larger than a pipe: large bytes items must not take the
+    shared memory way (see backends._arena), whose frames are small."""
+    monkeypatch.setattr(_arena, "OOB_MIN", 1 << 62)
 
 
 @pytest.fixture
@@ -307,3 +317,40 @@ def test_an_answer_that_arrives_as_the_worker_is_killed_is_delivered(
     assert [(r["item"], r["attempt"]) for r in _sent(script.log)] == [("wait:b", 1)]
     s = _check_accounting(ch)
     assert (s.items_delivered, s.batches_failed) == (1, 0)
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_done_says_how_long_its_send_ran(script, kind):
+    """The coordinator hands a second batch only to a worker whose sends are quick: each Done
+    carries the send's duration, which lies between what the test saw of it from outside."""
+    if kind == "process":
+        payload = pickle.dumps((script, None), protocol=5)
+        h: Any = ProcessWorker(WorkerContext("forkserver"), payload, 1)
+    else:
+        h = ThreadWorker(script, None, 1)
+    h.start()
+    try:
+        received: list[Any] = []
+
+        def read_until(n: int) -> None:
+            while len(received) < n:
+                readable, _, _ = select.select([h.waitables()[0]], [], [], 20)
+                assert readable, f"waiting for message {n}, got {received}"
+                received.extend(h.receive()[0])
+
+        read_until(1)
+        handed = time.monotonic()
+        assert h.send_lease(pd.Batch(["wait:b"], id=1, attempt=1)) is False
+        script.log.wait_count(1, ev="start")
+        running = time.monotonic()  # the send began before this
+        script.gate("b").open()
+        opened = time.monotonic()  # and ended after this
+        read_until(2)
+        answered = time.monotonic()
+        (done,) = received[1:]
+        assert isinstance(done, proto.Done)
+        assert opened - running <= done.seconds <= answered - handed
+    finally:
+        h.kill()
+        h.exitcode(5)
+        h.close()

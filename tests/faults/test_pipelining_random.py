@@ -1,5 +1,6 @@
-"""Randomized pipelining rounds: up to 4 leases per worker, items and results from 1 byte to
-4 MiB, send_timeout kills, crashes, failures with large mutations, recycling limits.
+"""Randomized pipelining rounds: up to 4 leases per worker (or the default's, which follow how
+quick its sends are), items and results from 1 byte to 4 MiB, send_timeout kills, crashes,
+failures with large mutations, recycling limits.
 
 Each round must drain (no hang) with exact accounting: every item put is delivered or dropped
 exactly once, both at the sink (what the workers delivered, less the attempts the parent failed
@@ -22,6 +23,7 @@ from pipefns import RandomFaults
 from workerfns import Gate, Log
 
 import procdispatch as pd
+from procdispatch._options import DEPTH
 
 ROUNDS = 20
 SOAK_ROUNDS = 200
@@ -56,7 +58,8 @@ def _plan(rng: random.Random) -> dict[str, Any]:
     return {
         "backend": backend,
         "workers": workers,
-        "max_leases": rng.randint(1, 4 * workers),
+        # None: the default, more than one batch per worker only while its sends are quick
+        "max_leases": None if rng.random() < 0.3 else rng.randint(1, 4 * workers),
         "batch_items_max": rng.randint(1, 4),
         "send_timeout": 0.4 if hangs else rng.choice([None, 5.0]),
         "max_batches_per_worker": rng.randint(1, 6) if recycle == "count" else None,
@@ -132,7 +135,8 @@ def _round(seed: int, where: Path) -> None:
     if plan["max_batches_per_worker"] is not None:
         assert max(runs.values()) <= plan["max_batches_per_worker"], (runs, what)
     if plan["max_worker_memory"] is not None:
-        depth = -(-plan["max_leases"] // plan["workers"])
+        leases = plan["max_leases"] or DEPTH * plan["workers"]
+        depth = -(-leases // plan["workers"])
         assert max(runs.values()) <= depth, (runs, what)
 
 
