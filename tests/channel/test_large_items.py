@@ -16,7 +16,7 @@ from largefns import HOLD, Describe, RemoveHalfThenFail, describe
 from workerfns import Gate, Log, wait_for
 
 import procdispatch as pd
-from procdispatch.backends import _arena
+from procdispatch.backends import _arena, process
 from procdispatch.backends._arena import OOB_MIN
 
 pytestmark = pytest.mark.skipif(
@@ -156,4 +156,24 @@ def test_leases_the_arena_has_no_room_for_go_through_the_pipe(tmp_path, make_cha
     ch.put_many(items)  # 200 kB batches: through the pipe; the last one (120 kB) fits
     assert ch.close_and_drain(60)
     assert sorted(_sent(log)) == sorted(describe(x) for x in items)
+    assert _segments() == []
+
+
+@pytest.mark.needs("processes", why="only worker processes have an arena")
+def test_a_worker_whose_arena_cannot_be_made_gets_its_items_through_the_pipe(
+    tmp_path, make_channel, monkeypatch, caplog
+):
+    class NoSharedMemory(_arena.Arena):
+        def __init__(self, size: int | None = None) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(process, "Arena", NoSharedMemory)
+    caplog.set_level("INFO", logger="procdispatch")
+    log = Log(tmp_path / "log")
+    ch = make_channel(Describe(log), workers=1, batch_items_max=4)
+    ch.put_many(ITEMS * 2)
+    assert ch.close_and_drain(60)
+    assert sorted(_sent(log)) == sorted(describe(x) for x in ITEMS * 2)
+    (msg,) = [r.getMessage() for r in caplog.records if "large items go through" in r.getMessage()]
+    assert "No space left on device" in msg
     assert _segments() == []

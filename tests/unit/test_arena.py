@@ -124,3 +124,19 @@ def test_small_first_items_go_through_the_pipe():
     assert not wants_arena([b"x" * (OOB_MIN - 1), b"y" * OOB_MIN])
     assert not wants_arena([memoryview(b"x" * OOB_MIN)])
     assert wants_arena([bytearray(OOB_MIN)])
+
+
+def test_a_dev_shm_without_room_sends_the_lease_through_the_pipe(arena, monkeypatch):
+    """Pages are reserved before the first copy into them: no room is a lease that does not
+    go through the arena (never a SIGBUS in the copy), and the space stays free."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    batch: Batch[Any] = Batch([b"a" * OOB_MIN], None, id=1, attempt=1)
+    assert encode_oob_lease(batch, arena) is None
+    monkeypatch.undo()
+    assert arena.alloc(arena.size) == 0  # the failed lease took no space
+    arena.free_oldest()
+    assert encode_oob_lease(batch, arena) is not None  # room again: the arena is still good
