@@ -49,6 +49,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
+from ._progress import sized_length
 from ._waits import check_timeout
 from .errors import BufferFull
 
@@ -171,6 +172,11 @@ async def put_many(ch: ProcessChannel[Any], items: Iterable[Any], timeout: float
     """``aput_many``: as ``put_many``, the items measured first; an item that cannot be
     measured stops the call after the ones before it were added."""
     deadline = _deadline("aput_many", timeout)  # before the iterable is consumed
+    progress = ch._progress
+    if progress is not None:
+        n = sized_length(items)
+        if n is not None:
+            progress.announce(n)
     batch = list(items)
     adm = ch._adm
     if ch._item_size is None:

@@ -23,8 +23,8 @@ failed again is named once more at the end, with the count. A ``SystemExit`` or
 itself (Python delivers signals to the main thread), and it must not end the reports.
 
 The total is ``progress_total`` when given, else the sum of the lengths of the sized
-iterables given to ``put_many`` (None when there were none: the bar then shows a count and a
-rate only).
+iterables given to ``put_many`` and ``aput_many`` (None when there were none: the bar then
+shows a count and a rate only).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Reporter:
         return threading.current_thread() is self._thread
 
     def announce(self, n: int) -> None:
-        """``put_many`` was given a sized iterable of ``n`` items."""
+        """``put_many`` or ``aput_many`` was given a sized iterable of ``n`` items."""
         with self._lock:
             self._announced = (self._announced or 0) + n
 

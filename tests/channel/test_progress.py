@@ -3,6 +3,7 @@ callable; all fed from a thread of the parent through the final drain."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import sys
@@ -148,6 +149,24 @@ def test_a_bar_of_the_user_is_updated_and_closed(make_channel: Any) -> None:
     assert "dropped=0" in bar.postfix
     assert bar.disable  # closed
     assert "rows" in out.getvalue()
+
+
+def test_aput_many_of_a_sized_iterable_adds_to_the_total_as_put_many_does(
+    make_channel: Any,
+) -> None:
+    tqdm = pytest.importorskip("tqdm")
+    bar = tqdm.tqdm(file=io.StringIO())
+    ch = make_channel(lambda b: None, workers=2, batch_items_max=7, progress=bar)
+
+    async def produce() -> None:
+        assert await ch.aput_many(list(range(60))) == 60
+        assert await ch.aput_many(range(40)) == 40
+        assert await ch.aput_many(iter(range(5))) == 5  # not sized: the total stays
+
+    asyncio.run(produce())
+    assert ch.close_and_drain(60)
+    assert bar.total == 100
+    assert bar.n == 105
 
 
 def test_progress_total_wins_over_put_many(make_channel: Any) -> None:
