@@ -56,6 +56,7 @@ from .errors import BufferFull
 if TYPE_CHECKING:
     from ._admission import Admission
     from ._channel import ProcessChannel
+    from ._ending import Ending
 
 __all__ = ["aexit", "await_drained", "close_and_drain", "put_many", "put_one"]
 
@@ -194,31 +195,31 @@ async def put_many(ch: ProcessChannel[Any], items: Iterable[Any], timeout: float
     return await _admit(adm, batch, sizes, deadline, "aput_many")
 
 
-async def await_drained(ch: ProcessChannel[Any], timeout: float | None) -> bool:
+async def await_drained(end: Ending, timeout: float | None) -> bool:
     """``await_drained``: True once drained, False at the timeout."""
-    ch._check_not_inherited()
+    end.check_not_inherited()
     seconds = check_timeout("await_drained", timeout)
-    if seconds != 0 and not ch._adm.drained.is_set():
-        ch._check_can_wait("await_drained() cannot be called")
-    return await _drained(ch, seconds)
+    if seconds != 0 and not end.adm.drained.is_set():
+        end.check_can_wait("await_drained() cannot be called")
+    return await _drained(end, seconds)
 
 
-async def close_and_drain(ch: ProcessChannel[Any], timeout: float | None) -> bool:
+async def close_and_drain(end: Ending, timeout: float | None) -> bool:
     """``aclose_and_drain``: the timeout checked, and the wait allowed, before it closes."""
-    ch._check_not_inherited()
+    end.check_not_inherited()
     seconds = check_timeout("aclose_and_drain", timeout)
-    if seconds != 0 and not ch._adm.drained.is_set():
-        ch._check_can_wait("aclose_and_drain() cannot be called")
-    ch.close()
-    ok = await _drained(ch, seconds)
+    if seconds != 0 and not end.adm.drained.is_set():
+        end.check_can_wait("aclose_and_drain() cannot be called")
+    end.close()
+    ok = await _drained(end, seconds)
     if ok:
-        ch._raise_after_drain()
+        end.raise_after_drain()
     return ok
 
 
-async def _drained(ch: ProcessChannel[Any], seconds: float | None) -> bool:
+async def _drained(end: Ending, seconds: float | None) -> bool:
     """Await the drain for ``seconds`` (None: for ever), without any check."""
-    latch = ch._adm.drained
+    latch = end.adm.drained
     if latch.is_set():
         return True
     deadline = None if seconds is None else monotonic() + seconds
@@ -232,55 +233,55 @@ async def _drained(ch: ProcessChannel[Any], seconds: float | None) -> bool:
     return latch.is_set()
 
 
-async def aexit(ch: ProcessChannel[Any], exc_type: type[BaseException] | None) -> None:
+async def aexit(end: Ending, exc_type: type[BaseException] | None) -> None:
     """The end of ``async with``; see the module docstring."""
-    if ch._adm.inherited_by_fork:
+    if end.adm.inherited_by_fork:
         return  # nothing of it runs in this process
-    err = ch._reentry("leaving an async with block of the channel cannot wait")
+    err = end.reentry("leaving an async with block of the channel cannot wait")
     if err is not None:
         # In a callback: end the channel as the block would, but do not wait for it.
         if exc_type is None:
-            ch.close()
+            end.close()
         else:
-            ch.cancel()
+            end.cancel()
         raise err
     if exc_type is not None:
         deadline = _process_end.sigterm_deadline()
         if deadline is not None and issubclass(exc_type, (SystemExit, asyncio.CancelledError)):
-            ch.close()
-            if not await _drained(ch, max(0.0, deadline - monotonic())):
-                await _cancel_and_wait(ch, "SIGTERM drain timed out")
+            end.close()
+            if not await _drained(end, max(0.0, deadline - monotonic())):
+                await _cancel_and_wait(end, "SIGTERM drain timed out")
             return
-        await _cancel_and_wait(ch, f"{exc_type.__name__} in the async with block")
+        await _cancel_and_wait(end, f"{exc_type.__name__} in the async with block")
         return
     try:
-        ch.close()
-        await _drained(ch, None)
+        end.close()
+        await _drained(end, None)
     except BaseException as interrupt:
-        await _cancel_and_wait(ch, f"{type(interrupt).__name__} while draining")
+        await _cancel_and_wait(end, f"{type(interrupt).__name__} while draining")
         raise
-    ch._raise_after_drain()
+    end.raise_after_drain()
 
 
-async def _cancel_and_wait(ch: ProcessChannel[Any], why: str) -> None:
+async def _cancel_and_wait(end: Ending, why: str) -> None:
     """Cancel, say what is waited for, and await the drain; a cancellation of that wait ends
     the sends still in flight at once (their batches still reach on_drop), then propagates."""
-    ch.cancel()
-    adm = ch._adm
+    end.cancel()
+    adm = end.adm
     n = adm.snapshot().batches_in_flight
     if n:
         log.warning(
             "%s: channel cancelled; waiting up to %.1fs (cancel_grace) for %d send(s) in "
             "flight; cancel the task again to stop them now (their batches are dropped)",
             why,
-            ch._coord.opts.cancel_grace,
+            end.opts.cancel_grace,
             n,
         )
     try:
-        await _drained(ch, None)
+        await _drained(end, None)
     except asyncio.CancelledError:
         n = adm.snapshot().batches_in_flight
         log.warning("cancelled again: stopping %d send(s) in flight now", n)
         adm.request_cancel(kill=True)
-        await _drained(ch, None)
+        await _drained(end, None)
         raise

@@ -16,7 +16,7 @@ import pytest
 from workerfns import Gate, Log, Recorder, delivered_items, noop, wait_for
 
 import procdispatch as pd
-from procdispatch import _admission, _channel
+from procdispatch import _admission, _ending
 
 # ---- timeouts ---------------------------------------------------------------------------------
 
@@ -646,7 +646,7 @@ def test_a_drain_waited_for_from_a_handler_on_top_of_put(
 ) -> None:
     # Where the interrupted put holds the channel's lock the drain cannot end: the wait raises
     # (after a short probe, shortened here); elsewhere it waits as usual.
-    monkeypatch.setattr(_channel, "_LOCK_PROBE", 0.05)
+    monkeypatch.setattr(_ending, "_LOCK_PROBE", 0.05)
     ch = make_channel(noop, workers=1, batch_items_max=5, batch_age_max=0.01)
     outcomes: list[object] = []
 
