@@ -12,6 +12,7 @@ import pytest
 from clirun import REPO, cli, final_stats, finish
 
 from procdispatch import cli as pd_cli
+from procdispatch._cli_args import _FLAGS
 
 
 def _rows(n: int, fail: int | None = None) -> str:
@@ -87,7 +88,7 @@ REFUSED = {
 
 
 def test_every_flag_mapped_to_an_option_has_a_refused_value_here() -> None:
-    assert set(REFUSED) == set(pd_cli._FLAGS)
+    assert set(REFUSED) == set(_FLAGS)
 
 
 @pytest.mark.parametrize("dest", sorted(REFUSED))
@@ -101,7 +102,7 @@ def test_a_refused_value_is_named_by_its_flag(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"{flag}: {rule}" in err
-    assert pd_cli._FLAGS[dest] not in err.replace(flag, "")  # never the option's own name
+    assert _FLAGS[dest] not in err.replace(flag, "")  # never the option's own name
 
 
 def test_retries_below_zero_is_named_by_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
