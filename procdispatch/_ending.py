@@ -19,13 +19,13 @@ asynchronous (``asyncio.run`` of it), raises :class:`~.errors.ProcDispatchError`
 method and the callback when it would wait -- ``wait_drained``, ``close_and_drain``, leaving a
 ``with`` block, ``await_drained``, ``aclose_and_drain``, leaving an ``async with`` block, and a
 ``put``, ``put_many``, ``aput`` or ``aput_many`` that would wait for room
-(:class:`~.errors.BufferFull` for those, built by :func:`reentry_errors`). The drain ends with
-the last report of a ``progress`` callable, made on its own thread: from there the waits for
-the drain raise as well. So does a drain waited for by a signal handler that interrupted a
-``put`` of the same channel in the lock the drain needs. Calls that do not wait are fine
-anywhere: a ``put`` or ``aput`` with room, ``put_nowait``, ``stats``, ``close``, ``cancel``.
-Every ``timeout=`` follows ``queue.Queue``'s rules (see :func:`._waits.check_timeout`) and is
-checked before the call does anything.
+(:class:`~.errors.BufferFull` for those); :func:`reentry_errors` builds these errors. The drain
+ends with the last report of a ``progress`` callable, made on its own thread: from there the
+waits for the drain raise as well. So does a drain waited for by a signal handler that
+interrupted a ``put`` of the same channel in the lock the drain needs. Calls that do not wait
+are fine anywhere: a ``put`` or ``aput`` with room, ``put_nowait``, ``stats``, ``close``,
+``cancel``. Every ``timeout=`` follows ``queue.Queue``'s rules (see
+:func:`._waits.check_timeout`) and is checked before the call does anything.
 """
 
 from __future__ import annotations
