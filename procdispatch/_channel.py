@@ -138,6 +138,7 @@ class ProcessChannel(Generic[T]):
         else:
             adm._pending_sized = True
         opts.backend.open(send_fn, opts)  # before any thread or process exists: may refuse
+        self._user_code = {"send_fn": send_fn, "worker_init": opts.worker_init}
         self._progress: Reporter | None = None
         if opts.progress is not False:
             self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
@@ -278,10 +279,19 @@ class ProcessChannel(Generic[T]):
 
     def _reentry(self, what: str) -> BaseException | None:
         """The error for a wait for the drain made on a thread the drain waits for: the
-        coordinator's, or the one that makes the last progress report; None elsewhere."""
+        coordinator's, the one that makes the last progress report, or a worker thread of the
+        thread backend running the user's code; None elsewhere."""
         if self._adm.coordinator_ident == threading.get_ident():
             err: BaseException = self._adm.reentry_error(what)
             return err
+        user_code = self._coord.opts.backend.running_user_code()
+        if user_code is not None:
+            name = _name_of(self._user_code.get(user_code))
+            return ProcDispatchError(
+                f"{what} from {user_code} ({name}) on a worker of the channel: the drain waits "
+                f"for this worker's {user_code} to return, so it would wait for itself (call "
+                "close() or cancel() there: they do not wait)"
+            )
         progress = self._progress
         if progress is not None and progress.is_current_thread():
             name = _name_of(self._coord.opts.progress)
