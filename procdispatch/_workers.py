@@ -41,7 +41,7 @@ from ._starting import StartingHandle
 from ._worker_logging import handle_record
 from .backends import Backend
 from .buffer import Batch
-from .errors import InternalError, ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
+from .errors import ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
 
 __all__ = ["KILL_WAIT", "START_FAILURES_FATAL", "Workers"]
 
@@ -226,10 +226,8 @@ class Workers:
             return
         b = slot.batches[0] if slot.batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
-            raise InternalError(
-                f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
-                f"but its oldest batch is {b!r}"
-            )
+            self._confused(slot, m, b, now)
+            return
         slot.batches.popleft()
         slot.done += 1
         if slot.batches:  # the next one starts running now
@@ -243,6 +241,25 @@ class Workers:
             self.outcomes.delivered(b)
         else:
             self.outcomes.failed(b, failed, now)
+
+    def _confused(
+        self, slot: Slot, m: proto.Done | proto.Failed, head: Batch[Any] | None, now: float
+    ) -> None:
+        """A worker answered for a batch it is not sending (a process that ``send_fn`` forked
+        and that went on in the worker's code, or a backend's fault): nothing it says can be
+        trusted any more. It is killed, and its batches go as in a crash: the one it was
+        sending fails (a worker fault, retried as one), the others go back to the queue."""
+        said = "succeeded" if isinstance(m, proto.Done) else "failed"
+        holds = "no batch" if head is None else f"batch {head.id} (attempt {head.attempt}) first"
+        why = (
+            f"it answered that batch {m.batch_id} (attempt {m.attempt}) {said}, but it holds "
+            f"{holds}; a process forked by send_fn that did not end with os._exit may "
+            "have answered in its place"
+        )
+        log.error("killing worker %d (pid %s): %s", slot.wid, slot.handle.pid, why)
+        self.pool.kill(slot, "answer")
+        slot.kill_why = why
+        self._on_death(slot, now)
 
     def _on_death(self, slot: Slot, now: float) -> None:
         start = slot.handle
@@ -292,6 +309,7 @@ class Workers:
                         batch_id=b.id,
                         attempt=b.attempt,
                         where=slot.handle.where,
+                        why=slot.kill_why,
                     )
                 outcomes.crashed(b, exc, now)
         if not slot.replaced:

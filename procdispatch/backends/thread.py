@@ -20,7 +20,7 @@ from .. import _protocol as proto
 from .._worker_logging import current, stamp_thread_records
 from . import Backend, WorkerHandle
 from ._usercode import UserCode
-from ._worker import run_lease
+from ._worker import leave_if_forked, run_lease
 
 if TYPE_CHECKING:
     from .._batch import Batch
@@ -78,7 +78,7 @@ class ThreadWorker(WorkerHandle):
         # as a process's end of file does (an init that raised is a failed start at once).
         self._ended = False
         self._thread: threading.Thread | None = None
-        self.pid = os.getpid()
+        self.pid = self._owner = os.getpid()
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -109,10 +109,12 @@ class ThreadWorker(WorkerHandle):
         try:
             user = UserCode(self._send_fn, self._init)  # an event loop of this thread if async
         except BaseException as exc:
+            leave_if_forked(self._owner, exc)  # a child forked there has no coordinator to tell
             self._post(proto.InitFailed(exc))
             return
         finally:
             running.what = None
+        leave_if_forked(self._owner)
         try:
             self._post(proto.Ready(self.pid or 0))
             while True:
@@ -128,6 +130,7 @@ class ThreadWorker(WorkerHandle):
                     result = run_lease(user.send, lease)
                 finally:
                     running.what = None
+                leave_if_forked(self._owner, getattr(result, "error", None))
                 current.set((self._wid, None))
                 self._post(result)
         finally:
