@@ -203,10 +203,15 @@ class ForkingSend:
             pid = _fork()
             if pid == 0:
                 if self.child == "raise":
+                    # The child's stderr into a file of the test's (the worker's may be that
+                    # of a forkserver started by another test).
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                    os.dup2(os.open(self.log.path + ".stderr", flags, 0o644), 2)
                     raise ValueError("the child's work failed")
                 return
             _, status = os.waitpid(pid, 0)
-            self.log.write(kind="child", pid=pid, status=os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            self.log.write(kind="child", pid=pid, parent=os.getpid(), status=code)
         self.log.write(kind="send", pid=os.getpid(), items=list(batch.data))
 
 
