@@ -117,6 +117,7 @@ class ProcessChannel(Generic[T]):
         else:
             adm._pending_sized = True
         opts.backend.open(send_fn, opts)  # before any thread or process exists: may refuse
+        self._user_code = {"send_fn": send_fn, "worker_init": opts.worker_init}
         self._progress: Reporter | None = None
         if opts.progress is not False:
             self._progress = Reporter(opts.progress, opts.progress_total, adm.snapshot)
@@ -133,7 +134,7 @@ class ProcessChannel(Generic[T]):
             final_report=None if self._progress is None else self._progress.finish,
         )
         self._sizer: Buffer[Any] = coord.buffer  # check_size only reads its options
-        self._ending = Ending(adm, coord, self._progress)
+        self._ending = Ending(adm, coord, self._progress, self._user_code)
         coord.start()
         if self._progress is not None:
             self._progress.start()

@@ -35,7 +35,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
@@ -61,11 +61,19 @@ _LOCK_PROBE = 1.0
 class Ending:
     """One channel's close, cancel and drain waits; see the module docstring."""
 
-    def __init__(self, adm: Admission, coord: Coordinator, progress: Reporter | None) -> None:
+    def __init__(
+        self,
+        adm: Admission,
+        coord: Coordinator,
+        progress: Reporter | None,
+        user_code: Mapping[str, object],
+    ) -> None:
         self.adm = adm
         self.opts = coord.opts
         self._coord = coord
         self._progress = progress
+        #: the user's callables that run on a worker, by option name (for the reentry error)
+        self._user_code = user_code
 
     def check_not_inherited(self) -> None:
         if self.adm.inherited_by_fork:
@@ -110,10 +118,19 @@ class Ending:
 
     def reentry(self, what: str) -> BaseException | None:
         """The error for a wait for the drain made on a thread the drain waits for: the
-        coordinator's, or the one that makes the last progress report; None elsewhere."""
+        coordinator's, the one that makes the last progress report, or a worker thread of the
+        thread backend running the user's code; None elsewhere."""
         if self.adm.coordinator_ident == threading.get_ident():
             err: BaseException = self.adm.reentry_error(what)
             return err
+        user_code = self.opts.backend.running_user_code()
+        if user_code is not None:
+            name = _name_of(self._user_code.get(user_code))
+            return ProcDispatchError(
+                f"{what} from {user_code} ({name}) on a worker of the channel: the drain waits "
+                f"for this worker's {user_code} to return, so it would wait for itself (call "
+                "close() or cancel() there: they do not wait)"
+            )
         progress = self._progress
         if progress is not None and progress.is_current_thread():
             name = _name_of(self.opts.progress)

@@ -109,6 +109,7 @@ class Slot:
         "handle",
         "init_error",
         "kill_reason",
+        "kill_why",
         "leased",
         "replaced",
         "state",
@@ -134,9 +135,10 @@ class Slot:
         #: else what its last send's time allows (see the module docstring).
         self.depth = depth
         self.init_error: BaseException | None = None
-        #: "timeout", "cancel" or "start" when we killed it; ``victim`` is the batch it was
-        #: killed over (for "timeout").
+        #: "timeout", "cancel", "start" or "answer" when we killed it; ``victim`` is the batch
+        #: it was killed over (for "timeout"); ``kill_why`` what it answered (for "answer").
         self.kill_reason: str | None = None
+        self.kill_why: str | None = None
         self.victim: Batch[Any] | None = None
 
     def move(self, to: WState) -> None:

@@ -41,7 +41,7 @@ from ._starting import StartingHandle
 from ._worker_logging import handle_record
 from .backends import Backend
 from .buffer import Batch
-from .errors import InternalError, ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
+from .errors import ProcDispatchError, SendTimeout, WorkerCrashed, WorkerStartFailed
 
 __all__ = ["KILL_WAIT", "START_FAILURES_FATAL", "Workers"]
 
@@ -209,7 +209,9 @@ class Workers:
                     slot.depth = (
                         depth if seconds * depth < QUICK_SEND else self._depth_after(seconds)
                     )
-                self.outcomes.delivered(self._answered(slot, m, now))
+                b = self._answered(slot, m, now)
+                if b is not None:
+                    self.outcomes.delivered(b)
             else:
                 self._on_message(slot, m, now)
         if gone and slot.state is not DEAD:
@@ -222,9 +224,13 @@ class Workers:
         if isinstance(msg, proto.Failed):
             if self._adaptive:
                 slot.depth = 1
-            self.outcomes.failed(self._answered(slot, msg, now), msg, now)
+            b = self._answered(slot, msg, now)
+            if b is not None:
+                self.outcomes.failed(b, msg, now)
         elif isinstance(msg, proto.Done):
-            self.outcomes.delivered(self._answered(slot, msg, now))
+            b = self._answered(slot, msg, now)
+            if b is not None:
+                self.outcomes.delivered(b)
         elif isinstance(msg, proto.Log):
             handle_record(msg.attrs)  # the user's handlers run here, on the coordinator thread
             return
@@ -237,15 +243,14 @@ class Workers:
         else:
             slot.init_error = msg.error  # InitFailed: reported when the worker's death is seen
 
-    def _answered(self, slot: Slot, m: proto.Done | proto.Failed, now: float) -> Batch[Any]:
-        """The batch a worker answered for, taken off the slot (the oldest it holds)."""
+    def _answered(self, slot: Slot, m: proto.Done | proto.Failed, now: float) -> Batch[Any] | None:
+        """The batch a worker answered for, taken off the slot (the oldest it holds); None
+        when the answer is for a batch it is not sending (the worker is killed for it)."""
         batches = slot.batches
         b = batches[0] if batches else None
         if b is None or b.id != m.batch_id or b.attempt != m.attempt:
-            raise InternalError(
-                f"worker {slot.wid} answered for batch {m.batch_id} attempt {m.attempt}, "
-                f"but its oldest batch is {b!r}"
-            )
+            self._confused(slot, m, b, now)
+            return None
         batches.popleft()
         slot.done += 1
         if batches:  # the next one starts running now
@@ -267,6 +272,25 @@ class Workers:
         if seconds < QUICK_SEND:
             return min(depth, 1 + int(QUICK_SEND / seconds))
         return 1
+
+    def _confused(
+        self, slot: Slot, m: proto.Done | proto.Failed, head: Batch[Any] | None, now: float
+    ) -> None:
+        """A worker answered for a batch it is not sending (a process that ``send_fn`` forked
+        and that went on in the worker's code, or a backend's fault): nothing it says can be
+        trusted any more. It is killed, and its batches go as in a crash: the one it was
+        sending fails (a worker fault, retried as one), the others go back to the queue."""
+        said = "succeeded" if isinstance(m, proto.Done) else "failed"
+        holds = "no batch" if head is None else f"batch {head.id} (attempt {head.attempt}) first"
+        why = (
+            f"it answered that batch {m.batch_id} (attempt {m.attempt}) {said}, but it holds "
+            f"{holds}; a process forked by send_fn that did not end with os._exit may "
+            "have answered in its place"
+        )
+        log.error("killing worker %d (pid %s): %s", slot.wid, slot.handle.pid, why)
+        self.pool.kill(slot, "answer")
+        slot.kill_why = why
+        self._on_death(slot, now)
 
     def _on_death(self, slot: Slot, now: float) -> None:
         start = slot.handle
@@ -316,6 +340,7 @@ class Workers:
                         batch_id=b.id,
                         attempt=b.attempt,
                         where=slot.handle.where,
+                        why=slot.kill_why,
                     )
                 outcomes.crashed(b, exc, now)
         if not slot.replaced:

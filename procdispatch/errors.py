@@ -96,7 +96,9 @@ class WorkerCrashed(ProcDispatchError):
 
     ``exitcode`` is what :mod:`multiprocessing` reports: negative for a signal death. ``where``
     names a worker that is not a local process (a Dask worker's address); its ``pid`` and
-    ``exitcode`` may then be None.
+    ``exitcode`` may then be None. ``why`` says why the channel killed the worker, when it did
+    because of something the worker did (it answered for a batch it was not sending); None
+    otherwise.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class WorkerCrashed(ProcDispatchError):
         batch_id: int | None = None,
         attempt: int | None = None,
         where: str | None = None,
+        why: str | None = None,
     ) -> None:
         self.pid = pid
         self.exitcode = exitcode
@@ -115,12 +118,21 @@ class WorkerCrashed(ProcDispatchError):
         self.batch_id = batch_id
         self.attempt = attempt
         self.where = where
+        self.why = why
         super().__init__(pid, exitcode)
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_worker_crashed,
-            (self.pid, self.exitcode, self.worker, self.batch_id, self.attempt, self.where),
+            (
+                self.pid,
+                self.exitcode,
+                self.worker,
+                self.batch_id,
+                self.attempt,
+                self.where,
+                self.why,
+            ),
         )
 
     def __str__(self) -> str:
@@ -132,6 +144,8 @@ class WorkerCrashed(ProcDispatchError):
         what = ""
         if self.batch_id is not None:
             what = f" while sending batch {self.batch_id} (attempt {self.attempt})"
+        if self.why is not None:
+            return f"{where} was killed{what}: {self.why}"
         if self.where is not None:
             how = "was lost" if self.exitcode is None else describe_exitcode(self.exitcode)
             return f"{where} on {self.where} {how}{what}"
@@ -145,9 +159,10 @@ def _rebuild_worker_crashed(
     batch_id: int | None,
     attempt: int | None,
     where: str | None = None,
+    why: str | None = None,
 ) -> WorkerCrashed:
     return WorkerCrashed(
-        pid, exitcode, worker=worker, batch_id=batch_id, attempt=attempt, where=where
+        pid, exitcode, worker=worker, batch_id=batch_id, attempt=attempt, where=where, why=why
     )
 
 

@@ -18,7 +18,12 @@ REPO = TESTS.parent
 RUN_TIMEOUT = 240.0
 
 
-def cli(*args: str, stdin: int | IO[Any] | None = None, **env: str) -> subprocess.Popen[str]:
+def cli(
+    *args: str,
+    stdin: int | IO[Any] | None = None,
+    pass_fds: tuple[int, ...] = (),
+    **env: str,
+) -> subprocess.Popen[str]:
     full = dict(os.environ, **env)
     full["PYTHONPATH"] = str(REPO)  # not the tests folder: clifns comes from the current dir
     return subprocess.Popen(
@@ -26,6 +31,7 @@ def cli(*args: str, stdin: int | IO[Any] | None = None, **env: str) -> subproces
         cwd=TESTS,
         env=full,
         stdin=stdin,
+        pass_fds=pass_fds,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

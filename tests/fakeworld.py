@@ -81,6 +81,9 @@ class Plan:
     after: float = 0.0
     error: BaseException | None = None
     keep: list[int] | None = None  # for "fail": the indices of the items it did not deliver
+    answer_as: tuple[int, int] | None = (
+        None  # the (batch id, attempt) it answers for, if not its own
+    )
 
 
 Behaviour = Callable[[Batch[Any], "FakeWorker"], Plan]
@@ -143,11 +146,12 @@ class FakeWorker(WorkerHandle):
                 return
             self._queue.pop(0)
             self._busy = False
+            bid, attempt = plan.answer_as or (b.id, b.attempt)
             if plan.kind == "done":
-                self._post(proto.Done(b.id, b.attempt, plan.after))
+                self._post(proto.Done(bid, attempt, plan.after))
             else:
                 assert plan.error is not None
-                self._post(proto.Failed(b.id, b.attempt, plan.error, plan.keep, None, False, None))
+                self._post(proto.Failed(bid, attempt, plan.error, plan.keep, None, False, None))
             self._start_next()
 
         self.world.after(plan.after, answer)

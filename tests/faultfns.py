@@ -180,3 +180,53 @@ class FailsFirst:
             time.sleep(0.5)
             raise pd.TransientError("late failure")
         raise AssertionError(h)  # pragma: no cover
+
+
+def _fork() -> int:
+    import warnings
+
+    with warnings.catch_warnings():  # 3.12+ warns of forking a process that has threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+class ForkingSend:
+    """A send_fn that, on the first attempt of the batch that holds ``0``, forks a child that
+    goes back into the worker's code (``child`` = "return" or "raise") instead of ending with
+    os._exit; the send waits for the child, and logs its exit status and its own pid."""
+
+    def __init__(self, log: Log, child: str) -> None:
+        self.log, self.child = log, child
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        if 0 in batch.data and batch.attempt == 1:
+            pid = _fork()
+            if pid == 0:
+                if self.child == "raise":
+                    # The child's stderr into a file of the test's (the worker's may be that
+                    # of a forkserver started by another test).
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                    os.dup2(os.open(self.log.path + ".stderr", flags, 0o644), 2)
+                    raise ValueError("the child's work failed")
+                return
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            self.log.write(kind="child", pid=pid, parent=os.getpid(), status=code)
+        self.log.write(kind="send", pid=os.getpid(), items=list(batch.data))
+
+
+class ForkingInit:
+    """A worker_init that forks a child which returns (or raises) into the worker's code; it
+    waits for the child and logs its exit status."""
+
+    def __init__(self, log: Log, child: str) -> None:
+        self.log, self.child = log, child
+
+    def __call__(self) -> None:
+        pid = _fork()
+        if pid == 0:
+            if self.child == "raise":
+                raise ValueError("the child's work failed")
+            return
+        _, status = os.waitpid(pid, 0)
+        self.log.write(kind="child", status=os.waitstatus_to_exitcode(status), parent=os.getpid())

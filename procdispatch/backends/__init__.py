@@ -240,6 +240,13 @@ class Backend(abc.ABC):
         before :meth:`open`; may raise OptionsError."""
         return os.cpu_count() or 1
 
+    def running_user_code(self) -> str | None:
+        """When the calling thread is one of this backend's workers, running the user's code:
+        which (``"send_fn"`` or ``"worker_init"``); None otherwise. A wait for the drain made
+        there would wait for itself, and the channel refuses it. Only a backend whose workers
+        are threads of the channel's process can answer anything but None."""
+        return None
+
     def workers_alive(self, handles: int) -> int:
         """What ``stats().workers_alive`` reports, given the number of worker handles not
         dead: the handles themselves, unless the backend's workers are something else."""

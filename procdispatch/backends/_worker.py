@@ -38,6 +38,9 @@ WATCHDOG_PERIOD = 0.5
 #: The exit status of a worker that ends because its parent went away (died, or gave it up and
 #: closed its pipes): it ends at once and says nothing, since nobody is left to read it.
 PARENT_GONE = 70
+#: The exit status of a process forked by ``send_fn`` or ``worker_init`` that raised out of it
+#: into the worker's code (one that returned exits with 0): see :func:`leave_if_forked`.
+FORKED_CHILD_RAISED = 1
 
 
 def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[Any] | None]:
@@ -192,6 +195,29 @@ def _unreadable(
     return err
 
 
+def leave_if_forked(owner: int, exc: BaseException | None = None) -> None:
+    """End, at once, a process that the user's code forked and that came back into the worker's
+    code (``send_fn`` or ``worker_init`` returned, or raised, in the child too).
+
+    Such a child shares the worker's pipes: went on, it would answer leases of the worker
+    and read its next ones. So it writes nothing to them and exits with ``os._exit``, as
+    ``multiprocessing``'s children do (no ``atexit``, no flushing of buffers it shares with the
+    worker): 0 when the user's code returned there, :data:`FORKED_CHILD_RAISED` when it raised,
+    saying so on stderr. ``owner`` is the worker's pid."""
+    if os.getpid() == owner:
+        return
+    if exc is None:
+        os._exit(0)
+    with contextlib.suppress(BaseException):
+        note = (
+            f"procdispatch: process {os.getpid()}, forked by the user's code in the worker "
+            f"(pid {owner}), raised {type(exc).__qualname__} out of it into the worker: it "
+            "exits here (end a forked child with os._exit)\n"
+        )
+        os.write(2, note.encode(errors="replace"))
+    os._exit(FORKED_CHILD_RAISED)
+
+
 def _watch_parent(parent_pid: int, parent_sentinel: int | None) -> None:
     """Exit the worker soon after the parent dies (a SIGKILLed parent closes nothing for us)."""
     waitables = [parent_sentinel] if parent_sentinel is not None else []
@@ -254,15 +280,18 @@ def worker_main(
         shipper.end()
         _say(out, proto.encode_init_failed(err))
         os._exit(3)
+    me = os.getpid()
     try:
         user = UserCode(send_fn, worker_init)  # runs worker_init (on an event loop when async)
     except BaseException as exc:
+        leave_if_forked(me, exc)
         shipper.end()
         _say(out, proto.encode_init_failed(exc))
         os._exit(3)
+    leave_if_forked(me)
     shipper.end()
-    _say(out, proto.encode_ready(os.getpid()))
-    _serve(lease_fd, out, user.send, shipper)
+    _say(out, proto.encode_ready(me))
+    _serve(lease_fd, out, user.send, shipper, me)
     user.close()
     # Skip interpreter teardown (as fork-started multiprocessing children do): the channel's
     # drain waits for workers to exit, and the user's resources were set up by worker_init.
@@ -316,8 +345,10 @@ class _ResultPipe:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.RLock()
+        self._owner = os.getpid()
 
     def send(self, body: bytes) -> None:
+        leave_if_forked(self._owner)  # never write from a child of the user's code
         with self._lock:
             proto.write_frame(self._fd, body)
 
@@ -328,11 +359,17 @@ class _ResultPipe:
                 data = data[os.write(self._fd, data) :]
 
     def send_log(self, pickled_attrs: bytes) -> None:
+        if os.getpid() != self._owner:
+            return  # a child of the user's code logging: its frames would mix with the worker's
         self.send(proto.encode_log(pickled_attrs))
 
 
 def _serve(
-    lease_fd: int, out: _ResultPipe, send_fn: Callable[[Batch[Any]], object], shipper: Shipper
+    lease_fd: int,
+    out: _ResultPipe,
+    send_fn: Callable[[Batch[Any]], object],
+    shipper: Shipper,
+    owner: int,
 ) -> None:
     """Answer leases until the stop request or the end of the lease pipe."""
     reader = proto.FrameReader(lease_fd)
@@ -362,6 +399,7 @@ def _serve(
             res = proto.Failed(bid, attempt, exc, None, None, False, None)
         else:
             res = run_lease(send_fn, lease, start)
+            leave_if_forked(owner, getattr(res, "error", None))
         del body
         shipper.end()  # its records go before its answer
         try:

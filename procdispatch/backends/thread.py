@@ -20,7 +20,7 @@ from .. import _protocol as proto
 from .._worker_logging import current, stamp_thread_records
 from . import Backend, WorkerHandle
 from ._usercode import UserCode
-from ._worker import run_lease
+from ._worker import leave_if_forked, run_lease
 
 if TYPE_CHECKING:
     from .._batch import Batch
@@ -37,12 +37,18 @@ class ThreadBackend(Backend):
     def prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
         self._send_fn = send_fn
         self._init = options.worker_init
+        # On each worker thread: what of the user's code it is running, if any.
+        self._running = threading.local()
         stamp_thread_records()
 
     def start_worker(self, wid: int) -> WorkerHandle:
-        handle = ThreadWorker(self._send_fn, self._init, wid)
+        handle = ThreadWorker(self._send_fn, self._init, wid, self._running)
         handle.start()
         return handle
+
+    def running_user_code(self) -> str | None:
+        what: str | None = getattr(self._running, "what", None)
+        return what
 
 
 class ThreadWorker(WorkerHandle):
@@ -56,10 +62,12 @@ class ThreadWorker(WorkerHandle):
         send_fn: Callable[[Batch[Any]], object],
         worker_init: Callable[[], object] | None,
         wid: int,
+        running: threading.local | None = None,
     ) -> None:
         self._send_fn = send_fn
         self._init = worker_init
         self._wid = wid
+        self._running = threading.local() if running is None else running
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._inbox: collections.deque[proto.Lease | None] = collections.deque()
@@ -70,7 +78,7 @@ class ThreadWorker(WorkerHandle):
         # as a process's end of file does (an init that raised is a failed start at once).
         self._ended = False
         self._thread: threading.Thread | None = None
-        self.pid = os.getpid()
+        self.pid = self._owner = os.getpid()
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -96,11 +104,17 @@ class ThreadWorker(WorkerHandle):
     def _serve(self) -> None:
         # This thread's records carry its worker number, and the batch it is sending.
         current.set((self._wid, None))
+        running = self._running
+        running.what = "worker_init"
         try:
             user = UserCode(self._send_fn, self._init)  # an event loop of this thread if async
         except BaseException as exc:
+            leave_if_forked(self._owner, exc)  # a child forked there has no coordinator to tell
             self._post(proto.InitFailed(exc))
             return
+        finally:
+            running.what = None
+        leave_if_forked(self._owner)
         try:
             self._post(proto.Ready(self.pid or 0))
             while True:
@@ -111,7 +125,12 @@ class ThreadWorker(WorkerHandle):
                 if lease is None or self._abandoned:
                     return
                 current.set((self._wid, lease.batch_id))
-                result = run_lease(user.send, lease)
+                running.what = "send_fn"
+                try:
+                    result = run_lease(user.send, lease)
+                finally:
+                    running.what = None
+                leave_if_forked(self._owner, getattr(result, "error", None))
                 current.set((self._wid, None))
                 self._post(result)
         finally:

@@ -439,3 +439,71 @@ def test_without_a_cost_to_start_every_worker_starts_at_once(
     monkeypatch.setattr(_pool, "START_LIMIT", 1)
     r = run(always(Plan("done")), ["a", "b"], ready=4.0, workers=3, batch_items_max=1)
     assert r.rec.starts == [(0.0, 1), (0.0, 2), (0.0, 3)]
+
+
+# ---- a worker that answers for a batch it is not sending -------------------------------------
+
+STRAY_WHY = (
+    "; a process forked by send_fn that did not end with os._exit may have answered in its place"
+)
+
+
+def test_a_worker_answering_for_a_batch_it_is_not_sending_is_killed_as_a_worker_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def stray_first(b: pd.Batch[Any], w: Any) -> Plan:
+        return Plan("done", after=1.0, answer_as=(99, 1)) if b.attempt == 1 else Plan("done")
+
+    r = run(stray_first, ["x"], batch_items_max=1)
+    assert r.rec.kills == [(1.0, 1)]
+    assert r.rec.starts == [(0.0, 1), (1.0, 2)]
+    ((t, bid, attempt, err),) = r.errors
+    assert (t, bid, attempt, type(err)) == (1.0, 1, 1, pd.WorkerCrashed)
+    assert str(err) == (
+        "worker 1 (pid 10001) was killed while sending batch 1 (attempt 1): it answered that "
+        "batch 99 (attempt 1) succeeded, but it holds batch 1 (attempt 1) first" + STRAY_WHY
+    )
+    assert sends(r) == [(0.0, 1, 1, ["x"]), (1.2, 2, 2, ["x"])]  # retried as a worker fault
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (1, 0)
+    assert any("killing worker 1 (pid 10001)" in m for m in caplog.messages)
+
+
+def test_a_worker_answering_out_of_order_fails_the_batch_it_ran_and_returns_the_rest() -> None:
+    # Two leases in its pipe; it answers for the second first: the first (the one it was
+    # running) fails as a worker fault, the second never started and goes back, no attempt used.
+    def second_first(b: pd.Batch[Any], w: Any) -> Plan:
+        if b.attempt == 1 and b.data == ["a"]:
+            return Plan("fail", after=1.0, error=ValueError("x"), answer_as=(2, 1))
+        return Plan("done")
+
+    r = run(second_first, ["a", "b"], batch_items_max=1, max_leases=2)
+    ((_, bid, attempt, err),) = r.errors
+    assert (bid, attempt, type(err)) == (1, 1, pd.WorkerCrashed)
+    assert "it answered that batch 2 (attempt 1) failed, but it holds batch 1 (attempt 1)" in str(
+        err
+    )
+    assert sorted((s.data[0], s.attempt) for s in r.rec.sent if not s.synthetic) == [
+        ("a", 1),
+        ("a", 2),
+        ("b", 1),
+        ("b", 1),
+    ]
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (2, 0)
+
+
+def test_a_worker_answering_while_it_holds_nothing_is_killed_and_nothing_is_lost() -> None:
+    from procdispatch import _protocol as proto
+
+    def stray(c: Any) -> None:
+        c.backend.workers[1]._post(proto.Done(7, 1))
+
+    r = run(
+        always(Plan("done")),
+        ["x"],
+        close_at=5.0,
+        script=[(2.0, stray)],
+        batch_items_max=1,
+    )
+    assert r.rec.kills == [(2.0, 1)]
+    assert r.errors == []
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (1, 0)

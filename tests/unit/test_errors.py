@@ -182,6 +182,18 @@ def test_worker_crashed_pickles(roundtrip: object) -> None:
 
 
 @pytest.mark.parametrize("roundtrip", PICKLERS)
+def test_a_worker_crashed_that_says_why_it_was_killed_pickles_with_it(roundtrip: object) -> None:
+    exc = WorkerCrashed(4321, -9, worker=3, batch_id=8, attempt=2, why="it said nonsense")
+    got = roundtrip(exc)  # type: ignore[operator]
+    assert type(got) is WorkerCrashed
+    assert got.why == "it said nonsense"
+    assert str(got) == str(exc)
+    assert str(got) == (
+        "worker 3 (pid 4321) was killed while sending batch 8 (attempt 2): it said nonsense"
+    )
+
+
+@pytest.mark.parametrize("roundtrip", PICKLERS)
 def test_worker_crashed_minimal_pickles(roundtrip: object) -> None:
     got = roundtrip(WorkerCrashed(None, None))  # type: ignore[operator]
     assert (got.pid, got.exitcode, got.worker, got.batch_id, got.attempt) == (
