@@ -51,7 +51,20 @@ ORPHAN_WAIT = 1.0
 JOIN_AT_LEAST = 1.0
 
 
-class StartingHandle(WorkerHandle):
+class _NoProcessYet(WorkerHandle):
+    """A worker with nothing of its own running yet: nothing to watch, and no message."""
+
+    def waitables(self) -> tuple[None, None]:
+        return None, None
+
+    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
+        return [], False
+
+    def drain(self) -> list[proto.WorkerMessage]:
+        return []
+
+
+class StartingHandle(_NoProcessYet):
     """A worker whose start runs on a starter thread; see the module docstring. Only the
     coordinator's thread calls its methods; the starter thread runs :meth:`_run`."""
 
@@ -129,15 +142,6 @@ class StartingHandle(WorkerHandle):
     def send_lease(self, batch: Batch[object]) -> bool:
         raise InternalError(f"worker {self.wid} was handed batch {batch.id} before it started")
 
-    def waitables(self) -> tuple[None, None]:
-        return None, None
-
-    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
-        return [], False
-
-    def drain(self) -> list[proto.WorkerMessage]:
-        return []
-
     def disown(self) -> None:
         # In a forked child: the start, its abort pipe and what it posted are the parent's.
         self._disowned = True
@@ -147,21 +151,12 @@ class StartingHandle(WorkerHandle):
             posted.disown()
 
 
-class QueuedStart(WorkerHandle):
+class QueuedStart(_NoProcessYet):
     """A worker whose start waits for its turn (see ``START_LIMIT`` in :mod:`._pool`): nothing
     begun, nothing to watch, kill or wait for."""
 
     def send_lease(self, batch: Batch[object]) -> bool:
         raise InternalError(f"batch {batch.id} was handed to a worker whose start had not begun")
-
-    def waitables(self) -> tuple[None, None]:
-        return None, None
-
-    def receive(self) -> tuple[list[proto.WorkerMessage], bool]:
-        return [], False
-
-    def drain(self) -> list[proto.WorkerMessage]:
-        return []
 
     def exitcode(self, wait: float) -> int | None:
         return None
