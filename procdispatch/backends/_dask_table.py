@@ -20,12 +20,20 @@ from .. import _protocol as proto
 from ._dask_lane import DaskLane
 from ._dask_worker import probe
 
-__all__ = ["POLL_INTERVAL", "WorkerTable"]
+__all__ = ["POLL_INTERVAL", "WorkerTable", "scheduler_workers"]
 
 log = logging.getLogger("procdispatch")
 
 #: Seconds between two looks at the scheduler's workers.
 POLL_INTERVAL = 0.2
+
+
+def scheduler_workers(client: Any) -> dict[str, Any]:
+    """The scheduler's workers now, asked of the scheduler itself. ``client.scheduler_info()``
+    returns the client's cached copy, which the client's own periodic refresh replaces with one
+    that lists no worker: read between the two, every worker would look gone."""
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    return dict(identity["workers"])
 
 
 class _DaskWorker:
@@ -146,7 +154,7 @@ class WorkerTable:
             self._poke.clear()
 
     def _refresh(self) -> None:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = scheduler_workers(self.client)
         gone: list[_DaskWorker] = []
         with self._lock:
             for address in list(self._workers):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OptionsError
 from . import Backend, WorkerHandle
 from ._dask_lane import DaskLane
-from ._dask_table import WorkerTable
+from ._dask_table import WorkerTable, scheduler_workers
 from ._dask_worker import ChannelPlugin
 from ._procstart import unguarded_main_line
 from ._shipping import pickle_payload
@@ -265,7 +265,7 @@ class DaskBackend(WorkerTable, Backend):
         would wait for the hung send."""
         try:
             if not fut.done():
-                before = len(self.client.scheduler_info(n_workers=-1)["workers"])
+                before = len(scheduler_workers(self.client))
                 self.client.run(os._exit, 70, workers=[where], on_error="ignore")
                 # The channel's end waits for the replacement: the cluster is left as found.
                 self.client.wait_for_workers(before, timeout=RESTART_WAIT)

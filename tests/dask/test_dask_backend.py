@@ -269,3 +269,36 @@ def test_channels_share_a_client_and_leave_the_cluster_as_they_found_it(tmp_path
         assert client.submit(sum, [1, 2]).result() == 3  # the given client still works
         # The second channel's client is gone.
         wait_for(lambda: client.run_on_scheduler(_clients) == 1, what="its client to leave")
+
+
+def test_a_client_refreshing_its_scheduler_info_never_makes_workers_look_gone(tmp_path, caplog):
+    """A Client refreshes its cached scheduler info in the background with no workers in it;
+    the backend's look at the cluster's workers must not read that cache, or workers that never
+    left look gone, their lanes are lost and their batches sent again."""
+    import dask
+
+    log = Log(tmp_path / "log")
+    with (
+        dask.config.set({"distributed.client.scheduler-info-interval": "2ms"}),
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=":0",
+            scheduler_kwargs={"allowed_failures": 0},
+        ) as cluster,
+        Client(cluster) as client,
+        caplog.at_level(logging.WARNING, logger="procdispatch"),
+    ):
+        ch = pd.ProcessChannel(Sink(log), backend=DaskBackend(client), workers=2, batch_items_max=1)
+        deadline = time.monotonic() + 3.0  # about fifteen looks at the workers
+        item = 0
+        while time.monotonic() < deadline:
+            ch.put(item)
+            item += 1
+            if item % 50 == 0:
+                wait_for(lambda n=item: ch.stats().items_delivered == n, what="the batches so far")
+        assert ch.close_and_drain(60)
+    assert not [r for r in caplog.records if "was lost" in r.getMessage()]
+    sent = [x for r in _sent(log) for x in r["data"]]
+    assert sorted(sent) == list(range(item))  # each once
