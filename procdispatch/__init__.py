@@ -13,7 +13,16 @@ worker start-up short.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+#: The working directory procdispatch was imported in: what ``''`` on sys.path (``python -c``,
+#: the REPL) stands for in our workers and forkserver, which must import procdispatch from
+#: where the parent did, even after the program has changed directory.
+try:
+    _IMPORTED_IN: str | None = os.getcwd()
+except OSError:  # the directory was removed
+    _IMPORTED_IN = None
 
 if TYPE_CHECKING:
     from . import retry

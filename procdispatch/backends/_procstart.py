@@ -10,9 +10,11 @@ need none of it: their target is :func:`._worker.worker_main`, and what ``send_f
 ``worker_init`` take from ``__main__`` travels by value (:mod:`._shipping`).
 
 So our processes launch through Popen subclasses that drop the ``init_main_*`` keys from the
-preparation data (sys.path, the working directory, argv and the authkey still travel), and
-forkserver workers fork from a server of our own that preloads the worker module and what the
-user asked multiprocessing's forkserver to preload, never ``__main__``. The user's own
+preparation data (sys.path, the working directory, argv and the authkey still travel; sys.path's
+``''`` stands for the directory procdispatch was imported in), and forkserver workers fork from
+a server of our own (:mod:`._forkserver`, run with the parent's sys.path) that preloads the
+worker module and what the user asked multiprocessing's forkserver to preload, never
+``__main__``. The user's own
 forkserver, Pools and Processes stay exactly as multiprocessing makes them. fork children copy
 the parent and run nothing again: they start the standard way.
 
@@ -46,6 +48,7 @@ from multiprocessing import process
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionsError
+from ._forkserver import new_server, parent_sys_path
 
 if TYPE_CHECKING:
     import ast
@@ -192,6 +195,7 @@ def _preparation_data(name: str) -> dict[str, Any]:
     data: dict[str, Any] = spawn.get_preparation_data(name)
     for key in [k for k in data if k.startswith("init_main")]:
         del data[key]
+    data["sys_path"] = parent_sys_path()
     return data
 
 
@@ -240,7 +244,7 @@ def _forkserver() -> Any:
 
     with _server_lock:
         if _server is None or _server_pid != os.getpid():
-            server = forkserver.ForkServer()
+            server = new_server()
             server.set_forkserver_preload(_preload_list(forkserver))
             _server, _server_pid = server, os.getpid()
         return _server

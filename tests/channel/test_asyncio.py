@@ -343,9 +343,13 @@ def test_async_send_fn_uses_the_client_its_async_worker_init_made(make_channel, 
     assert sorted(x for r in sent for x in r["data"]) == list(range(200))
     # Each worker's sends ran on the loop its init ran on (the one loop of its life).
     assert all(r["loop"] == inits[r["worker"]] for r in sent)
-    # At each worker's exit its loop was closed: the background task was cancelled.
-    log.wait_count(len(inits), ev="loop-closing")
-    assert {r["worker"] for r in log.read() if r["ev"] == "loop-closing"} == set(inits)
+    # At the exit of each worker that served, its loop was closed: the background task was
+    # cancelled. A worker whose init ran but whose start the parent had not yet seen when the
+    # drain ended is still starting there, and is killed, not stopped: it closes nothing.
+    served = {r["worker"] for r in sent}
+    log.wait_count(len(served), ev="loop-closing")
+    closed = {r["worker"] for r in log.read() if r["ev"] == "loop-closing"}
+    assert served <= closed <= set(inits)
 
 
 def test_a_callable_returning_an_awaitable_runs_on_one_loop_per_worker(make_channel, tmp_path):

@@ -270,10 +270,48 @@ def test_the_channel_item_limit_leaves_room_for_every_lease(
         max_leases=8,
         batch_items_max=500,
     )
-    for i in range(8000):  # max(1000, 2 * max_leases * batch_items_max)
+    for i in range(4500):  # max(1000, (max_leases + workers) * batch_items_max)
         ch.put_nowait(i)
     with pytest.raises(pd.BufferFull):
-        ch.put_nowait(8000)
+        ch.put_nowait(4500)
+
+
+def test_the_default_item_limit_grows_with_workers_not_with_the_default_max_leases(
+    tmp_path: Any, make_channel: Any
+) -> None:
+    # max_leases left out is 8 * workers on a backend that queues leases: the buffer is still
+    # one batch running and one queued per worker, 2 * 2 * 500, not 2 * 16 * 500.
+    ch = make_channel(
+        Recorder(Log(tmp_path / "log"), gate=Gate(tmp_path / "never")),
+        workers=2,
+        batch_items_max=500,
+    )
+    for i in range(2000):
+        ch.put_nowait(i)
+    with pytest.raises(pd.BufferFull):
+        ch.put_nowait(2000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_items"),
+    [
+        ({"leases": 4, "workers": 4}, 1000),  # 8 batches of 20: the 1,000 floor
+        ({"leases": 60, "workers": 4}, 1280),  # 64 batches of 20
+        ({"leases": 1, "workers": 1}, 1000),
+        ({"leases": 8}, 1000),  # workers left out counts as leases: 16 batches of 20
+        ({"leases": 64}, 2560),
+        ({}, 1000),  # a pure buffer: max(1000, batch_items_max)
+    ],
+)
+def test_the_derived_item_limit_is_the_leases_plus_one_batch_per_worker(
+    kwargs: dict[str, int], max_items: int
+) -> None:
+    assert pd.BlockNewItems().resolve(20, None, **kwargs) == pd.BlockNewItems(
+        max_items=max_items, max_size=None
+    )
+    assert pd.DropOldestBatch().resolve(20, None, **kwargs) == pd.DropOldestBatch(
+        max_live_items=max_items, max_live_size=None
+    )
 
 
 def test_a_size_only_channel_does_not_block_at_1000_tiny_items(

@@ -1,9 +1,11 @@
 """How worker processes start: a module run with ``-m`` is not imported again, a forked child
-gets a forkserver of its own, and the main-guard check reads a script's guard correctly."""
+gets a forkserver of its own, the main-guard check reads a script's guard correctly, and workers
+import the parent's procdispatch whatever the working directory holds."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +13,7 @@ import textwrap
 import pytest
 from scriptrun import RUN_TIMEOUT, run_program
 
+import procdispatch as pd
 from procdispatch.backends._procstart import _guarded
 
 MODULE = """
@@ -141,3 +144,81 @@ def test_what_the_user_preloads_in_the_forkserver_is_in_the_workers(tmp_path):
     ran = run_program(PRELOADED.replace("LOG", repr(str(log))), "file", tmp_path)
     assert ran.result == {"parent_imported_it": False}, ran.describe()
     assert log.read_text().split() == ["true"]
+
+
+# ---- workers run the parent's procdispatch, whatever the working directory holds -------------
+
+WHICH = """
+import json, os, sys
+import procdispatch as pd
+
+def send(batch):
+    with open(LOG, "a") as f:
+        f.write(pd.__file__ + "\\n")
+
+if __name__ == "__main__":
+    os.chdir(WORKDIR)
+    with pd.ProcessChannel(send, workers=2, batch_items_max=1, start_method=METHOD) as ch:
+        ch.put_many(range(4))
+    print(json.dumps({"delivered": ch.stats().items_delivered, "parent": pd.__file__}))
+"""
+
+IMPOSTOR = """
+raise RuntimeError("this procdispatch is not the parent's")
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+@pytest.mark.parametrize(
+    ("how", "start_in", "work_in"),
+    [
+        # A script run from a directory that holds another procdispatch.
+        ("script", "impostor", "impostor"),
+        # python -c started elsewhere, moved into such a directory before the channel.
+        ("-c", "home", "impostor"),
+        # python -c run in a checkout: that checkout's procdispatch is the parent's.
+        ("-c", "checkout", "checkout"),
+    ],
+)
+def test_workers_import_the_parents_procdispatch_not_the_working_directorys(
+    tmp_path, method, how, start_in, work_in
+):
+    real = os.path.dirname(os.path.dirname(pd.__file__))
+    dirs = {name: tmp_path / name for name in ["impostor", "home", "checkout", "app"]}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["impostor"] / "procdispatch").mkdir()
+    (dirs["impostor"] / "procdispatch" / "__init__.py").write_text(IMPOSTOR)
+    (dirs["checkout"] / "procdispatch").symlink_to(os.path.join(real, "procdispatch"))
+    log = tmp_path / "log"
+    source = (
+        textwrap.dedent(WHICH)
+        .replace("LOG", repr(str(log)))
+        .replace("WORKDIR", repr(str(dirs[work_in])))
+        .replace("METHOD", repr(method))
+    )
+    if how == "script":
+        (dirs["app"] / "prog.py").write_text(source)
+        cmd = [sys.executable, str(dirs["app"] / "prog.py")]
+    else:
+        cmd = [sys.executable, "-c", source]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [real, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=dirs[start_in],
+        env=env,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    expected = dirs["checkout"] if start_in == "checkout" else real
+    assert result == {
+        "delivered": 4,
+        "parent": os.path.join(str(expected), "procdispatch", "__init__.py"),
+    }
+    assert set(log.read_text().split()) == {result["parent"]}
+    assert "Traceback" not in proc.stderr, proc.stderr
