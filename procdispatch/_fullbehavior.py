@@ -54,13 +54,12 @@ def _resolve_pair(
     batch_items_max: int | None,
     batch_size_max: int | None,
     leases: int | None,
-    workers: int | None,
 ) -> tuple[int | None, int | None]:
     if size is DERIVED:
         size = 5 * batch_size_max if batch_size_max is not None else None
     if items is DERIVED:
         if batch_items_max is not None:
-            items = max(1000, batch_items_max * _batches_held(leases, workers))
+            items = max(1000, batch_items_max * (2 * leases if leases is not None else 1))
         else:
             # No count limit on batches: a size limit, if one remains, is the only cap (so a
             # size-only buffer never blocks at 1,000 tiny items); with none, 1,000 items.
@@ -87,14 +86,6 @@ def _resolve_pair(
     return items, size
 
 
-def _batches_held(leases: int | None, workers: int | None) -> int:
-    """The batches a derived item limit holds: every lease full plus one refill (a batch for
-    each worker to take next) in a channel, one batch in a pure buffer."""
-    if leases is None:
-        return 1
-    return leases + (workers if workers is not None else leases)
-
-
 class FullBehavior:
     """Base of the full-buffer policies."""
 
@@ -102,19 +93,13 @@ class FullBehavior:
     blocks: bool = False
 
     def resolve(
-        self,
-        batch_items_max: int | None,
-        batch_size_max: int | None,
-        *,
-        leases: int | None = None,
-        workers: int | None = None,
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
     ) -> FullBehavior:
         """A copy with the derived limits filled in and checked against the batch limits.
 
-        ``leases`` (the batches in flight at once) and ``workers`` are given by a channel: its
-        derived item limit then holds every lease full plus one batch per worker queued
-        (``max(1000, (leases + workers) * batch_items_max)``; ``workers`` left out counts as
-        ``leases``) instead of the pure buffer's ``max(1000, batch_items_max)``.
+        ``leases`` is given by a channel: its derived item limit then leaves room for every
+        lease full plus as much queued (``max(1000, 2 * leases * batch_items_max)``) instead of
+        the pure buffer's ``max(1000, batch_items_max)``.
         """
         raise NotImplementedError
 
@@ -139,9 +124,9 @@ class BlockNewItems(FullBehavior):
 
     In-flight batches count until they are acknowledged. Defaults: ``max_size`` =
     ``5 * batch_size_max`` (no limit without it); ``max_items`` = ``max(1000, batch_items_max)``
-    in a pure :class:`~procdispatch.buffer.Buffer` and, in a channel, ``max(1000, 2 * workers
-    * batch_items_max)`` (a batch running on each worker plus one queued for each), or
-    ``max(1000, (max_leases + workers) * batch_items_max)`` with ``max_leases`` given; with
+    in a pure :class:`~procdispatch.buffer.Buffer` and ``max(1000, 2 * max_leases *
+    batch_items_max)`` in a channel (every lease full, plus as much queued; ``max_leases`` left
+    out counts as ``workers``); with
     ``batch_items_max=None`` no item limit when a size limit remains, else 1,000. ``None``
     lifts a limit; at least one must remain.
     """
@@ -151,12 +136,7 @@ class BlockNewItems(FullBehavior):
     blocks = True
 
     def resolve(
-        self,
-        batch_items_max: int | None,
-        batch_size_max: int | None,
-        *,
-        leases: int | None = None,
-        workers: int | None = None,
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
     ) -> BlockNewItems:
         items, size = _resolve_pair(
             "BlockNewItems",
@@ -167,7 +147,6 @@ class BlockNewItems(FullBehavior):
             batch_items_max,
             batch_size_max,
             leases,
-            workers,
         )
         return replace(self, max_items=items, max_size=size)
 
@@ -199,12 +178,7 @@ class DropOldestBatch(FullBehavior):
     max_live_size: Limit = DERIVED
 
     def resolve(
-        self,
-        batch_items_max: int | None,
-        batch_size_max: int | None,
-        *,
-        leases: int | None = None,
-        workers: int | None = None,
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
     ) -> DropOldestBatch:
         items, size = _resolve_pair(
             "DropOldestBatch",
@@ -215,7 +189,6 @@ class DropOldestBatch(FullBehavior):
             batch_items_max,
             batch_size_max,
             leases,
-            workers,
         )
         return replace(self, max_live_items=items, max_live_size=size)
 
@@ -230,12 +203,7 @@ class InfiniteGrowth(FullBehavior):
     """Never block, never drop: memory is the limit."""
 
     def resolve(
-        self,
-        batch_items_max: int | None,
-        batch_size_max: int | None,
-        *,
-        leases: int | None = None,
-        workers: int | None = None,
+        self, batch_items_max: int | None, batch_size_max: int | None, *, leases: int | None = None
     ) -> InfiniteGrowth:
         return self
 

@@ -183,8 +183,8 @@ class Options:
         default=None,
         metadata=_doc(
             "`BlockNewItems`, `DropOldestBatch` or `InfiniteGrowth`; limits left out are derived: "
-            "`max(1000, 2 * workers * batch_items_max)` items, or `max(1000, (max_leases + "
-            "workers) * batch_items_max)` with `max_leases` given (no item limit when "
+            "`max(1000, 2 * max_leases * batch_items_max)` items, with `max_leases` counted as "
+            "`workers` when left out (no item limit when "
             "`batch_items_max` is `None` and a size limit remains), `5 * batch_size_max` size",
             shown="`BlockNewItems()`",
         ),
@@ -351,14 +351,14 @@ class Options:
         if isinstance(full_behavior, FullBehavior):
             check_int_limit("batch_items_max", self.batch_items_max)  # before they are used
             check_int_limit("batch_size_max", self.batch_size_max)
-            # A channel's derived item limit holds every lease full plus a batch queued for
-            # each worker; the pure buffer's smaller default would keep workers idle. Left out,
-            # max_leases counts as workers here: the deeper default holds more than one batch
-            # per worker only while sends are quick, when a refill a worker deep keeps up,
-            # and deriving from it would make the buffer DEPTH times larger.
+            # A channel's derived item limit holds every lease full plus as much queued; the
+            # pure buffer's smaller default would keep workers idle. Left out, max_leases
+            # counts as workers here: the deeper default holds more than one batch per worker
+            # only while sends are quick, when a refill a worker deep keeps up, and deriving
+            # from it would make the buffer DEPTH times larger.
             held = self.max_leases if self.max_leases is not None else workers
             full_behavior = full_behavior.resolve(
-                self.batch_items_max, self.batch_size_max, leases=held, workers=workers
+                self.batch_items_max, self.batch_size_max, leases=held
             )
         buf = BufferOptions(
             max_leases=leases,

@@ -270,10 +270,10 @@ def test_the_channel_item_limit_leaves_room_for_every_lease(
         max_leases=8,
         batch_items_max=500,
     )
-    for i in range(4500):  # max(1000, (max_leases + workers) * batch_items_max)
+    for i in range(8000):  # max(1000, 2 * max_leases * batch_items_max)
         ch.put_nowait(i)
     with pytest.raises(pd.BufferFull):
-        ch.put_nowait(4500)
+        ch.put_nowait(8000)
 
 
 def test_the_default_item_limit_grows_with_workers_not_with_the_default_max_leases(
@@ -293,23 +293,22 @@ def test_the_default_item_limit_grows_with_workers_not_with_the_default_max_leas
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "max_items"),
+    ("leases", "max_items"),
     [
-        ({"leases": 4, "workers": 4}, 1000),  # 8 batches of 20: the 1,000 floor
-        ({"leases": 60, "workers": 4}, 1280),  # 64 batches of 20
-        ({"leases": 1, "workers": 1}, 1000),
-        ({"leases": 8}, 1000),  # workers left out counts as leases: 16 batches of 20
-        ({"leases": 64}, 2560),
-        ({}, 1000),  # a pure buffer: max(1000, batch_items_max)
+        (4, 1000),  # 8 batches of 20: the 1,000 floor
+        (25, 1000),
+        (26, 1040),  # 52 batches of 20
+        (64, 2560),
+        (None, 1000),  # a pure buffer: max(1000, batch_items_max)
     ],
 )
-def test_the_derived_item_limit_is_the_leases_plus_one_batch_per_worker(
-    kwargs: dict[str, int], max_items: int
+def test_the_derived_item_limit_is_every_lease_full_plus_as_much_queued(
+    leases: int | None, max_items: int
 ) -> None:
-    assert pd.BlockNewItems().resolve(20, None, **kwargs) == pd.BlockNewItems(
+    assert pd.BlockNewItems().resolve(20, None, leases=leases) == pd.BlockNewItems(
         max_items=max_items, max_size=None
     )
-    assert pd.DropOldestBatch().resolve(20, None, **kwargs) == pd.DropOldestBatch(
+    assert pd.DropOldestBatch().resolve(20, None, leases=leases) == pd.DropOldestBatch(
         max_live_items=max_items, max_live_size=None
     )
 
