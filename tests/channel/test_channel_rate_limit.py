@@ -2,8 +2,9 @@
 
 The bound holds where sends are admitted, in the coordinator: every test counts the admissions
 its limiter recorded (AdmissionLog) in whole windows against the bound. Send start times in the
-workers lag their admissions by a pipe hop and a wake-up, with jitter, so they are only checked
-in windows 0.1 s short.
+workers lag their admissions by a pipe hop and a wake-up whose length depends on the machine's
+load, so at the workers the tests check what holds whatever the load: no send starts before
+its admission (the k-th send to start comes after the k-th admission).
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ def max_spans_in_window(spans: list[tuple[float, float]], window: float = 1.0) -
 
 def starts(log: Log) -> list[float]:
     return [r["t"] for r in log.read() if r["ev"] == "start"]
+
+
+def assert_no_send_before_its_admission(
+    sends: list[float], admitted: list[tuple[float, float]]
+) -> None:
+    """Every send is preceded by its own admission, so the k-th earliest send start is no
+    earlier than the k-th earliest admission (clocks read to the microsecond: 1 ms of slack)."""
+    assert len(sends) == len(admitted)
+    firsts = sorted(lo for lo, _ in admitted)
+    early = [(t, a) for t, a in zip(sorted(sends), firsts, strict=True) if t < a - 0.001]
+    assert not early, early[:5]
 
 
 def test_max_in_window_helper():
@@ -102,7 +114,7 @@ def test_qps_limit_holds_across_four_workers(tmp_path, make_channel, recorded_li
     assert max_spans_in_window(admitted, 1.0) <= 50 + 1  # rate + burst, in every whole second
     ts = starts(log)
     assert len(ts) == 130
-    assert max_in_window(ts, 0.9) <= 50 + 1
+    assert_no_send_before_its_admission(ts, admitted)
     assert ch.stats().batches_sent == 130
 
 
@@ -117,15 +129,15 @@ def test_two_channels_sharing_one_limiter_stay_under_it(tmp_path, make_channel):
         assert b.close_and_drain(60)
         assert not limiter.closed  # the user's limiter is left open for them
         admitted = limiter.admissions()
-    # Exactly at admission (both coordinators drew on the one budget), and at the workers'
-    # start times with the slack the module docstring explains.
+    # Exactly at admission (both coordinators drew on the one budget); at the workers, as the
+    # module docstring explains.
     assert len(admitted) == 90
     assert max_spans_in_window(admitted) <= 30 + 2
     # The spans are calls of a few microseconds: the check above counts (nearly) all of them.
     assert sum(hi - lo < 0.005 for lo, hi in admitted) >= 0.8 * len(admitted)
     ts = starts(log)
     assert len(ts) == 90
-    assert max_in_window(ts, 0.9) <= 30 + 2
+    assert_no_send_before_its_admission(ts, admitted)
 
 
 def test_rate_windows_as_qps_limit(tmp_path, make_channel, recorded_limiters):
@@ -145,8 +157,7 @@ def test_rate_windows_as_qps_limit(tmp_path, make_channel, recorded_limiters):
     assert max_spans_in_window(admitted, 2.0) <= 40
     ts = starts(log)
     assert len(ts) == 60
-    assert max_in_window(ts, 0.9) <= 25
-    assert max_in_window(ts, 1.9) <= 40
+    assert_no_send_before_its_admission(ts, admitted)
 
 
 def test_batches_keep_filling_while_the_limit_holds_them_back(tmp_path, make_channel):
