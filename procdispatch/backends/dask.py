@@ -9,10 +9,11 @@ Either way the channel's contract holds: batches, retries by the channel's polic
 and a drain that waits for every task.
 
 ``workers`` counts Dask worker *threads*, and each is a lane (:mod:`._dask_lane`): a worker of
-the channel that runs one lease at a time on one thread of one Dask worker, so leases never
-exceed the threads. The backend keeps the table of Dask workers (:mod:`._dask_table`): their
-threads, the lanes pinned to them, and whether the channel's worker plugin
-(:mod:`._dask_worker`, which carries ``send_fn`` and runs ``worker_init``) is set up there.
+the channel pinned to one thread of one Dask worker, with one task at a time there, which sends
+one or more of its leases in order (several cost one trip through the scheduler). The backend
+keeps the table of Dask workers (:mod:`._dask_table`): their threads, the lanes pinned to them,
+and whether the channel's worker plugin (:mod:`._dask_worker`, which carries ``send_fn`` and
+runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
 ``cancel_grace`` has its worker ended at once and replaced by its nanny, on a cluster this
@@ -66,7 +67,6 @@ class DaskBackend(WorkerTable, Backend):
     """
 
     name = "dask"
-    queues_leases = False  # a lease is a task on a thread: none waits on a worker
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()
@@ -100,6 +100,8 @@ class DaskBackend(WorkerTable, Backend):
         self._control: ThreadPoolExecutor | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._closed = False
+        #: Each task carries one lease (send_timeout is set: see the lane's docstring).
+        self.one_lease_per_task = False
 
     # ---- connecting ---------------------------------------------------------------------
 
@@ -133,18 +135,13 @@ class DaskBackend(WorkerTable, Backend):
             raise
 
     def _prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
-        if options.max_leases > options.workers:
-            raise OptionsError(
-                f"max_leases must be <= workers ({options.workers}) with the dask backend: a "
-                f"lease is a task on a Dask worker thread, and leases never exceed the threads "
-                f"(got {options.max_leases})"
-            )
         if options.max_worker_memory is not None:
             raise OptionsError(
                 "max_worker_memory must be None with the dask backend: a Dask worker's memory is "
                 "Dask's to limit (its memory_limit and nanny) "
                 f"(got {options.max_worker_memory!r})"
             )
+        self.one_lease_per_task = options.send_timeout is not None
         payload = pickle_payload(send_fn, options.worker_init, None)
         if self._spec is None:
             self._start_cluster(options.workers)
