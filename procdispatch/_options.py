@@ -164,7 +164,7 @@ class Options:
             "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
             "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
             f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}",
-            shown=f"`{DEPTH} * workers` (`workers` with `fifo=True` or the Dask backend)",
+            shown=f"`{DEPTH} * workers` (`workers` with `fifo=True`)",
         ),
     )
     batch_items_max: int | None = field(

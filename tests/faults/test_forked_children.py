@@ -1,7 +1,6 @@
 """A process forked by send_fn or worker_init that does not end with os._exit comes back into
 the worker's code: it must end there, writing nothing to the worker's pipes (a Dask worker's
-connections), so that the worker
-alone answers its leases."""
+connections), so that the worker alone answers its leases."""
 
 from __future__ import annotations
 
