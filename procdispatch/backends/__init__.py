@@ -202,6 +202,10 @@ class Backend(abc.ABC):
     #: False when a worker holds one batch at most (nothing may wait queued on a worker that
     #: could die with it): ``max_leases`` left out is then ``workers``, not a multiple of it.
     queues_leases: bool = True
+    #: False when batches queued on a worker start back to back whenever it gets to them,
+    #: however far apart a ``qps_limit`` admitted them (a Dask lane's wait a trip through the
+    #: scheduler): with a ``qps_limit``, ``max_leases`` left out is then ``workers``.
+    paces_queued_leases: bool = True
 
     def __init__(self) -> None:
         self._opened = False

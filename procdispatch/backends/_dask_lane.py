@@ -16,10 +16,11 @@ waited that long for each batch of quick sends would leave its thread idle most 
 coordinator hands a lane as many batches as its sends' times allow (its ``depth``), in one pass;
 the lane keeps them until the pass ends (:meth:`DaskLane.send_lease` asks to be flushed,
 :meth:`DaskLane.flush` submits them as one task), and those handed to it while its task runs go
-as the next task as soon as that one answers. With ``send_timeout`` set each task carries one
-lease: a batch's deadline runs from its predecessor's answer, which must not wait for later
-sends. Leases still waiting in the lane were never sent: a lane that is lost or killed reports
-them as unsent, and they go back to the queue with no attempt used.
+as the next task as soon as that one answers. With ``send_timeout`` or a qps limit set each
+task carries one lease: a batch's deadline runs from its predecessor's answer, which must not
+wait for later sends, and sends admitted apart by the rate must not start back to back. Leases
+still waiting in the lane were never sent: a lane that is lost or killed reports them as
+unsent, and they go back to the queue with no attempt used.
 
 Answers come through :meth:`distributed.Future.add_done_callback`: a task whose sends all
 returned quickly answers None, which the scheduler's completion message says (it carries the
@@ -141,8 +142,8 @@ class DaskLane(WorkerHandle):
         return True
 
     def _submit(self) -> None:
-        """Submit the pending leases as one task (one when send_timeout is set); the lock is
-        held."""
+        """Submit the pending leases as one task (one lease when send_timeout or a qps limit
+        is set); the lock is held."""
         take = 1 if self._backend.one_lease_per_task else len(self._pending)
         leases, self._pending = self._pending[:take], self._pending[take:]
         self._seq += 1

@@ -67,6 +67,7 @@ class DaskBackend(WorkerTable, Backend):
     """
 
     name = "dask"
+    paces_queued_leases = False  # a lane's next task waits for the last one's answer
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()
@@ -100,7 +101,8 @@ class DaskBackend(WorkerTable, Backend):
         self._control: ThreadPoolExecutor | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._closed = False
-        #: Each task carries one lease (send_timeout is set: see the lane's docstring).
+        #: Each task carries one lease (send_timeout or a qps limit is set: see the lane's
+        #: docstring).
         self.one_lease_per_task = False
 
     # ---- connecting ---------------------------------------------------------------------
@@ -141,7 +143,9 @@ class DaskBackend(WorkerTable, Backend):
                 "Dask's to limit (its memory_limit and nanny) "
                 f"(got {options.max_worker_memory!r})"
             )
-        self.one_lease_per_task = options.send_timeout is not None
+        # A deadline must cover one send, and a rate the sends' starts: several sends in one
+        # task would start back to back, however far apart the coordinator admitted them.
+        self.one_lease_per_task = options.send_timeout is not None or options.qps is not None
         payload = pickle_payload(send_fn, options.worker_init, None)
         if self._spec is None:
             self._start_cluster(options.workers)
