@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            # as the docs advise for channels; client.map's tasks do not fail here either way
+            scheduler_kwargs={"allowed_failures": 0},
         ) as cluster,
         Client(cluster) as client,
     ):

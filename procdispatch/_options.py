@@ -164,7 +164,10 @@ class Options:
             "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
             "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
             f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}",
-            shown=f"`{DEPTH} * workers` (`workers` with `fifo=True` or the Dask backend)",
+            shown=(
+                f"`{DEPTH} * workers` (`workers` with `fifo=True`, or the Dask backend and "
+                "`qps_limit`)"
+            ),
         ),
     )
     batch_items_max: int | None = field(
@@ -345,7 +348,11 @@ class Options:
         _int("max_leases", self.max_leases, allow_none=True)
         leases = self.max_leases
         if leases is None:
-            queued = self.fifo is not True and backend.queues_leases
+            queued = (
+                self.fifo is not True
+                and backend.queues_leases
+                and (self.qps_limit is None or backend.paces_queued_leases)
+            )
             leases = DEPTH * workers if queued else workers
         full_behavior = self.full_behavior if self.full_behavior is not None else BlockNewItems()
         if isinstance(full_behavior, FullBehavior):

@@ -309,13 +309,16 @@ class Workers:
         if was is STARTING:
             self._start_failed(slot, slot.init_error or WorkerCrashed(slot.handle.pid, code))
         reason = slot.kill_reason
-        # Only the head can have been running, and only if the worker could read all of it.
+        # The oldest ones it holds, but the unsent, may have been sent: only the head, if the
+        # worker could read all of it, unless it runs ahead (see WorkerHandle.runs_ahead).
         started = len(batches) - unsent
+        if not slot.handle.runs_ahead:
+            started = min(started, 1)
         outcomes = self.outcomes
         for i, b in enumerate(batches):
-            if reason == "cancel" and i == 0:
+            if reason == "cancel" and (i == 0 or i < started):
                 outcomes.ended_by_cancel(b)
-            elif i > 0 or i >= started or (reason == "timeout" and b is not slot.victim):
+            elif i >= started or (reason == "timeout" and b is not slot.victim):
                 # Never started, or (its predecessor answered just before the kill) killed
                 # for another batch's overrun: back in the queue, no attempt used.
                 outcomes.released(b)

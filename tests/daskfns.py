@@ -39,3 +39,21 @@ class InitLog:
         self.log.write(ev="init", pid=os.getpid())
         if self.gate is not None:
             self.gate.wait(120)
+
+
+class TaskLog:
+    """send_fn that records, for every send, the Dask task it ran in (its key) and the batch;
+    it ends its worker at once on the first attempt of a batch holding ``exit_on``."""
+
+    def __init__(self, log: Log, exit_on: object = None) -> None:
+        self.log = log
+        self.exit_on = exit_on
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        from distributed import get_worker
+
+        task = get_worker().get_current_task()
+        self.log.write(ev="start", task=task, id=batch.id, attempt=batch.attempt)
+        if self.exit_on in batch.data and batch.attempt == 1:
+            os._exit(1)
+        self.log.write(ev="sent", task=task, id=batch.id, attempt=batch.attempt, data=batch.data)

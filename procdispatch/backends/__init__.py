@@ -115,6 +115,12 @@ class WorkerHandle(abc.ABC):
     where: str | None = None
     #: False when :meth:`kill` can only abandon the worker (a thread): messages then say so.
     killable: bool = True
+    #: False when the worker reads a lease only after answering the one before (a pipe read
+    #: in order): when it dies, only the oldest batch it holds can have been started. True
+    #: when it may go on to its next leases before the coordinator hears of the last one (a
+    #: Dask lane sends several in one task): each one it holds, but those :meth:`unsent`
+    #: counts, may have been sent.
+    runs_ahead: bool = False
 
     @abc.abstractmethod
     def send_lease(self, batch: Batch[Any]) -> bool:
@@ -196,6 +202,10 @@ class Backend(abc.ABC):
     #: False when a worker holds one batch at most (nothing may wait queued on a worker that
     #: could die with it): ``max_leases`` left out is then ``workers``, not a multiple of it.
     queues_leases: bool = True
+    #: False when batches queued on a worker start back to back whenever it gets to them,
+    #: however far apart a ``qps_limit`` admitted them (a Dask lane's wait a trip through the
+    #: scheduler): with a ``qps_limit``, ``max_leases`` left out is then ``workers``.
+    paces_queued_leases: bool = True
 
     def __init__(self) -> None:
         self._opened = False

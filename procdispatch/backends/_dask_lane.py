@@ -1,23 +1,37 @@
 """A lane: one thread of one Dask worker, as the coordinator sees a worker.
 
-A lane holds at most one lease at a time: a task submitted with ``pure=False, retries=0`` and
-pinned to its Dask worker (``workers=[address], allow_other_workers=False``). Pinning is what
-makes a finished send final: Dask recomputes a finished task whose result was lost with its
-worker while a client still wanted it, and a task pinned to a worker that is gone can never run
-again. So a send whose answer reached the coordinator is never repeated, and one whose worker
-died before its answer came is failed here (``WorkerCrashed``) and retried by the channel's
-policy: at least once, never by Dask.
+A lane has at most one task at a time on its Dask worker, submitted with ``pure=False,
+retries=0`` and pinned there (``workers=[address], allow_other_workers=False``); the task sends
+one or more of the lane's leases, one after another (:func:`._dask_worker.run_leases_task`).
+Pinning is what makes a finished send final: Dask recomputes a finished task whose result was
+lost with its worker while a client still wanted it, and a task pinned to a worker that is gone
+can never run again. So a send whose answer reached the coordinator is never repeated, and the
+batches of a task whose worker died before its answer came are failed here (``WorkerCrashed``:
+any of them may have been sent) and retried by the channel's policy: at least once, never by
+Dask.
 
-Answers come on the client's event loop (:meth:`DaskLane.track`): a send that returned answers
-None, which the scheduler's completion message says (it carries the result's type), so nothing
-is gathered; a failure's answer is gathered. The future is released at once, and the answer
-posted to the lane, which wakes the coordinator through a socket pair, as the thread backend
-does. The lane's life:
+Why several leases in a task: each task costs a trip from the client through the scheduler to
+the worker and back, about ten milliseconds, most of it Dask's message batching; a lane that
+waited that long for each batch of quick sends would leave its thread idle most of the time. The
+coordinator hands a lane as many batches as its sends' times allow (its ``depth``), in one pass;
+the lane keeps them until the pass ends (:meth:`DaskLane.send_lease` asks to be flushed,
+:meth:`DaskLane.flush` submits them as one task), and those handed to it while its task runs go
+as the next task as soon as that one answers. With ``send_timeout`` or a qps limit set each
+task carries one lease: a batch's deadline runs from its predecessor's answer, which must not
+wait for later sends, and sends admitted apart by the rate must not start back to back. Leases
+still waiting in the lane were never sent: a lane that is lost or killed reports them as
+unsent, and they go back to the queue with no attempt used.
+
+Answers come through :meth:`distributed.Future.add_done_callback`: a task whose sends all
+returned quickly answers None, which the scheduler's completion message says (it carries the
+result's type), so nothing is gathered; other answers are gathered on the client's event loop.
+The future is released at once, and the answers posted to the lane, which wakes the coordinator
+through a socket pair, as the thread backend does. The lane's life:
 
 ================  ====================================================================
 ``waiting``       started; no Dask worker thread is free for it yet (the backend assigns
                   one, and the lane says Ready)
-``ready``         pinned to ``where``; holds no lease or one
+``ready``         pinned to ``where``; holds leases or none
 ``lost``          its worker left the cluster, or its task failed in Dask (KilledWorker, a
                   cancel from elsewhere): the coordinator sees it gone
 ``killed``        given up by the coordinator (``send_timeout``, the end of ``cancel_grace``,
@@ -37,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
 from . import WorkerHandle
-from ._dask_worker import run_lease_task
+from ._dask_worker import run_leases_task
 
 if TYPE_CHECKING:
     from .._batch import Batch
@@ -45,22 +59,32 @@ if TYPE_CHECKING:
 
 __all__ = ["DaskLane"]
 
+#: A lease as the lane keeps it: (batch id, attempt, header, payload).
+_Lease = tuple[int, int, bytes, bytes]
+
 
 class DaskLane(WorkerHandle):
     """One Dask worker thread's worth of a channel's workers; see the module docstring."""
+
+    #: Every lease of its task may have been sent when its worker dies.
+    runs_ahead = True
 
     def __init__(self, backend: DaskBackend, wid: int, killable: bool) -> None:
         self._backend = backend
         self.wid = wid
         self.killable = killable
         self.state = "waiting"
-        self._lock = threading.Lock()  # state, _future, _out between the loop and the coordinator
+        # state, _future, _task, _pending, _unsent: shared by the coordinator's thread, Dask's
+        # callback thread and the client's loop
+        self._lock = threading.Lock()
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
         self._out: collections.deque[proto.WorkerMessage] = collections.deque()
         self._future: Any = None
-        self._unsent = 0
+        self._task: list[_Lease] = []  # the leases of the task in flight, in order
+        self._pending: list[_Lease] = []  # handed to the lane, not submitted yet
+        self._unsent = 0  # leases lost without being sent, besides those pending
         self._seq = 0
 
     # ---- from the backend ------------------------------------------------------------------
@@ -86,7 +110,7 @@ class DaskLane(WorkerHandle):
         self._post(proto.InitFailed(error))
 
     def lost(self, where: str, why: str) -> None:
-        """Its worker left the cluster: what it held may have been sent."""
+        """Its worker left the cluster: what its task held may have been sent."""
         with self._lock:
             if self.state != "ready" or self.where != where:
                 return
@@ -103,73 +127,97 @@ class DaskLane(WorkerHandle):
             if self.state != "ready":
                 self._unsent += 1
                 raise OSError(f"lane {self.wid} is gone")
-            self._seq += 1
-            try:
-                fut = self._backend.client.submit(
-                    run_lease_task,
-                    self._backend.plugin_name,
-                    head,
-                    payload,
-                    key=f"procdispatch-send-{self._backend.token}-{self.wid}-{self._seq}",
-                    workers=[self.where],
-                    allow_other_workers=False,
-                    pure=False,
-                    retries=0,
-                )
-            except Exception as exc:  # a closed client, say: the lease never left
-                self.state = "lost"
-                self._unsent += 1
-                raise OSError(f"lane {self.wid} could not submit its lease: {exc!r}") from exc
-            self._future = fut
-        done = proto.Done(batch.id, batch.attempt)
-        asyncio.run_coroutine_threadsafe(self.track(fut, done), self._backend.loop)
-        return False
+            self._pending.append((batch.id, batch.attempt, head, payload))
+            # With no task in flight, the pending leases go at the pass's end (flush); else
+            # when the task answers.
+            return self._future is None
 
-    async def track(self, fut: Any, done: proto.Done) -> None:
-        """On the client's loop: wait for the task, gather its answer unless it is a plain
-        Done (a task whose result is None), release the future."""
+    def write_fd(self) -> Any:
+        return self._w  # always has room: the coordinator flushes at the end of its pass
+
+    def flush(self) -> bool:
+        with self._lock:
+            if self._future is None and self._pending and self.state == "ready":
+                self._submit()
+        return True
+
+    def _submit(self) -> None:
+        """Submit the pending leases as one task (one lease when send_timeout or a qps limit
+        is set); the lock is held."""
+        take = 1 if self._backend.one_lease_per_task else len(self._pending)
+        leases, self._pending = self._pending[:take], self._pending[take:]
+        self._seq += 1
         try:
-            await fut._state.wait()
-            result: Any
-            if fut.status == "finished" and fut.type is type(None):
-                result = done  # the key's type came with its completion: nothing to fetch
-            else:
-                result = await fut._result(raiseit=False)
-                if result is None:
-                    result = done
-        except BaseException as exc:  # a gather that failed: the lane hears it as a loss
-            result = (type(exc), exc, None)
-        finally:
-            fut.release()
-        answered = isinstance(result, (bytes, proto.Done))
+            fut = self._backend.client.submit(
+                run_leases_task,
+                self._backend.plugin_name,
+                [(head, payload) for _, _, head, payload in leases],
+                key=f"procdispatch-send-{self._backend.token}-{self.wid}-{self._seq}",
+                workers=[self.where],
+                allow_other_workers=False,
+                pure=False,
+                retries=0,
+            )
+        except Exception as exc:  # a closed client, say: the leases never left
+            self.state = "lost"
+            self._pending[:0] = leases
+            self._backend.lane_lost(self, f"it could not submit its task: {exc!r}", None)
+            self._post(None)
+            return
+        self._future = fut
+        self._task = leases
+        fut.add_done_callback(self._finished)
+
+    def _finished(self, fut: Any) -> None:
+        """On Dask's callback thread: the task ended. A task that answered None needs no
+        gather (the key's type came with its completion); any other answer is gathered on the
+        client's loop."""
+        if fut.status == "finished" and fut.type is type(None):
+            self._answered(fut, None)
+        else:
+            asyncio.run_coroutine_threadsafe(self._gather(fut), self._backend.loop)
+
+    async def _gather(self, fut: Any) -> None:
+        try:
+            result = await self._backend.client.gather(fut, asynchronous=True)
+        except BaseException as exc:  # KilledWorker, a cancel: the lane hears it as a loss
+            result = exc
+        self._answered(fut, result)
+
+    def _answered(self, fut: Any, result: object) -> None:
+        """The task's answer: None (every send returned), the answers' bytes, or what made it
+        fail in Dask."""
+        fut.release()
         with self._lock:
             if self._future is not fut or self.state != "ready":
                 return  # killed or lost meanwhile: nobody waits for this answer
             self._future = None
-            if not answered:
+            task, self._task = self._task, []
+            if result is None:
+                msgs: list[proto.WorkerMessage] = [proto.Done(b, a, 0.0) for b, a, _, _ in task]
+            elif isinstance(result, tuple) and all(isinstance(r, bytes) for r in result):
+                msgs = [proto.decode_from_worker(r) for r in result]
+            else:
+                msgs = []
+            failed = next((m for m in msgs if isinstance(m, proto.InitFailed)), None)
+            if not msgs or failed is not None:
                 self.state = "lost"
-        if isinstance(result, proto.Done):
-            self._post(result)
-            return
-        if isinstance(result, bytes):
-            self._answer(result)
-            return
-        error = result[1] if isinstance(result, tuple) else result
-        self._backend.lane_lost(self, f"its task failed in Dask: {_describe(error)}", None)
-        self._post(None)
-
-    def _answer(self, body: bytes) -> None:
-        msg = proto.decode_from_worker(body)
-        if isinstance(msg, proto.InitFailed):
-            # worker_init failed on this worker after all: the batch was never sent.
-            with self._lock:
-                self.state = "lost"
-                self._unsent += 1
-            self._backend.worker_broken(self, msg.error)
-            self._post(msg)
+                if failed is not None:
+                    self._unsent += len(task)  # worker_init failed there: nothing was sent
+            elif self._pending:
+                self._submit()  # the next task goes before the coordinator hears of this one
+        if failed is not None:
+            self._backend.worker_broken(self, failed.error)
+            self._post(failed)
             self._post(None)
             return
-        self._post(msg)
+        if not msgs:
+            error = result if isinstance(result, BaseException) else RuntimeError(repr(result))
+            self._backend.lane_lost(self, f"its task failed in Dask: {_describe(error)}", None)
+            self._post(None)
+            return
+        self._out.extend(msgs)
+        self._post(None)
 
     def _post(self, msg: proto.WorkerMessage | None) -> None:
         if msg is not None:
@@ -194,7 +242,8 @@ class DaskLane(WorkerHandle):
         return out
 
     def unsent(self) -> int:
-        return self._unsent
+        with self._lock:
+            return self._unsent + len(self._pending)
 
     def exitcode(self, wait: float) -> int | None:
         return 0 if self.state == "stopped" else None

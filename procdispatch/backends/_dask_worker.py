@@ -11,11 +11,19 @@ worker's event loop. What it raises is kept, never raised: the channel reads it 
 :func:`probe` and gives that worker no lease. The pickled function is never scattered: data
 scattered to a worker dies with it, a plugin is set up again on the worker that replaces it.
 
-:func:`run_lease_task` is the task of one lease: a module-level function, so each task pickles
-to its name, the plugin's name and the lease's bytes. A send that returned answers None (the
-scheduler's completion message, which carries the result's type, is then the whole answer); one
-that raised answers the bytes a worker process writes into its result pipe
-(:func:`~procdispatch._protocol.encode_result`): the failure and the batch's change.
+:func:`run_leases_task` is the task of one or more leases of one lane, run one after another: a
+module-level function, so each task pickles to its name, the plugin's name and the leases'
+bytes. When every send returned, each quickly enough that the coordinator would give its lane
+the most batches anyway (see :data:`~procdispatch._options.QUICK_SEND`), the task answers None:
+the scheduler's completion message, which carries the result's type, is then the whole answer.
+Otherwise it answers, for each lease in order, the bytes a worker process writes into its
+result pipe (:func:`~procdispatch._protocol.encode_result`): how long a send took, or its failure
+and the batch's change.
+
+A process that ``send_fn`` or ``worker_init`` forks and that comes back into this code (the
+user's function returned or raised in the child too) ends there at once
+(:func:`~._worker.leave_if_forked`): it is a copy of the Dask worker, and going on it would
+answer the task in the worker's place, over the worker's own connections.
 
 A worker's threads share its plugin: ``send_fn``, what ``worker_init`` set up, and, for
 asynchronous code, one event loop running on a thread of its own, on which every thread's sends
@@ -35,10 +43,15 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from .. import _protocol as proto
+from .._options import DEPTH, QUICK_SEND
 from ._usercode import CLOSE_TIMEOUT, _is_async
-from ._worker import run_lease
+from ._worker import leave_if_forked, run_lease
 
-__all__ = ["ChannelPlugin", "SharedUserCode", "probe", "run_lease_task"]
+__all__ = ["ChannelPlugin", "SharedUserCode", "probe", "run_leases_task"]
+
+#: A send quicker than this leaves its lane the most batches (the coordinator's rule for a Done):
+#: its task then answers None, and the client learns of it with no gather.
+QUICK = QUICK_SEND / DEPTH
 
 
 class SharedUserCode:
@@ -50,6 +63,7 @@ class SharedUserCode:
         self, send_fn: Callable[[Any], object], worker_init: Callable[[], object] | None
     ) -> None:
         self._send_fn = send_fn
+        self._owner = os.getpid()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -57,13 +71,23 @@ class SharedUserCode:
             self._start_loop()
         if worker_init is not None:
             try:
-                self._settle(worker_init())
+                self._settle(self._forked_back(worker_init))
             except BaseException:
                 self.close()
                 raise
 
     def send(self, batch: Any) -> object:
-        return self._settle(self._send_fn(batch))
+        return self._settle(self._forked_back(self._send_fn, batch))
+
+    def _forked_back(self, fn: Callable[..., object], *args: Any) -> object:
+        """``fn(*args)``, in the worker only: a child it forked ends here (module docstring)."""
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            leave_if_forked(self._owner, exc)
+            raise
+        leave_if_forked(self._owner)
+        return result
 
     def _settle(self, result: object) -> object:
         if result is None:
@@ -73,7 +97,7 @@ class SharedUserCode:
         if not inspect.isawaitable(result):
             return result
         loop = self._start_loop()
-        return asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+        return asyncio.run_coroutine_threadsafe(_awaited(result, self._owner), loop).result()
 
     def _start_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -102,8 +126,16 @@ class SharedUserCode:
             loop.close()
 
 
-async def _awaited(awaitable: Any) -> object:
-    return await awaitable
+async def _awaited(awaitable: Any, owner: int) -> object:
+    """Await the user's coroutine on the worker's loop; a child forked there ends here (it holds
+    the loop's thread alone: nothing in it waits for the result)."""
+    try:
+        result = await awaitable
+    except BaseException as exc:
+        leave_if_forked(owner, exc)
+        raise
+    leave_if_forked(owner)
+    return result
 
 
 async def _wind_down() -> None:
@@ -180,24 +212,35 @@ async def probe(name: str, dask_worker: Any = None) -> tuple[int, bytes | None] 
     return os.getpid(), plugin.failure
 
 
-def run_lease_task(name: str, head: bytes, payload: bytes) -> bytes | None:
-    """The task of one lease: ``send_fn`` on the batch, answered as a worker process would
-    answer it (see the module docstring), except that a send that returned answers None: the
-    scheduler tells the client a finished task's result type, so the channel learns of it
-    without gathering anything. Never raises."""
+def run_leases_task(name: str, leases: list[tuple[bytes, bytes]]) -> tuple[bytes, ...] | None:
+    """The task of a lane's leases, each a (header, payload) pair, sent in order: None when
+    every send returned quickly, else one answer per lease, as a worker process would answer
+    it (see the module docstring); the plugin's InitFailed answer alone when it could not be
+    set up here (no lease was sent). Never raises."""
     plugin = get_worker().plugins.get(name)
     if not isinstance(plugin, ChannelPlugin):
-        return proto.encode_init_failed(
-            RuntimeError(f"the channel's plugin {name} is not on this Dask worker")
+        return (
+            proto.encode_init_failed(
+                RuntimeError(f"the channel's plugin {name} is not on this Dask worker")
+            ),
         )
     plugin.ready.wait()
-    if plugin.failure is not None or plugin.user is None:
-        return plugin.failure or proto.encode_init_failed(RuntimeError("no send_fn"))
-    body = head + payload
-    _, bid, attempt, _ = proto.HEADER.unpack_from(body)
-    try:
-        lease = proto.decode_lease(body)
-    except BaseException as exc:
-        return proto.encode_result(proto.Failed(bid, attempt, exc, None, None, False, None))
-    result = run_lease(plugin.user.send, lease)
-    return None if isinstance(result, proto.Done) else proto.encode_result(result)
+    user = plugin.user
+    if plugin.failure is not None or user is None:
+        return (plugin.failure or proto.encode_init_failed(RuntimeError("no send_fn")),)
+    answers: list[proto.Done | proto.Failed] = []
+    quick = True
+    for head, payload in leases:
+        body = head + payload
+        result: proto.Done | proto.Failed
+        try:
+            lease = proto.decode_lease(body)
+        except BaseException as exc:
+            _, bid, attempt, _ = proto.HEADER.unpack_from(body)
+            result = proto.Failed(bid, attempt, exc, None, None, False, None)
+        else:
+            result = run_lease(user.send, lease)
+        del body
+        quick = quick and isinstance(result, proto.Done) and result.seconds < QUICK
+        answers.append(result)
+    return None if quick else tuple(proto.encode_result(a) for a in answers)

@@ -9,10 +9,11 @@ Either way the channel's contract holds: batches, retries by the channel's polic
 and a drain that waits for every task.
 
 ``workers`` counts Dask worker *threads*, and each is a lane (:mod:`._dask_lane`): a worker of
-the channel that runs one lease at a time on one thread of one Dask worker, so leases never
-exceed the threads. The backend keeps the table of Dask workers (:mod:`._dask_table`): their
-threads, the lanes pinned to them, and whether the channel's worker plugin
-(:mod:`._dask_worker`, which carries ``send_fn`` and runs ``worker_init``) is set up there.
+the channel pinned to one thread of one Dask worker, with one task at a time there, which sends
+one or more of its leases in order (several cost one trip through the scheduler). The backend
+keeps the table of Dask workers (:mod:`._dask_table`): their threads, the lanes pinned to them,
+and whether the channel's worker plugin (:mod:`._dask_worker`, which carries ``send_fn`` and
+runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
 ``cancel_grace`` has its worker ended at once and replaced by its nanny, on a cluster this
@@ -66,7 +67,7 @@ class DaskBackend(WorkerTable, Backend):
     """
 
     name = "dask"
-    queues_leases = False  # a lease is a task on a thread: none waits on a worker
+    paces_queued_leases = False  # a lane's next task waits for the last one's answer
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()
@@ -100,6 +101,9 @@ class DaskBackend(WorkerTable, Backend):
         self._control: ThreadPoolExecutor | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._closed = False
+        #: Each task carries one lease (send_timeout or a qps limit is set: see the lane's
+        #: docstring).
+        self.one_lease_per_task = False
 
     # ---- connecting ---------------------------------------------------------------------
 
@@ -133,18 +137,15 @@ class DaskBackend(WorkerTable, Backend):
             raise
 
     def _prepare(self, send_fn: Callable[[Batch[Any]], object], options: ChannelOptions) -> None:
-        if options.max_leases > options.workers:
-            raise OptionsError(
-                f"max_leases must be <= workers ({options.workers}) with the dask backend: a "
-                f"lease is a task on a Dask worker thread, and leases never exceed the threads "
-                f"(got {options.max_leases})"
-            )
         if options.max_worker_memory is not None:
             raise OptionsError(
                 "max_worker_memory must be None with the dask backend: a Dask worker's memory is "
                 "Dask's to limit (its memory_limit and nanny) "
                 f"(got {options.max_worker_memory!r})"
             )
+        # A deadline must cover one send, and a rate the sends' starts: several sends in one
+        # task would start back to back, however far apart the coordinator admitted them.
+        self.one_lease_per_task = options.send_timeout is not None or options.qps is not None
         payload = pickle_payload(send_fn, options.worker_init, None)
         if self._spec is None:
             self._start_cluster(options.workers)
@@ -328,7 +329,9 @@ def close_cluster(cluster: Any) -> None:
     """Close a LocalCluster. Its last step awaits the task that follows the scheduler's news of
     workers, which raises KeyError when a worker it never saw join leaves (one replaced just
     before the close): its workers and scheduler are closed by then, so the cluster is marked
-    closed (else it warns, unclosed, when collected)."""
+    closed (else it warns, unclosed, when collected). Dask has no public way to finish such a
+    close: a second ``close()`` waits for ever while the status says closing, hence the write
+    to ``status``; tests/dask/test_dask_tasks.py fails should Dask change this."""
     try:
         cluster.close()
     except KeyError:

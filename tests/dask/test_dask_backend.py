@@ -135,8 +135,6 @@ def test_workers_none_takes_the_cluster_threads_and_stats_count_dask_workers(tmp
         assert ch.stats().items_delivered == 4
         with pytest.raises(pd.OptionsError, match=r"workers must be <= the 3 threads .* \(got 4\)"):
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), workers=4)
-        with pytest.raises(pd.OptionsError, match=r"max_leases must be <= workers \(3\).*got 5"):
-            pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_leases=5)
         with pytest.raises(pd.OptionsError, match=r"max_worker_memory must be None .*got 1000"):
             pd.ProcessChannel(Sink(log), backend=DaskBackend(client), max_worker_memory=1000)
         # Refused after connecting by address: the backend's own client is closed again.

@@ -1,9 +1,10 @@
 """A process forked by send_fn or worker_init that does not end with os._exit comes back into
-the worker's code: it must end there, writing nothing to the worker's pipes, so that the worker
-alone answers its leases."""
+the worker's code: it must end there, writing nothing to the worker's pipes (a Dask worker's
+connections), so that the worker alone answers its leases."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,21 @@ import procdispatch as pd
 
 #: The exit status the child gets, by what it did in the user's code.
 STATUS = {"return": 0, "raise": 1}
+#: Where the worker runs: on a Dask worker, the child is a copy of that worker's process.
+ON = [
+    "process",
+    "thread",
+    pytest.param(
+        "dask",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("distributed") is None, reason="needs the dask extra"
+        ),
+    ),
+]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("on", ["process", "thread"])
+@pytest.mark.parametrize("on", ON)
 @pytest.mark.parametrize("child", sorted(STATUS))
 def test_a_child_forked_by_send_fn_ends_when_it_comes_back_into_the_worker(
     tmp_path: Any, on: str, child: str
@@ -48,7 +60,7 @@ def test_a_child_forked_by_send_fn_ends_when_it_comes_back_into_the_worker(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("on", ["process", "thread"])
+@pytest.mark.parametrize("on", ON)
 @pytest.mark.parametrize("child", sorted(STATUS))
 def test_a_child_forked_by_worker_init_ends_when_it_comes_back_into_the_worker(
     tmp_path: Any, on: str, child: str
