@@ -20,7 +20,7 @@ drops); its :class:`~._workers.Workers` (the worker side: starting, sending, rea
 recycling, replacing, through the :class:`~.backends.Backend`); and the :class:`~._clock.Clock`
 it was given. It shares one thing with producers: the channel's
 :class:`~._admission.Admission` (pending items, back-pressure, requests, statistics), to which
-it publishes its :class:`~._admission.Ledger` once per turn of the loop.
+it publishes its :class:`~._handover.Ledger` once per turn of the loop.
 
 The loop. Each turn (:meth:`Coordinator.step`) handles what the last wait found (worker answers
 and deaths, overdue workers), takes what producers handed over, drops what outlived
@@ -51,8 +51,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
-from ._admission import Admission, Ledger
+from ._admission import Admission
 from ._clock import Clock, RealClock
+from ._handover import Ledger
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool

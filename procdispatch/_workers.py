@@ -32,8 +32,9 @@ import math
 from typing import Any
 
 from . import _protocol as proto
-from ._admission import Admission, Ledger
+from ._admission import Admission
 from ._clock import Clock
+from ._handover import Ledger
 from ._options import QUICK_SEND, ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
