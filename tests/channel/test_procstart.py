@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from scriptrun import RUN_TIMEOUT, run_program
 
-from procdispatch.backends._procstart import _guarded
+from procdispatch.backends._mainguard import _guarded
 
 MODULE = """
 import json, os
