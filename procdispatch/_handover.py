@@ -30,7 +30,7 @@ _allocate_lock = threading.Lock
 
 class Ledger:
     """Counter moves booked by the coordinator's thread (no lock), handed to producers by
-    :meth:`Admission.publish`. The ``d_*`` fields are moves since the last publish; the rest
+    :meth:`Shared.publish`. The ``d_*`` fields are moves since the last publish; the rest
     are running totals."""
 
     __slots__ = (
