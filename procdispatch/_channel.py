@@ -21,7 +21,8 @@ from typing import Any, Generic, TypeVar
 from ._admission import Admission, Stats
 from ._coordinator import Coordinator
 from ._ending import Ending, reentry_errors
-from ._options import Options, check_body_runs
+from ._option_checks import check_body_runs
+from ._options import Options
 from ._progress import Reporter, sized_length
 from ._waits import check_timeout
 from .backends import Backend

@@ -20,7 +20,7 @@ drops); its :class:`~._workers.Workers` (the worker side: starting, sending, rea
 recycling, replacing, through the :class:`~.backends.Backend`); and the :class:`~._clock.Clock`
 it was given. It shares one thing with producers: the channel's
 :class:`~._admission.Admission` (pending items, back-pressure, requests, statistics), to which
-it publishes its :class:`~._admission.Ledger` once per turn of the loop.
+it publishes its :class:`~._handover.Ledger` once per turn of the loop.
 
 The loop. Each turn (:meth:`Coordinator.step`) handles what the last wait found (worker answers
 and deaths, overdue workers), takes what producers handed over, drops what outlived
@@ -31,10 +31,8 @@ finite option value is a valid deadline, however far). Nothing else on the loop'
 blocks: pipes are non-blocking both ways, and the only other waits are for a killed worker's
 end, at most ``KILL_WAIT`` each.
 
-Lifecycle (:class:`Lifecycle`, transitions in one table): OPEN until a close is requested
-(CLOSING: draining what it holds) or a cancel, or a fatal error (CANCELLING: queued batches are
-dropped, in-flight sends get ``cancel_grace``); ENDED once everything was delivered or dropped
-and the coordinator has exited.
+Lifecycle: OPEN, then CLOSING or CANCELLING, then ENDED; the states, their transitions and
+the coordinator's end are :mod:`._lifecycle`'s.
 
 Accounting: every admitted item leaves exactly once, as delivered (its send succeeded, or the
 send removed it from ``data``) or dropped (``on_drop`` saw it).
@@ -43,7 +41,6 @@ send removed it from ``data``) or dropped (``on_drop`` saw it).
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 import math
 import threading
@@ -51,8 +48,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _process_end
-from ._admission import Admission, Ledger
+from ._admission import Admission
 from ._clock import Clock, RealClock
+from ._handover import Ledger
+from ._lifecycle import Lifecycle, Transitions
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool
@@ -64,37 +63,21 @@ from .errors import InternalError
 if TYPE_CHECKING:
     from ._limiter.remote import TokenSource
 
-__all__ = ["MAX_WAIT", "QPS_BOOK_AHEAD", "STOP_JOIN_TIMEOUT", "Coordinator", "Lifecycle"]
+__all__ = ["MAX_WAIT", "QPS_BOOK_AHEAD", "Coordinator", "Lifecycle"]
 
 log = logging.getLogger("procdispatch")
 
 #: How far ahead the coordinator books a rate-limit token instead of sleeping then retrying.
 QPS_BOOK_AHEAD = 0.05
-#: How long shutdown waits for stopped workers to exit before killing them.
-STOP_JOIN_TIMEOUT = 5.0
 #: The longest the loop waits in one go, whatever its next deadline (see :func:`_bounded`).
 MAX_WAIT = 3600.0
 
-
-class Lifecycle(enum.Enum):
-    OPEN = "open"  # taking items
-    CLOSING = "closing"  # closed: sending what it holds
-    CANCELLING = "cancelling"  # cancelled or failed: dropping what is queued
-    ENDED = "ended"  # everything delivered or dropped; the coordinator has exited
-
-
-_NEXT: dict[Lifecycle, tuple[Lifecycle, ...]] = {
-    Lifecycle.OPEN: (Lifecycle.CLOSING, Lifecycle.CANCELLING, Lifecycle.ENDED),
-    Lifecycle.CLOSING: (Lifecycle.CANCELLING, Lifecycle.ENDED),
-    Lifecycle.CANCELLING: (Lifecycle.ENDED,),
-    Lifecycle.ENDED: (),
-}
 
 #: What :meth:`Coordinator.step` returns when the channel has drained.
 FINISHED = -1.0
 
 
-class Coordinator:
+class Coordinator(Transitions):
     """Owns one channel's batches and workers; see the module docstring."""
 
     def __init__(
@@ -136,11 +119,6 @@ class Coordinator:
         self._thread = threading.Thread(
             target=self._run, name="procdispatch-coordinator", daemon=True
         )
-
-    def _move(self, to: Lifecycle) -> None:
-        if to not in _NEXT[self.state]:
-            raise InternalError(f"channel: no transition {self.state.value} -> {to.value}")
-        self.state = to
 
     @property
     def first_drop_error(self) -> BaseException | None:
@@ -363,28 +341,6 @@ class Coordinator:
 
     # ---- the end ------------------------------------------------------------------------
 
-    def _drop_everything_left(self) -> None:
-        """After a crash of this loop: report whatever is still held as dropped (nothing is
-        lost silently)."""
-        now = self._now()
-        taken, sizes, _, _ = self.admission.take_pending()
-        if taken:
-            self._backlog.append((taken, sizes))
-        for items, sizes in self._backlog:
-            for b in self.buffer.make_batches(now, items, sizes):
-                self.outcomes.drop(b)
-        self._backlog.clear()
-        for slot in self.pool.slots:
-            for b in slot.batches:
-                if not b.synthetic:
-                    self.ledger.book(in_flight=-b._count)
-            slot.batches.clear()
-        self.buffer.flush(now)
-        self.buffer.force_lease_all()
-        for b in self.buffer.leases():
-            self.buffer.ack(b)
-            self.outcomes.drop(b)
-
     def _shutdown(self) -> None:
         """End the channel: every step runs even if an earlier one raised, and the drain is
         signalled last whatever happens, so that no waiter can hang on a failed step."""
@@ -394,32 +350,6 @@ class Coordinator:
             self._move(Lifecycle.ENDED)
             self.admission.finished()
             _process_end.unregister(self)
-
-    def _shutdown_steps(self) -> None:
-        if self.admission.fatal is not None and isinstance(self.admission.fatal, InternalError):
-            _guarded("report what the failed coordinator held", self._drop_everything_left)
-        _guarded("stop the workers", self.pool.shutdown, STOP_JOIN_TIMEOUT)
-        _guarded("close the backend", self.backend.close)
-        if self._owns_limiter and self._limiter is not None:
-            _guarded("close the channel's rate limiter", self._limiter.close)
-        self.ledger.alive = 0
-        self.admission.publish(self.ledger, 0)
-        # User code: each is guarded, and reported when slow, by Outcomes itself.
-        self.outcomes.flush_drops()
-        if self._final_report is not None:
-            # Before on_drained, so the totals are on screen before anything printed after
-            # the drain; it never runs user code on this thread.
-            _guarded("make the final progress report", self._final_report)
-        self.outcomes.drained()
-
-
-def _guarded(what: str, fn: Any, *args: Any) -> None:
-    """Run one of the shutdown's own steps (never user code: that goes through
-    :func:`~._outcomes.call_user`)."""
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("procdispatch: could not %s; going on with the shutdown", what)
 
 
 def _bounded(timeout: float | None) -> float | None:

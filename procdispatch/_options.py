@@ -7,21 +7,30 @@ fills in what is derived, giving the :class:`ChannelOptions` the coordinator run
 :func:`options_table` renders the options table of the docs from the same fields.
 
 Messages follow one shape -- "*option* must be *rule* (got *value*)" -- and every failure is an
-:class:`~procdispatch.errors.OptionsError` raised before any thread or process exists.
+:class:`~procdispatch.errors.OptionsError` raised before any thread or process exists; the
+checks themselves, and what values are normalised to, are :mod:`~procdispatch._option_checks`.
 """
 
 from __future__ import annotations
 
-import math
-import multiprocessing
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ._fullbehavior import check_int_limit
+from ._option_checks import (
+    check_body_runs,
+    check_bool,
+    check_callable,
+    check_int,
+    check_min_qps,
+    check_number,
+    check_start_method,
+    default_start_method,
+    float_or_none,
+    normalise_qps,
+)
 from .backends import Backend, make_backend
-from .backends._usercode import lazy_kind
 
 if TYPE_CHECKING:
     from ._limiter.gcra import ParsedRate
@@ -35,8 +44,6 @@ __all__ = [
     "QUICK_SEND",
     "ChannelOptions",
     "Options",
-    "check_body_runs",
-    "default_start_method",
     "options_table",
 ]
 
@@ -50,88 +57,6 @@ __all__ = [
 QUICK_SEND = 0.005
 #: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers).
 DEPTH = 8
-
-
-def default_start_method() -> str:
-    """The platform's safe default: forkserver where it exists (Linux), else spawn.
-
-    ``fork`` is never the default: the parent runs a coordinator thread (and often producer
-    threads), and forking a process that runs threads can deadlock the child.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "forkserver" in methods:
-        return "forkserver"
-    return "spawn"
-
-
-def _number(name: str, value: object, *, minimum: float, strict: bool, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    rule = f"a number {'>' if strict else '>='} {minimum:g}"
-    if allow_none:
-        rule += " or None"
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if ok:
-        assert isinstance(value, (int, float))
-        ok = not math.isnan(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise OptionsError(f"{name} must be {rule} (got {value!r})")
-
-
-def _int(name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        rule = "an int >= 1" + (" or None" if allow_none else "")
-        raise OptionsError(f"{name} must be {rule} (got {value!r})")
-
-
-def _callable(name: str, value: object) -> None:
-    if value is not None and not callable(value):
-        raise OptionsError(f"{name} must be callable or None (got {value!r})")
-
-
-#: What a call of each kind of function (see ``lazy_kind``) makes instead of running its body.
-_BUILDS = {
-    "a generator function": "a generator",
-    "an async generator function": "an async generator",
-    "a coroutine function": "a coroutine",
-}
-
-
-def check_body_runs(name: str, value: object, *, in_worker: bool) -> None:
-    """Refuse a callable whose call would only build a generator (or, in the parent, where
-    nothing awaits, a coroutine): its body would never run, and nothing would say so. Workers
-    await coroutines (``send_fn``, ``worker_init``); the parent calls its callbacks as plain
-    functions."""
-    kind = lazy_kind(value) if value is not None else None
-    if kind is None or (in_worker and kind == "a coroutine function"):
-        return
-    made = f"calling it only makes {_BUILDS[kind]}"
-    if in_worker:
-        outcome = _NEVER_RUN.get(name, "")
-        raise OptionsError(
-            f"{name} must not be {kind} (got {value!r}): {made}, which a worker does not "
-            f"iterate, so its body would never run{outcome}; make it a plain function, or an "
-            "async def (a worker awaits its coroutine)"
-        )
-    raise OptionsError(
-        f"{name} must not be {kind} (got {value!r}): {made}, and the parent calls {name} as a "
-        "plain function (it neither iterates nor awaits what that returns), so its body would "
-        "never run; make it a plain function"
-    )
-
-
-#: What a worker-side callable whose body never runs would silently lead to.
-_NEVER_RUN = {
-    "send_fn": " and every batch would count as delivered",
-    "worker_init": " and workers would start without it",
-}
-
-
-def _bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise OptionsError(f"{name} must be a bool (got {value!r})")
 
 
 def _doc(doc: str, shown: str | None = None) -> dict[str, str | None]:
@@ -334,7 +259,7 @@ class Options:
         """Validate every option and fill in what is derived; raise OptionsError naming the
         option, the rule and the value given."""
         if self.workers is not None:
-            _int("workers", self.workers, allow_none=False)
+            check_int("workers", self.workers, allow_none=False)
         backend = make_backend(self.backend)
         try:
             return self._resolve(backend)
@@ -344,8 +269,8 @@ class Options:
 
     def _resolve(self, backend: Backend) -> ChannelOptions:
         workers = self.workers if self.workers is not None else backend.default_workers()
-        _int("workers", workers, allow_none=False)
-        _int("max_leases", self.max_leases, allow_none=True)
+        check_int("workers", workers, allow_none=False)
+        check_int("max_leases", self.max_leases, allow_none=True)
         leases = self.max_leases
         if leases is None:
             queued = (
@@ -376,45 +301,34 @@ class Options:
             retry=self.retry,
             fifo=self.fifo,
         ).validated()
-        _callable("item_size", self.item_size)
+        check_callable("item_size", self.item_size)
         check_body_runs("item_size", self.item_size, in_worker=False)
         if self.batch_size_max is not None and self.item_size is None:
             raise OptionsError(
                 f"batch_size_max needs item_size to measure items (got batch_size_max="
                 f"{self.batch_size_max!r}, item_size=None)"
             )
-        qps = _qps(self.qps_limit, self.qps_burst)
+        qps = normalise_qps(self.qps_limit, self.qps_burst)
         min_qps = self.min_qps
-        _number("min_qps", min_qps, minimum=0, strict=True, allow_none=True)
-        if min_qps is not None:
-            if math.isinf(min_qps):
-                raise OptionsError(f"min_qps must be finite (got {min_qps!r})")
-            cap = None if qps is None else _per_second(qps)  # None: not known
-            if cap is not None and min_qps > cap:
-                raise OptionsError(
-                    f"min_qps must be <= qps_limit ({cap:g} per second) (got {min_qps!r})"
-                )
+        check_min_qps(min_qps, qps)
         for name in ("on_error", "on_drop", "on_delivered", "on_drained", "worker_init"):
-            _callable(name, getattr(self, name))
+            check_callable(name, getattr(self, name))
             check_body_runs(name, getattr(self, name), in_worker=name == "worker_init")
-        _number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
-        _number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
-        _number("start_timeout", self.start_timeout, minimum=0, strict=True, allow_none=False)
-        _number("delivery_timeout", self.delivery_timeout, minimum=0, strict=True, allow_none=True)
-        _bool("raise_on_drop", self.raise_on_drop)
-        _int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
-        _int("max_worker_memory", self.max_worker_memory, allow_none=True)
+        check_number("send_timeout", self.send_timeout, minimum=0, strict=True, allow_none=True)
+        check_number("cancel_grace", self.cancel_grace, minimum=0, strict=False, allow_none=False)
+        check_number("start_timeout", self.start_timeout, minimum=0, strict=True, allow_none=False)
+        check_number(
+            "delivery_timeout", self.delivery_timeout, minimum=0, strict=True, allow_none=True
+        )
+        check_bool("raise_on_drop", self.raise_on_drop)
+        check_int("max_batches_per_worker", self.max_batches_per_worker, allow_none=True)
+        check_int("max_worker_memory", self.max_worker_memory, allow_none=True)
         from ._progress import check_progress
 
         check_progress(self.progress, self.progress_total)
         if not isinstance(self.progress, bool):
             check_body_runs("progress", self.progress, in_worker=False)
-        methods = multiprocessing.get_all_start_methods()
-        if self.start_method is not None and self.start_method not in methods:
-            raise OptionsError(
-                f"start_method must be one of {', '.join(methods)} or None "
-                f"(got {self.start_method!r})"
-            )
+        check_start_method(self.start_method)
         return ChannelOptions(
             workers=workers,
             max_leases=leases,
@@ -422,16 +336,16 @@ class Options:
             buffer=buf,
             item_size=self.item_size,
             qps=qps,
-            min_qps=_float_or_none(min_qps),
+            min_qps=float_or_none(min_qps),
             on_error=self.on_error,
             on_drop=self.on_drop,
             on_delivered=self.on_delivered,
             on_drained=self.on_drained,
             worker_init=self.worker_init,
-            send_timeout=_float_or_none(self.send_timeout),
+            send_timeout=float_or_none(self.send_timeout),
             cancel_grace=float(self.cancel_grace),
             start_timeout=float(self.start_timeout),
-            delivery_timeout=_float_or_none(self.delivery_timeout),
+            delivery_timeout=float_or_none(self.delivery_timeout),
             raise_on_drop=self.raise_on_drop,
             max_batches_per_worker=self.max_batches_per_worker,
             max_worker_memory=self.max_worker_memory,
@@ -440,10 +354,6 @@ class Options:
             progress=self.progress,
             progress_total=self.progress_total,
         )
-
-
-def _float_or_none(value: float | None) -> float | None:
-    return float(value) if value is not None else None
 
 
 def options_table() -> str:
@@ -488,37 +398,3 @@ class ChannelOptions:
     #: False, True, the user's tqdm bar, or a callable taking Stats (see :mod:`._progress`).
     progress: Any = False
     progress_total: int | None = None
-
-
-def _qps(qps_limit: object, qps_burst: object) -> RateLimiter | ParsedRate | RemoteLimit | None:
-    """``qps_limit`` normalised once; OptionsError names the options as the user spelled them."""
-    if qps_limit is None:
-        _int("qps_burst", qps_burst, allow_none=False)
-        return None
-    from ._limiter.limiter import RateLimiter  # only with a limit: it is not needed otherwise
-
-    if isinstance(qps_limit, RateLimiter):
-        _int("qps_burst", qps_burst, allow_none=False)
-        if qps_limit.closed:
-            raise OptionsError(f"qps_limit must be an open RateLimiter (got {qps_limit!r})")
-        return qps_limit
-    from ._limiter.remote import remote_limit
-
-    remote = remote_limit(qps_limit, qps_burst)
-    if remote is not None:
-        return remote
-    from ._limiter.gcra import parse_rate
-
-    return parse_rate(qps_limit, qps_burst, what="qps_limit", burst_what="qps_burst")
-
-
-def _per_second(qps: RateLimiter | ParsedRate | RemoteLimit) -> float | None:
-    """The long-run sends per second a normalised ``qps_limit`` allows (one formula:
-    :func:`~procdispatch._limiter.gcra.parse_rate`'s; a Limiter's tightest rate), or None when
-    a Limiter's buckets are made on demand."""
-    from ._limiter.gcra import ParsedRate
-    from ._limiter.remote import RemoteLimit
-
-    if isinstance(qps, (ParsedRate, RemoteLimit)):
-        return qps.per_second
-    return qps.rate_per_second

@@ -14,7 +14,7 @@ user's callbacks and the ledger, and nothing of workers or pipes. The worker sid
   queue without using an attempt.
 
 Every way out ends the lease exactly once, and every item leaves the channel exactly once, as
-delivered or dropped: the moves are booked in the :class:`~._admission.Ledger`.
+delivered or dropped: the moves are booked in the :class:`~._handover.Ledger`.
 
 User code (``on_error``, ``on_drop``, ``on_delivered``, ``on_drained``, the retry policy) runs
 only through :func:`call_user`: whatever it raises, of whatever class, is its own failure and
@@ -30,10 +30,10 @@ from time import monotonic
 from typing import Any, TypeVar
 
 from . import _protocol as proto
-from ._admission import Ledger
 from ._callbacks import default_on_drop, default_on_error
 from ._clock import Clock
 from ._delivery import DeliveryReports, removed_items
+from ._handover import Ledger
 from ._options import ChannelOptions
 from .buffer import Batch, Buffer
 from .errors import DeliveryTimeout

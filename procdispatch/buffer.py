@@ -9,7 +9,8 @@ hands out the first ready batch while fewer than ``max_leases`` are leased; ever
 exactly one :meth:`Buffer.ack` or :meth:`Buffer.nack`. A nack re-queues the batch after the next
 delay of its own retry iterator, counting only what is left of its data (accounting can only
 shrink), or hands the batch back for dropping when the iterator is exhausted. The buffer is the
-only code that changes a batch's accounting.
+only code that changes a batch's accounting; the leased batches' part of it is
+:class:`~procdispatch._leases.Leases`, which :class:`Buffer` extends.
 
 A full-buffer policy (:class:`BlockNewItems`, :class:`DropOldestBatch`, :class:`InfiniteGrowth`)
 is asked before each insertion whether the item may go in and whether a batch must be dropped
@@ -23,17 +24,17 @@ calls it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from ._batch import DONE as _DONE
 from ._batch import FILLING as _FILLING
-from ._batch import LEASED as _LEASED
 from ._batch import QUEUED as _QUEUED
 from ._batch import Batch, cut
 from ._batchqueue import BatchQueue
 from ._bufferopts import BufferOptions, BufferStats
 from ._fullbehavior import DERIVED, BlockNewItems, DropOldestBatch, FullBehavior, InfiniteGrowth
-from .errors import BufferFull, ItemTooLarge, ItemTooSmall, ProcDispatchError
+from ._leases import Leases
+from .errors import BufferFull, ItemTooLarge, ItemTooSmall
 from .retry import RetryFactory, next_delay
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class Buffer(Generic[T]):
+class Buffer(Leases[T]):
     """Batches items and leases them out; see the module docstring. Not thread-safe."""
 
     def __init__(self, options: BufferOptions | None = None) -> None:
@@ -68,12 +69,10 @@ class Buffer(Generic[T]):
         self._fifo = opts.fifo
         self._cur: Batch[T] | None = None
         self._queue: BatchQueue[T] = BatchQueue(opts.fifo)
-        self._leases: dict[int, Batch[T]] = {}
+        super().__init__()
         self._last_id = 0
         self._unleased_items = 0
         self._unleased_size = 0
-        self._leased_items = 0
-        self._leased_size = 0
 
     # ---- inspection -------------------------------------------------------------------------
 
@@ -95,10 +94,6 @@ class Buffer(Generic[T]):
                 return top
             return min(top, self._cur._next_send)
         return self._cur._next_send if self._cur is not None else None
-
-    @property
-    def leased(self) -> int:
-        return len(self._leases)
 
     # ---- adding -----------------------------------------------------------------------------
 
@@ -216,15 +211,6 @@ class Buffer(Generic[T]):
             self._lease(b)
         return batches
 
-    def ack(self, batch: Batch[T]) -> None:
-        """The lease ended well (or the batch is being dropped): forget the batch."""
-        self._end_lease(batch, "ack")
-        batch._state = _DONE
-
-    def leases(self) -> list[Batch[T]]:
-        """The batches leased now (not yet acked or nacked), oldest first."""
-        return sorted(self._leases.values(), key=lambda b: b.id)
-
     def release(self, batch: Batch[T]) -> None:
         """Give back a lease whose batch was never sent (its worker died before starting it).
 
@@ -272,30 +258,6 @@ class Buffer(Generic[T]):
         self._unleased_size += batch._size
         self._queue.push_again(batch)
         return None
-
-    # ---- what a send did to a leased batch ----------------------------------------------------
-
-    def apply_mutation(
-        self, batch: Batch[T], kept: list[int] | None, new_data: list[T] | None
-    ) -> None:
-        """Apply a send's change to a leased batch's data: the indices of the items it kept
-        (it only removed items), or a whole new list. The accounting follows at
-        :meth:`settle`; a new list's sizes are unknown, so its accounted size stays (a batch's
-        accounting never grows)."""
-        self._check_leased(batch, "apply_mutation")
-        batch._apply_change(kept, new_data)
-
-    def settle(self, batch: Batch[T]) -> tuple[int, int]:
-        """Shrink a leased batch's accounting to what is left of its data (a send or
-        ``on_error`` removed the items it delivered); return (items, size) that went."""
-        self._check_leased(batch, "settle")
-        size_before = batch._size
-        removed = batch.shrink()
-        return removed, size_before - batch._size
-
-    def count_fault(self, batch: Batch[T]) -> None:
-        """The batch's send crashed or timed out its worker (the poison rule counts these)."""
-        batch._faults += 1
 
     # ---- batches outside the queue ----------------------------------------------------------
 
@@ -408,41 +370,6 @@ class Buffer(Generic[T]):
         if cur._sizes is not None:
             cur._sizes.extend([0] * room)
         cur._count += room
-
-    def _lease(self, b: Batch[T], now: float | None = None) -> Batch[T]:
-        b._state = _LEASED
-        b.attempt += 1
-        if b._first_lease is None:
-            b._first_lease = now
-        b._lease_count = b._count
-        b._lease_size = b._size
-        self._leases[b.id] = b
-        self._unleased_items -= b._count
-        self._unleased_size -= b._size
-        self._leased_items += b._count
-        self._leased_size += b._size
-        return b
-
-    def _check_leased(self, batch: Batch[T], what: str) -> None:
-        if not isinstance(batch, Batch):
-            raise ProcDispatchError(f"{what} needs a leased Batch (got {batch!r})")
-        if self._leases.get(batch.id) is not batch:
-            raise ProcDispatchError(
-                f"{what} of batch {batch.id}, which is not leased (state {batch._state.value}); "
-                "every lease ends with exactly one ack or nack"
-            )
-
-    def _end_lease(self, batch: Batch[T], what: str) -> None:
-        leases = self._leases
-        try:
-            leased = leases.get(batch.id) is batch
-        except AttributeError:  # not a Batch at all
-            leased = False
-        if not leased:
-            self._check_leased(batch, what)  # raises, saying what is wrong
-        del leases[batch.id]
-        self._leased_items -= batch._lease_count
-        self._leased_size -= batch._lease_size
 
     def _drop_oldest(self) -> Batch[T] | None:
         """Drop the oldest queued batch, else the one being filled; never one in flight."""

@@ -6,7 +6,7 @@ The state and its updates under the page's lock are :mod:`.state`'s; the files, 
 lifetime :mod:`.page`'s and :mod:`.shmpage`'s. This module is the API, and the *fast path*:
 a take of tokens waiting in the page's pool (its FIFO) is one ``read``, with no lock of any
 kind. Only a take the pool falls short of goes through :meth:`RateLimiter._take`, under this
-instance's thread lock and the page's cross-process lock.
+instance's thread lock and the page's cross-process lock (see :mod:`.locked`).
 
 Why the fast path needs no lock. It loads the instance's current :class:`.shmpage.Files` once
 and uses only its mapping (``mv``, to see whether the pool holds anything) and its pipe number.
@@ -16,8 +16,7 @@ which a read finds end-of-file and the take goes on to the locked path, which ra
 closed limiter. A read that raced the close took tokens that existed before it, and a read is
 atomic in the kernel, so two readers never share a byte. So there is no lock to leak: an
 interrupt anywhere in the fast path leaves at worst tokens read and not used (they are charged
-at the next update: strict). In the locked paths the thread lock is held with ``with``, and the
-page lock is taken inside the ``try`` whose ``finally`` releases it.
+at the next update: strict). The locked paths are :mod:`.locked`'s.
 
 *Sharing*: the window parameters live in the page, so opening a name with other parameters is
 refused. An instance pickles by name (spawn, forkserver, ``copy``), so every copy shares the
@@ -38,9 +37,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import OptionsError
 from .gcra import NS_PER_S, ParsedRate, State, parse_rate, seconds_ns
+from .locked import LockedPaths
 from .page import SharedPage, sweep
-from .shmpage import Files, _flock
-from .state import REFILL_MAX, Ledger, _write_some
+from .shmpage import Files
+from .state import REFILL_MAX, Ledger
 from .state import SLOTS as _SLOTS  # noqa: F401 (the page layout, for tests)
 from .state import W_SEQ as _W_SEQ
 
@@ -55,7 +55,7 @@ _EX, _UN = fcntl.LOCK_EX, fcntl.LOCK_UN
 _RESERVED_KEPT = 64  # reservations a thread can still cancel
 
 
-class RateLimiter:
+class RateLimiter(LockedPaths):
     """A token bucket (GCRA) in shared memory, shared by every copy and every same-name opener.
 
     ``rate`` is either events per second (a token bucket holding ``burst`` tokens, starting
@@ -128,89 +128,6 @@ class RateLimiter:
         self._last_admit_ns: int | None = 0
         # The page must not refer to self: a cycle would keep a dropped limiter's page open.
         self._page = SharedPage(name, ledger, min(self._capacity, REFILL_MAX))
-
-    # -- under the locks ---------------------------------------------------------------------
-
-    def _take(
-        self,
-        weight: int,
-        max_wait_ns: int,
-        returned: int = 0,
-        seq_read: int = -1,
-        files_read: Files | None = None,
-    ) -> tuple[int, int, int, Files]:
-        """After the pool fell short: admit ``weight`` at the earliest instant within
-        ``max_wait_ns``, with the pool's bytes kept free. ``returned`` bytes, read by the caller
-        from ``files_read``'s pool (seen at ``seq_read``) and not enough, go back if the page is
-        still at ``seq_read``, else stay spent. Returns (wait, ticket, now, files): ticket 0 if
-        nothing was taken, else ``units`` after the admission (a take from the pool has
-        ``-1 - seq``), for :meth:`_give_back`; ``files``: the page it was decided on."""
-        page = self._page  # (the weight was checked by the caller, before its pool read)
-        ledger = self._ledger
-        with page.tlock:
-            while True:
-                if page.closed:
-                    raise ValueError(f"{self!r} is closed")
-                f = page.files
-                if f.fd < 0 or f.ufd < 0:  # lost in a fork: go to the path's page
-                    page.rejoin()
-                    continue
-                fd = f.fd
-                try:
-                    _flock(fd, _EX)
-                    if page.current(f):
-                        if returned and files_read is f and f.mv[_W_SEQ] == seq_read:
-                            # No settle since they were read: as if never taken. Else they were
-                            # charged as used and stay spent (back in the pool they could
-                            # outlast their charge, forgotten once the window has refilled).
-                            _write_some(f.pipe, returned)
-                        # Pool bytes taken under the lock are free capacity again: a take may
-                        # use them and what conforms beyond them together.
-                        seq, state, pool, now = ledger.settled(f, weight)
-                        wait, new = self._take_state(state, now, weight, max_wait_ns, pool)
-                        if new is None:
-                            ledger.publish(f, seq, state, pool, now)
-                            return wait, 0, now, f
-                        ledger.publish(f, seq, new, pool, now)
-                        self._last_admit_ns = now + wait
-                        return wait, new[0], now, f
-                finally:
-                    _flock(fd, _UN)
-                page.rejoin()  # the page is dead or gone: move, then decide there
-
-    def _give_back(self, weight: int, ticket: int, floor: int, files: Files) -> None:
-        """Undo ``weight`` tokens of a take that ``_take`` ticketed on ``files``, or of a take
-        from its pool (ticket ``-1 - seq``) after which the unit count is at least ``floor``
-        once charged (0: unknown). Tokens stay spent where that is unknown, or if the limiter
-        has moved to another page since."""
-        page = self._page
-        ledger = self._ledger
-        with page.tlock:
-            if page.closed:
-                raise ValueError(f"{self!r} is closed")
-            f = page.files
-            if f is not files or f.fd < 0:
-                return
-            fd = f.fd
-            try:
-                _flock(fd, _EX)
-                if not page.current(f):
-                    return
-                if ticket < 0 and f.mv[_W_SEQ] == -1 - ticket:
-                    # No settle since the take: back in the pool, it is as if never taken.
-                    _write_some(f.pipe, weight)
-                    ticket = 0
-                seq, state, pool, now = ledger.settled(f)
-                if ticket < 0:
-                    # A settle has charged them, with the pool's other takes, as one admission
-                    # after which the count was at least ``floor``: refunded as from that
-                    # admission, which can only be stricter than the truth (Gcra.refund).
-                    ticket = floor
-                if ticket > 0 and state[0] >= ticket:
-                    state = self._gcra.refund(state, weight, ticket)
-                ledger.publish(f, seq, state, pool, now)
-            finally:
-                _flock(fd, _UN)
 
     def _bad_weight(self, weight: object) -> NoReturn:
         raise OptionsError(

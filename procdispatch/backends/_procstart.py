@@ -42,20 +42,18 @@ import os
 import select
 import selectors
 import signal
-import sys
 import threading
 from multiprocessing import process
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionsError
 from ._forkserver import new_server, parent_sys_path
+from ._mainguard import unguarded_main_line
 
 if TYPE_CHECKING:
-    import ast
-
     from . import StartAbort
 
-__all__ = ["WorkerContext", "avoids_main", "check_main_guard"]
+__all__ = ["WorkerContext", "avoids_main", "check_main_guard", "unguarded_main_line"]
 
 #: What our forkserver imports before it forks: the worker, and this module (the class of the
 #: process object each worker unpickles).
@@ -128,62 +126,6 @@ def check_main_guard(method: str) -> None:
         f"the script again (got {method!r} at {path}, line {line}): put the code that makes "
         f"the channel under that guard, or pass start_method='fork'"
     )
-
-
-def unguarded_main_line() -> tuple[str, int] | None:
-    """(path, line) when the main module's top-level code, outside ``if __name__ ==
-    "__main__":``, is on this thread's stack: a spawned child would run that line again."""
-    main = sys.modules.get("__main__")
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    path = getattr(main, "__file__", None)
-    if main is None or path is None or (spec_name or "").endswith("__main__"):
-        return None  # nothing of it is run again (python -c, stdin, a package's __main__)
-    line = _top_level_line(vars(main))
-    if line is None or _guarded(str(path), line) is not False:
-        return None
-    return str(path), line
-
-
-def _top_level_line(main_globals: dict[str, Any]) -> int | None:
-    """The line the main module's top-level code is running, when it is on this stack."""
-    frame = sys._getframe(1)
-    line = None
-    while frame is not None:
-        if frame.f_globals is main_globals and frame.f_code.co_name == "<module>":
-            line = frame.f_lineno
-        frame = frame.f_back  # type: ignore[assignment]
-    return line
-
-
-def _guarded(path: str, line: int) -> bool | None:
-    """Whether ``line`` of the script lies in the body of an ``if __name__ == "__main__":``
-    (None when the source cannot be read or parsed)."""
-    import ast
-
-    try:
-        with open(path, "rb") as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError, ValueError):
-        return None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and _is_main_test(node.test) and node.body:
-            end = node.body[-1].end_lineno or node.body[-1].lineno
-            if node.body[0].lineno <= line <= end:
-                return True
-    return False
-
-
-def _is_main_test(test: ast.expr) -> bool:
-    import ast
-
-    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
-        return False
-    if not isinstance(test.ops[0], ast.Eq):
-        return False
-    sides = [test.left, test.comparators[0]]
-    names = [s for s in sides if isinstance(s, ast.Name) and s.id == "__name__"]
-    consts = [s for s in sides if isinstance(s, ast.Constant) and s.value == "__main__"]
-    return len(names) == 1 and len(consts) == 1
 
 
 # ---- launching ------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ about half a second of its parent's death, even when the parent was SIGKILLed wh
 is busy; a worker that finds its result pipe closed when it reports how its start went (its
 parent died, or ended the channel, during ``worker_init``) ends as quietly, with the same status.
 
-:func:`run_lease` is shared with the thread backend, which calls it without any pickling.
+:func:`~._lease_call.run_lease` (one send, and its answer) is shared with the thread backend,
+which calls it without any pickling; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any
 
 from .. import _protocol as proto
 from .._batch import Batch
-from .._transient import attach
 from .._worker_logging import Shipper, install_shipper
-from ..errors import RemoteError, WorkerStartFailed
+from ..errors import WorkerStartFailed
+from ._lease_call import diff_data, run_lease
 from ._usercode import UserCode
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
@@ -41,158 +42,6 @@ PARENT_GONE = 70
 #: The exit status of a process forked by ``send_fn`` or ``worker_init`` that raised out of it
 #: into the worker's code (one that returned exits with 0): see :func:`leave_if_forked`.
 FORKED_CHILD_RAISED = 1
-
-
-def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[Any] | None]:
-    """Describe how ``send_fn`` changed a batch's data.
-
-    (None, None) when unchanged; (kept indices, None) when it only removed items (the common
-    case: drop what was delivered); (None, new list) for anything else. Identity, not
-    equality, decides what is "the same item".
-    """
-    n = len(orig)
-    if len(new) == n and all(a is b for a, b in zip(orig, new, strict=True)):
-        return None, None
-    kept: list[int] = []
-    j = 0
-    for x in new:
-        while j < n and orig[j] is not x:
-            j += 1
-        if j == n:
-            return None, list(new)
-        kept.append(j)
-        j += 1
-    return kept, None
-
-
-def run_lease(
-    send_fn: Callable[[Batch[Any]], object], lease: proto.Lease, start: float | None = None
-) -> proto.Done | proto.Failed:
-    """Call ``send_fn`` on the lease's batch; capture its failure and its mutation.
-
-    ``send_fn`` gets a copy of ``lease.data``, which stays as it was to diff against (for the
-    thread backend it is the coordinator's own list, which nothing changes while it is leased).
-    Never raises: whatever ``send_fn`` raises or leaves in the batch becomes the batch's answer.
-    A Done says how long the lease took since ``start`` (``time.monotonic()`` when the worker
-    began on it; by default, now).
-    """
-    if start is None:
-        start = time.monotonic()
-    orig = lease.data
-    batch: Batch[Any] = Batch(
-        list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
-    )
-    try:
-        send_fn(batch)
-    except BaseException as exc:
-        try:
-            return _failed(lease, batch, exc)
-        except BaseException as e:  # a last resort: _failed guards each of its steps
-            return proto.Failed(
-                lease.batch_id, lease.attempt, _unreadable(lease, exc, e), None, None, False, None
-            )
-    return proto.Done(lease.batch_id, lease.attempt, time.monotonic() - start)
-
-
-_MISSING: Any = object()
-
-
-def _failed(lease: proto.Lease, batch: Batch[Any], exc: BaseException) -> proto.Failed:
-    bid, attempt = lease.batch_id, lease.attempt
-    error = _vetted(lease, exc)
-    meta = _read(batch, "meta")
-    meta_sent = meta is not _MISSING  # a deleted meta is no change: the batch keeps its own
-    if not meta_sent:
-        meta = None
-    data = _read(batch, "data")
-    problem: str | None = None
-    kept: list[int] | None = None
-    new: list[Any] | None = None
-    if data is _MISSING:
-        problem = "deleted batch.data"
-    else:
-        try:
-            if type(data) is list or isinstance(data, list):
-                kept, new = diff_data(lease.data, data)
-            else:
-                problem = f"set batch.data to a {type(data).__name__}"
-        except BaseException as e:
-            problem = f"left in batch.data a list that could not be read ({type(e).__name__})"
-    if problem is None:
-        return proto.Failed(bid, attempt, error, kept, new, meta_sent, meta)
-    # Not a change we can apply: the batch fails as it was sent, and says why.
-    bad = TypeError(
-        f"send_fn {problem} and then raised {type(exc).__name__}: "
-        f"{proto.text_of(exc)}; batch.data must stay a list (remove from it the items that "
-        "were delivered)"
-    )
-    bad.__cause__ = error
-    return proto.Failed(bid, attempt, bad, None, None, meta_sent, meta)
-
-
-def _read(batch: Batch[Any], name: str) -> Any:
-    try:
-        return getattr(batch, name)
-    except BaseException:
-        return _MISSING
-
-
-def _vetted(lease: proto.Lease, exc: BaseException) -> BaseException:
-    """The exception to report for ``exc``: ``exc`` itself when the parent can read it as it
-    will (its text, repr, args and chain, and its ``__cause__`` set), else a RemoteError
-    saying what could not be read, which keeps what can be read of the chain (so the default
-    ``on_error`` still finds a ConnectionError whose ``reason`` raises transient)."""
-    _, chain_problem = proto.safe_chain(exc)
-    if chain_problem is not None:
-        return _unreadable(lease, exc, None, chain_problem)
-    overridden = _overridden_chain_attrs(type(exc))
-    if overridden:
-        return _unreadable(lease, exc, None, f"its class overrides {overridden}")
-    for what, read in _READS:
-        try:
-            read(exc)
-        except BaseException as e:
-            return _unreadable(lease, exc, e, f"its {what} raised {type(e).__name__}")
-    return exc
-
-
-_CHAIN_ATTRS = ("__cause__", "__context__", "__suppress_context__", "__traceback__")
-
-
-def _overridden_chain_attrs(cls: type) -> str:
-    """The chain attributes a class redefines: the parent sets ``__cause__`` (to the worker's
-    traceback) on the exception it rebuilds, and reads the others."""
-    found = [
-        name
-        for klass in cls.__mro__
-        if klass is not BaseException and klass is not object
-        for name in _CHAIN_ATTRS
-        if name in vars(klass)
-    ]
-    return ", ".join(sorted(set(found)))
-
-
-_READS: tuple[tuple[str, Callable[[BaseException], object]], ...] = (
-    ("str()", lambda e: str(e).__len__()),
-    ("repr()", lambda e: repr(e).__len__()),
-    ("args", lambda e: tuple(e.args)),
-)
-
-
-def _unreadable(
-    lease: proto.Lease, exc: BaseException, why: BaseException | None, what: str = ""
-) -> RemoteError:
-    """A RemoteError standing for an exception that cannot travel or be read as it is."""
-    type_name = proto.type_name_of(exc)
-    if not what:
-        what = f"reading it raised {type(why).__name__}"
-    message = (
-        f"send_fn raised {type_name} in batch {lease.batch_id} (attempt {lease.attempt}), and "
-        f"{what}: {proto.text_of(exc)}"
-    )
-    err = RemoteError(type_name, message, proto.format_remote_tb(exc, type_name, message))
-    attach(err, proto.safe_chain(exc)[0])
-    return err
 
 
 def leave_if_forked(owner: int, exc: BaseException | None = None) -> None:

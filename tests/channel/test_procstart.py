@@ -14,7 +14,7 @@ import pytest
 from scriptrun import RUN_TIMEOUT, run_program
 
 import procdispatch as pd
-from procdispatch.backends._procstart import _guarded
+from procdispatch.backends._mainguard import _guarded
 
 MODULE = """
 import json, os

@@ -16,6 +16,7 @@ from pyrate_limiter import Rate
 from rlhelpers import check_no_leftovers, unique_name
 
 from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import locked as _rllocked
 from procdispatch._limiter import state as _rlstate
 from procdispatch._limiter.limiter import RateLimiter
 
@@ -121,7 +122,7 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
         real_count, real_read, real_flock = (
             _rlstate._pool_count,
             _rlstate._read_some,
-            _ratelimit._flock,
+            _rllocked._flock,
         )
 
         def count(pipe: int) -> int:
@@ -135,14 +136,14 @@ def test_a_take_read_during_an_update_is_charged_no_earlier_than_it_happened(
             return real_read(pipe, n)
 
         def flock(fd: int, op: int) -> None:
-            if op == _ratelimit._EX and fd == a._page.files.fd and not taken and not armed[0]:
+            if op == _rllocked._EX and fd == a._page.files.fd and not taken and not armed[0]:
                 other._state_for_tests()  # the other process filled the pool meanwhile
                 armed[0] = True
             real_flock(fd, op)
 
         monkeypatch.setattr(_rlstate, "_pool_count", count)
         monkeypatch.setattr(_rlstate, "_read_some", read_some)
-        monkeypatch.setattr(_ratelimit, "_flock", flock)
+        monkeypatch.setattr(_rllocked, "_flock", flock)
         assert a.reserve(1, within=5.0) > 0  # nothing in the pool when looked at: booked
         assert taken == [100 * s + 1_000_000] * 2
         booked = a._last_admit_ns

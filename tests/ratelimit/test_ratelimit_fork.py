@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from rlhelpers import check_no_leftovers
 
-from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import locked as _rllocked
 from procdispatch._limiter import shmpage as _shmpage
 from procdispatch._limiter.limiter import RateLimiter
 
@@ -119,7 +119,7 @@ def test_a_child_forked_while_a_parent_thread_holds_the_thread_lock_takes_under_
     before it takes the page lock); the fork copies that lock held. The child gets a lock of its
     own and decides under the page lock at once."""
     inside, go = threading.Event(), threading.Event()
-    real = _ratelimit._flock
+    real = _rllocked._flock
 
     def slow_flock(fd: int, op: int) -> None:
         if threading.current_thread().name == "taker" and op == fcntl.LOCK_EX:
@@ -127,7 +127,7 @@ def test_a_child_forked_while_a_parent_thread_holds_the_thread_lock_takes_under_
             go.wait(60)
         real(fd, op)
 
-    monkeypatch.setattr(_ratelimit, "_flock", slow_flock)
+    monkeypatch.setattr(_rllocked, "_flock", slow_flock)
     with RateLimiter(HOURLY, burst=2) as lim:  # pool empty: every take goes to the lock
         t = threading.Thread(target=lim.try_acquire, name="taker")
         t.start()

@@ -30,6 +30,7 @@ import pytest
 from rlhelpers import assert_nothing_held
 
 from procdispatch._limiter import limiter as _ratelimit
+from procdispatch._limiter import locked as _rllocked
 from procdispatch._limiter import page as _rlpage
 from procdispatch._limiter import shmpage as _shmpage
 from procdispatch._limiter import state as _rlstate
@@ -38,7 +39,14 @@ from procdispatch._limiter.shmpage import paths
 
 OURS = {
     os.path.abspath(m.__file__ or "")
-    for m in (_ratelimit, _rlpage, _rlstate, _shmpage, sys.modules["procdispatch._limiter.gcra"])
+    for m in (
+        _ratelimit,
+        _rllocked,
+        _rlpage,
+        _rlstate,
+        _shmpage,
+        sys.modules["procdispatch._limiter.gcra"],
+    )
 }
 REAL_FLOCK = fcntl.flock
 S = 1_000_000_000
@@ -110,7 +118,7 @@ def clock(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
     monkeypatch.setattr(_shmpage, "segment_dir", lambda: str(tmp_path))
     monkeypatch.setattr(_rlpage, "segment_dir", lambda: str(tmp_path))
     monkeypatch.setattr(_rlpage, "RECHECK_NS", 0)
-    for module in (_ratelimit, _rlpage, _shmpage):
+    for module in (_rllocked, _rlpage, _shmpage):
         monkeypatch.setattr(module, "_flock", flock)
 
     def sleep(seconds: float) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 from workerfns import wait_for
 
-from procdispatch._admission import Admission, Ledger
+from procdispatch._admission import Admission
+from procdispatch._handover import Ledger
 from procdispatch.buffer import BlockNewItems
 
 CAP = 8  # max_items; a quarter of it (2) is the room a large blocked put_many waits for
