@@ -45,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import _protocol as proto
@@ -59,8 +61,14 @@ if TYPE_CHECKING:
 
 __all__ = ["DaskLane"]
 
+log = logging.getLogger("procdispatch")
+
 #: A lease as the lane keeps it: (batch id, attempt, header, payload).
 _Lease = tuple[int, int, bytes, bytes]
+
+#: Seconds a task Dask reports done may wait for its answer to reach the lane before the
+#: monitor takes it itself.
+ANSWER_WAIT = 5.0
 
 
 class DaskLane(WorkerHandle):
@@ -86,6 +94,7 @@ class DaskLane(WorkerHandle):
         self._pending: list[_Lease] = []  # handed to the lane, not submitted yet
         self._unsent = 0  # leases lost without being sent, besides those pending
         self._seq = 0
+        self._done_since: tuple[Any, float] | None = None  # (task in flight, first seen done)
 
     # ---- from the backend ------------------------------------------------------------------
 
@@ -167,6 +176,33 @@ class DaskLane(WorkerHandle):
         self._future = fut
         self._task = leases
         fut.add_done_callback(self._finished)
+
+    def check_answer(self) -> None:
+        """On the monitor's thread: a task that Dask reports done and whose answer has not
+        reached the lane within ``ANSWER_WAIT`` seconds is answered from here, with a WARNING.
+        The answer normally comes through the future's done-callback; should that callback
+        never run, the lane would hold its leases for ever and the drain would never end. An
+        answer taken twice counts once (the second finds the task no longer in flight)."""
+        now = time.monotonic()
+        with self._lock:
+            fut = self._future
+            if fut is None or self.state != "ready" or not fut.done():
+                self._done_since = None
+                return
+            if self._done_since is None or self._done_since[0] is not fut:
+                self._done_since = (fut, now)
+                return
+            if now - self._done_since[1] < ANSWER_WAIT:
+                return
+            self._done_since = (fut, float("inf"))  # once per task
+        log.warning(
+            "the answer of lane %d's Dask task %s had not arrived %.0f s after Dask reported "
+            "it done; taking it now",
+            self.wid,
+            fut.key,
+            ANSWER_WAIT,
+        )
+        self._finished(fut)
 
     def _finished(self, fut: Any) -> None:
         """On Dask's callback thread: the task ended. A task that answered None needs no

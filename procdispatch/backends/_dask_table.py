@@ -150,6 +150,10 @@ class WorkerTable:
                     return
                 log.debug("could not read the Dask cluster's workers", exc_info=True)
             self._assign()
+            with self._lock:
+                pinned = [lane for w in self._workers.values() for lane in w.lanes]
+            for lane in pinned:
+                lane.check_answer()
             self._poke.wait(POLL_INTERVAL)
             self._poke.clear()
 

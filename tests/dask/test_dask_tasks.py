@@ -135,3 +135,38 @@ def test_close_cluster_ends_a_close_that_trips_over_a_worker_it_never_saw(caplog
 
 def _workers(dask_scheduler: Any) -> list[str]:
     return list(dask_scheduler.workers)
+
+
+def test_an_answer_whose_callback_never_runs_is_taken_by_the_monitor(
+    tmp_path: Path, one: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should Dask never run a task's done-callback, the lane would hold its leases for ever
+    and the drain would never end: the monitor takes the answer of a task Dask reports done."""
+    import threading
+
+    from procdispatch.backends import _dask_lane
+
+    monkeypatch.setattr(_dask_lane, "ANSWER_WAIT", 0.5)
+    real = _dask_lane.DaskLane._finished
+    dropped: list[str] = []
+
+    def lossy(self: Any, fut: Any) -> None:
+        # Dask's callbacks of every task but the lane's first are lost.
+        if threading.current_thread().name.startswith("Dask-Callback") and self._seq > 1:
+            dropped.append(fut.key)
+            return
+        real(self, fut)
+
+    monkeypatch.setattr(_dask_lane.DaskLane, "_finished", lossy)
+    log = Log(tmp_path / "log")
+    with caplog.at_level(logging.WARNING, logger="procdispatch"):
+        ch = pd.ProcessChannel(
+            TaskLog(log), backend=DaskBackend(one), workers=1, batch_items_max=10
+        )
+        ch.put_many(range(50))
+        assert ch.close_and_drain(60)
+    assert dropped  # the callbacks were lost, and the drain ended all the same
+    sent = [x for r in log.read() if r["ev"] == "sent" for x in r["data"]]
+    assert sorted(sent) == list(range(50))  # each once
+    assert ch.stats().items_delivered == 50
+    assert any("taking it now" in r.getMessage() for r in caplog.records)
