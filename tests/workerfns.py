@@ -138,8 +138,9 @@ class PacedSender:
 
     def __call__(self, batch: pd.Batch[Any]) -> None:
         for item in batch.data:
+            asked = time.monotonic()
             assert self.limiter.acquire(timeout=30)
-            self.log.write(ev="sub", pid=os.getpid(), item=item, t=time.monotonic())
+            self.log.write(ev="sub", pid=os.getpid(), item=item, asked=asked, t=time.monotonic())
 
 
 class GatedInit:
