@@ -22,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-__all__ = ["new_server", "parent_sys_path"]
+__all__ = ["new_server", "parent_sys_path", "quiet_cut_launches"]
 
 #: The parameters of ``forkserver.main`` in the versions that ignore ``sys_path``.
 _IGNORING_MAIN = ["listener_fd", "alive_r", "preload", "main_path", "sys_path"]
@@ -50,12 +50,37 @@ def parent_sys_path() -> list[str]:
 
 
 def server_command(sys_path: list[str], listener_fd: int, alive_r: int, preload: list[str]) -> str:
-    """The ``python -c`` program of our server: sys.path first, then multiprocessing's main."""
+    """The ``python -c`` program of our server: sys.path first, then a quiet ending for a child
+    whose launch was cut short, then multiprocessing's main.
+
+    A child the server forks reads its launch from the parent and reports what it cannot read
+    through ``sys.excepthook``. A launch the parent gave up part way (a channel cancelled while
+    a worker starts, under load, after its wait for the child's pid ran out) ends in an
+    EOFError or a truncated pickle: the parent knows, and there is nothing for the user to
+    read, so such a child ends without a traceback."""
     return (
         f"import sys; sys.path[:] = {sys_path!r}; "
+        f"from procdispatch.backends._forkserver import quiet_cut_launches; "
+        f"quiet_cut_launches(); "
         f"from multiprocessing.forkserver import main; "
         f"main({listener_fd:d}, {alive_r:d}, {preload!r})"
     )
+
+
+def quiet_cut_launches() -> None:
+    """In our forkserver: see :func:`server_command`."""
+    import pickle
+
+    report = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(kind, EOFError) or (
+            issubclass(kind, pickle.UnpicklingError) and "truncated" in str(exc)
+        ):
+            return
+        report(kind, exc, tb)
+
+    sys.excepthook = hook
 
 
 def _path_server_class() -> Any:

@@ -222,3 +222,22 @@ def test_workers_import_the_parents_procdispatch_not_the_working_directorys(
     }
     assert set(log.read_text().split()) == {result["parent"]}
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_our_forkserver_children_end_quietly_on_a_launch_cut_short(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A child whose launch the parent gave up part way reads an EOFError or a truncated
+    pickle: it reports nothing; any other failure is reported as before."""
+    import pickle
+
+    from procdispatch.backends._forkserver import quiet_cut_launches
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    quiet_cut_launches()
+    for exc in (EOFError("Ran out of input"), pickle.UnpicklingError("pickle data was truncated")):
+        sys.excepthook(type(exc), exc, None)
+    assert capsys.readouterr().err == ""
+    other = pickle.UnpicklingError("invalid load key, 'x'.")
+    sys.excepthook(type(other), other, None)
+    assert "invalid load key" in capsys.readouterr().err
