@@ -51,7 +51,7 @@ from . import _process_end
 from ._admission import Admission
 from ._clock import Clock, RealClock
 from ._handover import Ledger
-from ._lifecycle import Lifecycle, Transitions
+from ._lifecycle import Lifecycle, drop_everything_left, moved, shutdown_steps
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
 from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool
@@ -77,7 +77,7 @@ MAX_WAIT = 3600.0
 FINISHED = -1.0
 
 
-class Coordinator(Transitions):
+class Coordinator:
     """Owns one channel's batches and workers; see the module docstring."""
 
     def __init__(
@@ -341,11 +341,31 @@ class Coordinator(Transitions):
 
     # ---- the end ------------------------------------------------------------------------
 
+    def _move(self, to: Lifecycle) -> None:
+        self.state = moved(self.state, to)
+
     def _shutdown(self) -> None:
         """End the channel: every step runs even if an earlier one raised, and the drain is
         signalled last whatever happens, so that no waiter can hang on a failed step."""
         try:
-            self._shutdown_steps()
+            shutdown_steps(
+                self.admission,
+                self.pool,
+                self.backend,
+                self._limiter if self._owns_limiter else None,
+                self.ledger,
+                self.outcomes,
+                self._final_report,
+                lambda: drop_everything_left(
+                    self._now(),
+                    self.admission,
+                    self._backlog,
+                    self.buffer,
+                    self.pool,
+                    self.ledger,
+                    self.outcomes,
+                ),
+            )
         finally:
             self._move(Lifecycle.ENDED)
             self.admission.finished()
