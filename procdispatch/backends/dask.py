@@ -28,6 +28,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import OptionsError
 from . import Backend, WorkerHandle
 from ._dask_lane import DaskLane
-from ._dask_table import WorkerTable, scheduler_workers
-from ._dask_worker import ChannelPlugin
+from ._dask_table import POLL_INTERVAL, WorkerTable, scheduler_workers
+from ._dask_worker import ChannelPlugin, kill_worker_process
 from ._procstart import unguarded_main_line
 from ._shipping import pickle_payload
 
@@ -84,6 +85,7 @@ class DaskBackend(WorkerTable, Backend):
         self._spec = client
         self._restart = restart_hung_workers or client is None
         self.client: Any = None
+        self.address = "(not connected)"
         self._cluster: Any = None
         self._owns_client = False
         self.token = uuid.uuid4().hex[:12]
@@ -98,7 +100,10 @@ class DaskBackend(WorkerTable, Backend):
         self._stopping = threading.Event()
         self._poke = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._control: ThreadPoolExecutor | None = None
+        self._jobs: list[threading.Thread] = []  # restarts and cancels (_background)
+        self._halt = threading.Event()  # the channel's end stops waiting for replacements
+        #: Why the cluster is out of reach (the client closed, the scheduler gone), once seen.
+        self._gone: BaseException | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._closed = False
         #: Each task carries one lease (send_timeout or a qps limit is set: see the lane's
@@ -168,8 +173,8 @@ class DaskBackend(WorkerTable, Backend):
                     allowed,
                 )
         self.loop = self.client.loop.asyncio_loop
+        self.address = str(self.client.scheduler.address)
         self._plugin = ChannelPlugin(self.plugin_name, payload)
-        self._control = ThreadPoolExecutor(1, thread_name_prefix="procdispatch-dask-control")
         self._probes = ThreadPoolExecutor(4, thread_name_prefix="procdispatch-dask-probe")
         self._monitor = threading.Thread(
             target=self._watch, name="procdispatch-dask-monitor", daemon=True
@@ -213,10 +218,14 @@ class DaskBackend(WorkerTable, Backend):
         return lane
 
     def lane_lost(self, lane: DaskLane, why: str, fut: Any) -> None:
-        log.warning("lane %d of the Dask worker %s was lost: %s", lane.wid, lane.where, why)
         if fut is not None:
             fut.release()
-        self._unpin(lane)
+        if self._gone is None and self.client.status == "running":
+            # (a cluster out of reach is logged once, for all its lanes, by the monitor)
+            log.warning("lane %d of the Dask worker %s was lost: %s", lane.wid, lane.where, why)
+        self._unpin(lane, suspect=True)
+        if self.client.status != "running":
+            self._poke.set()  # the monitor sees to it
 
     def lane_stopped(self, lane: DaskLane, fut: Any) -> None:
         if fut is not None:
@@ -239,11 +248,9 @@ class DaskBackend(WorkerTable, Backend):
                 else:
                     w.abandoned += 1
         if self._restart:
-            assert self._control is not None
-            self._control.submit(self._restart_worker, where, fut)
+            self._background(self._restart_worker, where, lane.pid, fut)
         else:
-            assert self._control is not None
-            self._control.submit(self._abandon, fut)
+            self._background(self._abandon, fut)
             log.warning(
                 "a send of lane %d keeps running on the Dask worker %s: a Dask task cannot be "
                 "interrupted, so that thread stays busy until send_fn returns "
@@ -253,6 +260,16 @@ class DaskBackend(WorkerTable, Backend):
             )
         self._poke.set()
 
+    def _background(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` on a daemon thread of its own, which the channel's end waits for with a
+        deadline: a call into Dask that a hung worker never answers must hold up neither the
+        coordinator nor the interpreter's exit."""
+        job = threading.Thread(target=fn, args=args, name="procdispatch-dask-control", daemon=True)
+        with self._lock:
+            self._jobs = [j for j in self._jobs if j.is_alive()]
+            self._jobs.append(job)
+        job.start()
+
     def _abandon(self, fut: Any) -> None:
         try:
             self.client.cancel([fut], force=True)
@@ -261,26 +278,48 @@ class DaskBackend(WorkerTable, Backend):
         finally:
             fut.release()
 
-    def _restart_worker(self, where: str, fut: Any) -> None:
-        """End the worker's process at once (its nanny starts a new one): a graceful restart
-        would wait for the hung send."""
+    def _restart_worker(self, where: str, pid: int | None, fut: Any) -> None:
+        """SIGKILL the worker's process from its nanny, whose loop answers when the worker's
+        cannot (a send holding the GIL, a stopped process); the nanny starts a new one. A
+        graceful restart, or anything run on the worker itself, would wait for the hung send."""
         try:
-            if not fut.done():
-                before = len(scheduler_workers(self.client))
-                self.client.run(os._exit, 70, workers=[where], on_error="ignore")
-                # The channel's end waits for the replacement: the cluster is left as found.
-                self.client.wait_for_workers(before, timeout=RESTART_WAIT)
-        except TimeoutError:
-            log.warning(
-                "the Dask worker %s was ended, and not replaced within %ss (is it run by a nanny?)",
-                where,
-                RESTART_WAIT,
+            if fut.done() or pid is None:
+                return
+            before = len(scheduler_workers(self.client))
+            answer = self.client.run(
+                kill_worker_process, pid, workers=[where], nanny=True, on_error="return"
             )
+            got = answer.get(where)
+            if got is None:
+                log.warning(
+                    "the Dask worker %s has no nanny to restart it: its hung send is abandoned "
+                    "and its thread stays busy until send_fn returns",
+                    where,
+                )
+                return
+            if isinstance(got, BaseException):
+                log.warning("could not end the Dask worker %s: %r", where, got)
+                return
+            self._wait_replaced(where, before)
         except Exception:
             log.exception("could not restart the Dask worker %s", where)
         finally:
             fut.release()
             self._poke.set()
+
+    def _wait_replaced(self, where: str, before: int) -> None:
+        """Wait, up to RESTART_WAIT, for the ended worker to leave the scheduler and a new one
+        to take its place: the channel's end then leaves the cluster as it found it."""
+        deadline = time.monotonic() + RESTART_WAIT
+        while time.monotonic() < deadline:
+            now = scheduler_workers(self.client)
+            if where not in now and len(now) >= before:
+                return
+            if self._halt.wait(POLL_INTERVAL):
+                return
+        log.warning(
+            "the Dask worker %s was ended, and not replaced within %ss", where, RESTART_WAIT
+        )
 
     def forget(self, lane: DaskLane) -> None:
         self._unpin(lane)
@@ -293,8 +332,17 @@ class DaskBackend(WorkerTable, Backend):
         self._closed = True
         self._stopping.set()
         self._poke.set()
-        if self._control is not None:
-            self._control.shutdown(wait=True)  # restarts under way end first
+        with self._lock:
+            jobs = list(self._jobs)
+        deadline = time.monotonic() + RESTART_WAIT
+        for job in jobs:  # restarts under way end first (each is bounded by RESTART_WAIT)
+            job.join(max(0.0, deadline - time.monotonic()))
+        self._halt.set()
+        if any(job.is_alive() for job in jobs):
+            log.warning(
+                "a restart or cancel of a Dask worker had not ended at the channel's end; it is "
+                "left running"
+            )
         if self._probes is not None:
             self._probes.shutdown(wait=False, cancel_futures=True)
         monitor = self._monitor
@@ -305,11 +353,8 @@ class DaskBackend(WorkerTable, Backend):
         client = self.client
         if client is None:
             return
-        if self._cluster is None and monitor is not None:
-            try:
-                client.unregister_worker_plugin(self.plugin_name)
-            except Exception:
-                log.warning("could not remove the channel's plugin from Dask", exc_info=True)
+        if self._cluster is None and monitor is not None and self._gone is None:
+            self._unregister(client)
         if self._owns_client:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -323,6 +368,35 @@ class DaskBackend(WorkerTable, Backend):
                     "the channel's plugin is still being set up on the Dask cluster at its end "
                     "(worker_init has not returned); its registration is left running"
                 )
+
+    def _unregister(self, client: Any) -> None:
+        """Remove the channel's plugin from a given cluster, waiting at most CLOSE_WAIT: Dask
+        waits for every worker's answer, and a worker whose thread is held by an abandoned send
+        that holds the GIL never answers."""
+        failed: list[BaseException] = []
+
+        def unregister() -> None:
+            try:
+                client.unregister_worker_plugin(self.plugin_name)
+            except BaseException as exc:
+                failed.append(exc)
+
+        job = threading.Thread(target=unregister, name="procdispatch-dask-end", daemon=True)
+        job.start()
+        job.join(CLOSE_WAIT)
+        if job.is_alive():
+            with self._lock:
+                busy = sorted(a for a, w in self._workers.items() if w.abandoned)
+            log.warning(
+                "the channel's plugin was not removed from the Dask cluster within %ss (%s); "
+                "its removal is left running",
+                CLOSE_WAIT,
+                "the Dask worker(s) still running an abandoned send: " + ", ".join(busy)
+                if busy
+                else "no worker is known to be busy",
+            )
+        elif failed:
+            log.warning("could not remove the channel's plugin from Dask", exc_info=failed[0])
 
 
 def close_cluster(cluster: Any) -> None:
