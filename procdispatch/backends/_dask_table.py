@@ -6,7 +6,10 @@ there. The monitor thread registers the plugin, then looks at the scheduler's wo
 ``POLL_INTERVAL`` seconds (or at once when poked): a worker that joins is probed, off the
 monitor's thread, for its ``worker_init`` (it gets lanes once it ran; none when it failed), a
 worker that left takes its lanes with it (their leases fail as ``WorkerCrashed``), and lanes
-waiting for a thread get one, on the worker with the most free threads.
+waiting for a thread get one, on the worker with the most free threads. A worker one of whose
+lanes was lost (its task failed in Dask: it may have died) gets no lane until a probe answers.
+A client that is closed, or a scheduler out of reach for ``UNREACHABLE_WAIT`` seconds, loses
+every lane and fails every lane to come (:meth:`WorkerTable.cluster_lost`).
 """
 
 from __future__ import annotations

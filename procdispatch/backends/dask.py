@@ -16,10 +16,11 @@ and whether the channel's worker plugin (:mod:`._dask_worker`, which carries ``s
 runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
-``cancel_grace`` has its worker ended at once and replaced by its nanny, on a cluster this
-backend started or on a given one with ``restart_hung_workers=True``; otherwise its task is
-cancelled and abandoned, with a WARNING that its thread stays busy (it gets no lane until it
-leaves).
+``cancel_grace`` has its worker's process killed by the worker's nanny, which starts a new one,
+on a cluster this backend started or on a given one with ``restart_hung_workers=True`` (the
+nanny's event loop answers when the worker's cannot); otherwise its task is cancelled and
+abandoned, with a WARNING that its thread stays busy (it gets no lane until it leaves). Every
+wait of the channel's end has a deadline: a worker that never answers cannot hold it up.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionsError
 from . import Backend, WorkerHandle
+from ._dask_hung import CLOSE_WAIT, RESTART_WAIT, HungWorkers
 from ._dask_lane import DaskLane
-from ._dask_table import POLL_INTERVAL, WorkerTable, scheduler_workers
-from ._dask_worker import ChannelPlugin, kill_worker_process
+from ._dask_table import WorkerTable
+from ._dask_worker import ChannelPlugin
 from ._procstart import unguarded_main_line
 from ._shipping import pickle_payload
 
@@ -51,13 +53,8 @@ __all__ = ["DaskBackend"]
 
 log = logging.getLogger("procdispatch")
 
-#: Seconds the channel's end waits for its monitor thread.
-CLOSE_WAIT = 10.0
-#: Seconds a worker ended for a hung send has to be replaced by its nanny.
-RESTART_WAIT = 30.0
 
-
-class DaskBackend(WorkerTable, Backend):
+class DaskBackend(HungWorkers, WorkerTable, Backend):
     """``send_fn`` on the workers of a Dask cluster; see the module docstring.
 
     ``client``: None (start a ``LocalCluster`` of ``workers`` processes of one thread each,
@@ -260,67 +257,6 @@ class DaskBackend(WorkerTable, Backend):
             )
         self._poke.set()
 
-    def _background(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn`` on a daemon thread of its own, which the channel's end waits for with a
-        deadline: a call into Dask that a hung worker never answers must hold up neither the
-        coordinator nor the interpreter's exit."""
-        job = threading.Thread(target=fn, args=args, name="procdispatch-dask-control", daemon=True)
-        with self._lock:
-            self._jobs = [j for j in self._jobs if j.is_alive()]
-            self._jobs.append(job)
-        job.start()
-
-    def _abandon(self, fut: Any) -> None:
-        try:
-            self.client.cancel([fut], force=True)
-        except Exception:
-            log.debug("could not cancel an abandoned task", exc_info=True)
-        finally:
-            fut.release()
-
-    def _restart_worker(self, where: str, pid: int | None, fut: Any) -> None:
-        """SIGKILL the worker's process from its nanny, whose loop answers when the worker's
-        cannot (a send holding the GIL, a stopped process); the nanny starts a new one. A
-        graceful restart, or anything run on the worker itself, would wait for the hung send."""
-        try:
-            if fut.done() or pid is None:
-                return
-            before = len(scheduler_workers(self.client))
-            answer = self.client.run(
-                kill_worker_process, pid, workers=[where], nanny=True, on_error="return"
-            )
-            got = answer.get(where)
-            if got is None:
-                log.warning(
-                    "the Dask worker %s has no nanny to restart it: its hung send is abandoned "
-                    "and its thread stays busy until send_fn returns",
-                    where,
-                )
-                return
-            if isinstance(got, BaseException):
-                log.warning("could not end the Dask worker %s: %r", where, got)
-                return
-            self._wait_replaced(where, before)
-        except Exception:
-            log.exception("could not restart the Dask worker %s", where)
-        finally:
-            fut.release()
-            self._poke.set()
-
-    def _wait_replaced(self, where: str, before: int) -> None:
-        """Wait, up to RESTART_WAIT, for the ended worker to leave the scheduler and a new one
-        to take its place: the channel's end then leaves the cluster as it found it."""
-        deadline = time.monotonic() + RESTART_WAIT
-        while time.monotonic() < deadline:
-            now = scheduler_workers(self.client)
-            if where not in now and len(now) >= before:
-                return
-            if self._halt.wait(POLL_INTERVAL):
-                return
-        log.warning(
-            "the Dask worker %s was ended, and not replaced within %ss", where, RESTART_WAIT
-        )
-
     def forget(self, lane: DaskLane) -> None:
         self._unpin(lane)
 
@@ -368,35 +304,6 @@ class DaskBackend(WorkerTable, Backend):
                     "the channel's plugin is still being set up on the Dask cluster at its end "
                     "(worker_init has not returned); its registration is left running"
                 )
-
-    def _unregister(self, client: Any) -> None:
-        """Remove the channel's plugin from a given cluster, waiting at most CLOSE_WAIT: Dask
-        waits for every worker's answer, and a worker whose thread is held by an abandoned send
-        that holds the GIL never answers."""
-        failed: list[BaseException] = []
-
-        def unregister() -> None:
-            try:
-                client.unregister_worker_plugin(self.plugin_name)
-            except BaseException as exc:
-                failed.append(exc)
-
-        job = threading.Thread(target=unregister, name="procdispatch-dask-end", daemon=True)
-        job.start()
-        job.join(CLOSE_WAIT)
-        if job.is_alive():
-            with self._lock:
-                busy = sorted(a for a, w in self._workers.items() if w.abandoned)
-            log.warning(
-                "the channel's plugin was not removed from the Dask cluster within %ss (%s); "
-                "its removal is left running",
-                CLOSE_WAIT,
-                "the Dask worker(s) still running an abandoned send: " + ", ".join(busy)
-                if busy
-                else "no worker is known to be busy",
-            )
-        elif failed:
-            log.warning("could not remove the channel's plugin from Dask", exc_info=failed[0])
 
 
 def close_cluster(cluster: Any) -> None:
