@@ -43,7 +43,8 @@ class InitLog:
 
 class TaskLog:
     """send_fn that records, for every send, the Dask task it ran in (its key) and the batch;
-    it ends its worker at once on the first attempt of a batch holding ``exit_on``."""
+    it ends its worker at once on the first attempt of a batch holding ``exit_on`` (or one of
+    them, given a frozenset)."""
 
     def __init__(self, log: Log, exit_on: object = None) -> None:
         self.log = log
@@ -54,6 +55,34 @@ class TaskLog:
 
         task = get_worker().get_current_task()
         self.log.write(ev="start", task=task, id=batch.id, attempt=batch.attempt)
-        if self.exit_on in batch.data and batch.attempt == 1:
+        ends = self.exit_on if isinstance(self.exit_on, frozenset) else {self.exit_on}
+        if batch.attempt == 1 and any(x in ends for x in batch.data):
             os._exit(1)
         self.log.write(ev="sent", task=task, id=batch.id, attempt=batch.attempt, data=batch.data)
+
+
+class Stuck:
+    """send_fn that leaves its Dask worker unable to answer anything on the first attempt of a
+    batch holding ``on``: ``how="gil"`` runs a regular expression that backtracks for hours
+    holding the GIL, ``how="stop"`` stops the worker's process (SIGSTOP). Every send is logged,
+    with the worker's pid, before it gets stuck."""
+
+    def __init__(self, log: Log, on: object, how: str) -> None:
+        self.log = log
+        self.on = on
+        self.how = how
+
+    def __call__(self, batch: pd.Batch[Any]) -> None:
+        self.log.write(ev="start", pid=os.getpid(), id=batch.id, attempt=batch.attempt)
+        if self.on in batch.data and batch.attempt == 1:
+            if self.how == "gil":
+                import re
+
+                re.match(r"(a+)+$", "a" * 40 + "b")
+            else:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGSTOP)
+        self.log.write(
+            ev="sent", pid=os.getpid(), id=batch.id, attempt=batch.attempt, data=list(batch.data)
+        )

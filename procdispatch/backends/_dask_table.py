@@ -6,15 +6,21 @@ there. The monitor thread registers the plugin, then looks at the scheduler's wo
 ``POLL_INTERVAL`` seconds (or at once when poked): a worker that joins is probed, off the
 monitor's thread, for its ``worker_init`` (it gets lanes once it ran; none when it failed), a
 worker that left takes its lanes with it (their leases fail as ``WorkerCrashed``), and lanes
-waiting for a thread get one, on the worker with the most free threads.
+waiting for a thread get one, on the worker with the most free threads. A worker one of whose
+lanes was lost (its task failed in Dask: it may have died) gets no lane until a probe answers.
+A client that is closed, or a scheduler out of reach for ``UNREACHABLE_WAIT`` seconds, loses
+every lane and fails every lane to come (:meth:`WorkerTable.cluster_lost`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from distributed.client import ClosedClientError
 
 from .. import _protocol as proto
 from ._dask_lane import DaskLane
@@ -26,6 +32,11 @@ log = logging.getLogger("procdispatch")
 
 #: Seconds between two looks at the scheduler's workers.
 POLL_INTERVAL = 0.2
+#: Seconds the scheduler may stay out of reach (the client reconnecting, a look failing)
+#: before the cluster counts as lost.
+UNREACHABLE_WAIT = 10.0
+#: A client in these states never runs again (one "connecting" may).
+_ENDED = ("closing", "closed")
 
 
 def scheduler_workers(client: Any) -> dict[str, Any]:
@@ -63,12 +74,14 @@ class WorkerTable:
 
     client: Any
     plugin_name: str
+    address: str  # the scheduler's, read while the client runs
     _plugin: Any
     _lock: threading.Lock
     _workers: dict[str, _DaskWorker]
     _waiting: list[DaskLane]
     _registered: bool
     _fatal: BaseException | None
+    _gone: BaseException | None
     _last_failure: BaseException | None
     _stopping: threading.Event
     _poke: threading.Event
@@ -86,7 +99,10 @@ class WorkerTable:
         with self._lock:
             if not self._registered:
                 return
-            while self._waiting:
+            # A client that is not running cannot submit: lanes wait for it, or for the
+            # monitor to find the cluster lost and fail them.
+            reachable = self._gone is None and self.client.status == "running"
+            while self._waiting and reachable:
                 best = max(self._workers.values(), key=_DaskWorker.free, default=None)
                 if best is None or best.free() < 1:
                     break
@@ -110,12 +126,18 @@ class WorkerTable:
             assert error is not None
             lane.failed_start(error)
 
-    def _unpin(self, lane: DaskLane) -> None:
+    def _unpin(self, lane: DaskLane, suspect: bool = False) -> None:
+        """Take the lane off its worker. ``suspect``: the lane was lost (its task failed in
+        Dask, KilledWorker say): its worker may have died, though the scheduler still lists it,
+        and gets no lane until a probe says it lives (a dead one leaves the scheduler)."""
         with self._lock:
             if lane in self._waiting:
                 self._waiting.remove(lane)
             for w in self._workers.values():
                 w.lanes.discard(lane)
+            known = self._workers.get(lane.where or "") if suspect else None
+            if known is not None and known.state == "ok":
+                known.state = "probing"
         self._poke.set()
 
     def worker_broken(self, lane: DaskLane, error: BaseException) -> None:
@@ -142,13 +164,19 @@ class WorkerTable:
                 self._fatal = exc
         with self._lock:
             self._registered = True
+        unreachable: float | None = None  # since when the scheduler could not be read
         while not self._stopping.is_set():
-            try:
-                self._refresh()
-            except Exception:
-                if self._stopping.is_set():
-                    return
-                log.debug("could not read the Dask cluster's workers", exc_info=True)
+            if self._gone is None:
+                error = self._look()
+                now = time.monotonic()
+                if error is None:
+                    unreachable = None
+                elif isinstance(error, ClosedClientError) or self.client.status in _ENDED:
+                    self.cluster_lost(error)
+                else:
+                    unreachable = now if unreachable is None else unreachable
+                    if now - unreachable > UNREACHABLE_WAIT:
+                        self.cluster_lost(error)
             self._assign()
             with self._lock:
                 pinned = [lane for w in self._workers.values() for lane in w.lanes]
@@ -156,6 +184,46 @@ class WorkerTable:
                 lane.check_answer()
             self._poke.wait(POLL_INTERVAL)
             self._poke.clear()
+
+    def _look(self) -> BaseException | None:
+        """Refresh the table from the scheduler; what stopped it, if anything. A client that is
+        reconnecting is not asked (its calls would wait for the reconnection)."""
+        status = self.client.status
+        if status != "running":
+            return ConnectionError(f"the Dask client is {status}")
+        try:
+            self._refresh()
+        except Exception as exc:
+            if not self._stopping.is_set():
+                log.debug("could not read the Dask cluster's workers", exc_info=True)
+            return exc
+        return None
+
+    def cluster_lost(self, error: BaseException) -> None:
+        """The client is closed, or the scheduler out of reach for UNREACHABLE_WAIT: every lane
+        is lost (the batches of its task fail as WorkerCrashed, by the retry policy), and every
+        lane to come fails to start with ``error``, so that the channel ends by its rules for
+        workers that cannot start. Said once, in one ERROR."""
+        # (the error's own text only: the coordinator adds a start failure's __cause__)
+        gone = ConnectionError(
+            f"the Dask cluster at {self.address} is out of reach (its client is "
+            f"{self.client.status}): {proto.describe_error(error)}"
+        )
+        with self._lock:
+            if self._gone is not None:
+                return
+            self._gone = gone
+            if self._fatal is None:
+                self._fatal = gone
+            pinned = [(lane, w.address) for w in self._workers.values() for lane in w.lanes]
+        log.error(
+            "%s: the batches on its workers fail as WorkerCrashed and no lane of this channel "
+            "can start there",
+            gone,
+        )
+        for lane, where in pinned:
+            lane.lost(where, str(gone))
+        self._poke.set()
 
     def _refresh(self) -> None:
         info = scheduler_workers(self.client)

@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,7 @@ from .._options import DEPTH, QUICK_SEND
 from ._usercode import CLOSE_TIMEOUT, _is_async
 from ._worker import leave_if_forked, run_lease
 
-__all__ = ["ChannelPlugin", "SharedUserCode", "probe", "run_leases_task"]
+__all__ = ["ChannelPlugin", "SharedUserCode", "kill_worker_process", "probe", "run_leases_task"]
 
 #: A send quicker than this leaves its lane the most batches (the coordinator's rule for a Done):
 #: its task then answers None, and the client learns of it with no gather.
@@ -210,6 +211,21 @@ async def probe(name: str, dask_worker: Any = None) -> tuple[int, bytes | None] 
         return None
     await asyncio.get_running_loop().run_in_executor(None, plugin.ready.wait)
     return os.getpid(), plugin.failure
+
+
+def kill_worker_process(pid: int, dask_worker: Any = None) -> bool:
+    """Run on a Dask worker's *nanny* (``Client.run(..., nanny=True)``), whose event loop is
+    free when the worker's is not (a send holding the GIL, a stopped process): SIGKILL the
+    worker's process, which the nanny then starts again. Only when it is still ``pid``, the
+    process the channel probed: a replacement started meanwhile is never killed. True when
+    the signal was sent."""
+    if dask_worker is None or dask_worker.pid != pid:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_leases_task(name: str, leases: list[tuple[bytes, bytes]]) -> tuple[bytes, ...] | None:

@@ -16,10 +16,11 @@ and whether the channel's worker plugin (:mod:`._dask_worker`, which carries ``s
 runs ``worker_init``) is set up there.
 
 Dask cannot interrupt a running task. A lane given up for ``send_timeout`` or at the end of
-``cancel_grace`` has its worker ended at once and replaced by its nanny, on a cluster this
-backend started or on a given one with ``restart_hung_workers=True``; otherwise its task is
-cancelled and abandoned, with a WARNING that its thread stays busy (it gets no lane until it
-leaves).
+``cancel_grace`` has its worker's process killed by the worker's nanny, which starts a new one,
+on a cluster this backend started or on a given one with ``restart_hung_workers=True`` (the
+nanny's event loop answers when the worker's cannot); otherwise its task is cancelled and
+abandoned, with a WARNING that its thread stays busy (it gets no lane until it leaves). Every
+wait of the channel's end has a deadline: a worker that never answers cannot hold it up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable
@@ -36,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionsError
 from . import Backend, WorkerHandle
+from ._dask_hung import CLOSE_WAIT, RESTART_WAIT, HungWorkers
 from ._dask_lane import DaskLane
-from ._dask_table import WorkerTable, scheduler_workers
+from ._dask_table import WorkerTable
 from ._dask_worker import ChannelPlugin
 from ._procstart import unguarded_main_line
 from ._shipping import pickle_payload
@@ -50,13 +53,8 @@ __all__ = ["DaskBackend"]
 
 log = logging.getLogger("procdispatch")
 
-#: Seconds the channel's end waits for its monitor thread.
-CLOSE_WAIT = 10.0
-#: Seconds a worker ended for a hung send has to be replaced by its nanny.
-RESTART_WAIT = 30.0
 
-
-class DaskBackend(WorkerTable, Backend):
+class DaskBackend(HungWorkers, WorkerTable, Backend):
     """``send_fn`` on the workers of a Dask cluster; see the module docstring.
 
     ``client``: None (start a ``LocalCluster`` of ``workers`` processes of one thread each,
@@ -84,6 +82,7 @@ class DaskBackend(WorkerTable, Backend):
         self._spec = client
         self._restart = restart_hung_workers or client is None
         self.client: Any = None
+        self.address = "(not connected)"
         self._cluster: Any = None
         self._owns_client = False
         self.token = uuid.uuid4().hex[:12]
@@ -98,7 +97,10 @@ class DaskBackend(WorkerTable, Backend):
         self._stopping = threading.Event()
         self._poke = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._control: ThreadPoolExecutor | None = None
+        self._jobs: list[threading.Thread] = []  # restarts and cancels (_background)
+        self._halt = threading.Event()  # the channel's end stops waiting for replacements
+        #: Why the cluster is out of reach (the client closed, the scheduler gone), once seen.
+        self._gone: BaseException | None = None
         self._probes: ThreadPoolExecutor | None = None
         self._closed = False
         #: Each task carries one lease (send_timeout or a qps limit is set: see the lane's
@@ -168,8 +170,8 @@ class DaskBackend(WorkerTable, Backend):
                     allowed,
                 )
         self.loop = self.client.loop.asyncio_loop
+        self.address = str(self.client.scheduler.address)
         self._plugin = ChannelPlugin(self.plugin_name, payload)
-        self._control = ThreadPoolExecutor(1, thread_name_prefix="procdispatch-dask-control")
         self._probes = ThreadPoolExecutor(4, thread_name_prefix="procdispatch-dask-probe")
         self._monitor = threading.Thread(
             target=self._watch, name="procdispatch-dask-monitor", daemon=True
@@ -213,10 +215,14 @@ class DaskBackend(WorkerTable, Backend):
         return lane
 
     def lane_lost(self, lane: DaskLane, why: str, fut: Any) -> None:
-        log.warning("lane %d of the Dask worker %s was lost: %s", lane.wid, lane.where, why)
         if fut is not None:
             fut.release()
-        self._unpin(lane)
+        if self._gone is None and self.client.status == "running":
+            # (a cluster out of reach is logged once, for all its lanes, by the monitor)
+            log.warning("lane %d of the Dask worker %s was lost: %s", lane.wid, lane.where, why)
+        self._unpin(lane, suspect=True)
+        if self.client.status != "running":
+            self._poke.set()  # the monitor sees to it
 
     def lane_stopped(self, lane: DaskLane, fut: Any) -> None:
         if fut is not None:
@@ -239,11 +245,9 @@ class DaskBackend(WorkerTable, Backend):
                 else:
                     w.abandoned += 1
         if self._restart:
-            assert self._control is not None
-            self._control.submit(self._restart_worker, where, fut)
+            self._background(self._restart_worker, where, lane.pid, fut)
         else:
-            assert self._control is not None
-            self._control.submit(self._abandon, fut)
+            self._background(self._abandon, fut)
             log.warning(
                 "a send of lane %d keeps running on the Dask worker %s: a Dask task cannot be "
                 "interrupted, so that thread stays busy until send_fn returns "
@@ -252,35 +256,6 @@ class DaskBackend(WorkerTable, Backend):
                 where,
             )
         self._poke.set()
-
-    def _abandon(self, fut: Any) -> None:
-        try:
-            self.client.cancel([fut], force=True)
-        except Exception:
-            log.debug("could not cancel an abandoned task", exc_info=True)
-        finally:
-            fut.release()
-
-    def _restart_worker(self, where: str, fut: Any) -> None:
-        """End the worker's process at once (its nanny starts a new one): a graceful restart
-        would wait for the hung send."""
-        try:
-            if not fut.done():
-                before = len(scheduler_workers(self.client))
-                self.client.run(os._exit, 70, workers=[where], on_error="ignore")
-                # The channel's end waits for the replacement: the cluster is left as found.
-                self.client.wait_for_workers(before, timeout=RESTART_WAIT)
-        except TimeoutError:
-            log.warning(
-                "the Dask worker %s was ended, and not replaced within %ss (is it run by a nanny?)",
-                where,
-                RESTART_WAIT,
-            )
-        except Exception:
-            log.exception("could not restart the Dask worker %s", where)
-        finally:
-            fut.release()
-            self._poke.set()
 
     def forget(self, lane: DaskLane) -> None:
         self._unpin(lane)
@@ -293,8 +268,17 @@ class DaskBackend(WorkerTable, Backend):
         self._closed = True
         self._stopping.set()
         self._poke.set()
-        if self._control is not None:
-            self._control.shutdown(wait=True)  # restarts under way end first
+        with self._lock:
+            jobs = list(self._jobs)
+        deadline = time.monotonic() + RESTART_WAIT
+        for job in jobs:  # restarts under way end first (each is bounded by RESTART_WAIT)
+            job.join(max(0.0, deadline - time.monotonic()))
+        self._halt.set()
+        if any(job.is_alive() for job in jobs):
+            log.warning(
+                "a restart or cancel of a Dask worker had not ended at the channel's end; it is "
+                "left running"
+            )
         if self._probes is not None:
             self._probes.shutdown(wait=False, cancel_futures=True)
         monitor = self._monitor
@@ -305,11 +289,8 @@ class DaskBackend(WorkerTable, Backend):
         client = self.client
         if client is None:
             return
-        if self._cluster is None and monitor is not None:
-            try:
-                client.unregister_worker_plugin(self.plugin_name)
-            except Exception:
-                log.warning("could not remove the channel's plugin from Dask", exc_info=True)
+        if self._cluster is None and monitor is not None and self._gone is None:
+            self._unregister(client)
         if self._owns_client:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
