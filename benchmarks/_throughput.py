@@ -5,8 +5,8 @@ modes:
 
 * ``cold`` -- the clock starts before the pool or channel is constructed and stops when the
   last result is back *and* the pool has shut down (``close_and_drain`` / ``shutdown(wait=True)``
-  / ``close()+join()``). The forkserver process itself is started before the clock (a one-time
-  cost of the program, measured separately by P7).
+  / ``close()+join()``). The forkserver process itself is started, and has finished its
+  preload, before the clock (a one-time cost of the program, measured separately by P7).
 * ``steady`` -- the pool is built and warmed (every worker has run a few calls, then 0.3 s of
   idle time), the clock runs from the first submitted item to the last result back in the
   parent; shutdown is not timed.
@@ -38,24 +38,48 @@ POLL_MIN, POLL_MAX, POLL_SHARE = 0.0002, 0.010, 0.002
 SETTLE = 0.3
 
 
+#: The forkservers known to have finished their preload in this process.
+_READY: set[str] = set()
+
+
+def _wait_ready(name: str, process: Callable[[], Any]) -> None:
+    """Wait until a forkserver just started has finished its preload: ``ensure_running``
+    returns once the server's process exists, and the server imports what it preloads before
+    it serves its first fork. Left running, that preload falls inside the clock that follows
+    and competes with it for the cores. One process through the server, joined, waits for it."""
+    if name in _READY:
+        return
+    proc = process()
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the {name} forkserver's first process failed ({proc.exitcode})")
+    _READY.add(name)
+
+
 def context(method: str = "forkserver") -> Any:
-    """A multiprocessing context; for forkserver, the server is started now (untimed)."""
+    """A multiprocessing context; for forkserver, the server is started now, and ready (its
+    preload done), before any clock."""
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         multiprocessing.forkserver.ensure_running()
+        _wait_ready("multiprocessing", lambda: ctx.Process(target=fns.noop, args=(None,)))
     return ctx
 
 
 def procdispatch_server() -> None:
     """Start procdispatch's own forkserver now (untimed), as :func:`context` does for
-    multiprocessing's. Its workers fork from a server of its own, which preloads the worker
-    module and never the main module (see ``procdispatch.backends._procstart``); left to the
-    first channel, its start would fall inside the cold clock of procdispatch only. Like the
-    standard server's, it is a once-per-program cost, and P7 measures it."""
+    multiprocessing's, and waits until it is ready. Its workers fork from a server of its own,
+    which preloads the worker module and never the main module (see
+    ``procdispatch.backends._procstart``); left to the first channel, its start would fall
+    inside the cold clock of procdispatch only. Like the standard server's, it is a
+    once-per-program cost, and P7 measures it."""
     from procdispatch.backends import _procstart
 
     if _procstart.avoids_main("forkserver"):
         _procstart._forkserver().ensure_running()
+        ctx = _procstart.WorkerContext("forkserver")
+        _wait_ready("procdispatch", lambda: ctx.Process(target=fns.noop, args=(None,)))
 
 
 def wait_until(pred: Callable[[], bool], deadline: float, what: str) -> None:

@@ -45,6 +45,7 @@ CHILD_FUNCS = {
     "drain": "_latency:run_drain",
     "memory": "_latency:run_memory",
     "latency": "_latency:run_latency",
+    "cold_parts": "cold_parts:run_parts",
 }
 SPIN_TARGET = 0.010  # seconds of pure-Python work per P4 call
 
