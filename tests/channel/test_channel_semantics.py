@@ -196,14 +196,26 @@ def test_cancel_releases_blocked_producer_and_drains(tmp_path, make_channel):
 
 def test_ten_thousand_items_exactly_once(tmp_path, make_channel, backend):
     log = Log(tmp_path / "log")
+    spread = "processes" in CAPABILITIES[backend]
+    gate = Gate(tmp_path / "go") if spread else None
     ch = make_channel(
-        _JitterRecorder(log),
+        _JitterRecorder(log, gate=gate),
         workers=4,
         # Pipelined where a backend can; on Dask a lease is a task on a thread.
         max_leases=10 if "pipelining" in CAPABILITIES[backend] else 4,
         batch_items_max=50,
         batch_age_max=0.05,
     )
+    if gate is not None:
+        # The sends wait until two worker processes have started one: the first worker
+        # ready holds at most 3 of the 10 leases, so the others get theirs as they come up
+        # (on a loaded machine the first could otherwise send all 200 batches before the
+        # others are ready, and the spread checked below would be a matter of timing).
+        def two_started() -> None:
+            wait_for(lambda: len({r["pid"] for r in log.read()}) >= 2, 60, "two workers")
+            gate.open()
+
+        threading.Thread(target=two_started, daemon=True).start()
     ch.put_many(range(10_000))
     assert ch.close_and_drain(60)
     got = delivered_items(log)
@@ -211,7 +223,7 @@ def test_ten_thousand_items_exactly_once(tmp_path, make_channel, backend):
     assert collections.Counter(got) == collections.Counter(range(10_000))
     s = ch.stats()
     assert (s.items_put, s.items_delivered, s.items_dropped) == (10_000, 10_000, 0)
-    if "processes" in CAPABILITIES[backend]:
+    if spread:
         assert len({r["pid"] for r in log.read()}) >= 2
 
 

@@ -262,11 +262,14 @@ def test_worker_killed_while_idle_is_replaced_without_failing_anything(tmp_path,
 
     log = Log(tmp_path / "log")
     ch = make_channel(Recorder(log), workers=1, batch_items_max=1)
-    ch.put(0)
-    (rec,) = log.wait_count(1, ev="sent")
-    os.kill(rec["pid"], signal.SIGKILL)
     from workerfns import wait_for
 
+    ch.put(0)
+    (rec,) = log.wait_count(1, ev="sent")
+    # Idle as the parent sees it: its answer has arrived (the worker logs "sent" before it
+    # answers, and a kill in between would fail the batch it still holds).
+    wait_for(lambda: ch.stats().items_delivered == 1, what="the first answer")
+    os.kill(rec["pid"], signal.SIGKILL)
     wait_for(lambda: ch.stats().worker_restarts == 1, what="a replacement worker")
     ch.put(1)
     assert ch.close_and_drain(30)
