@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -77,3 +78,16 @@ def final_stats(output: str) -> dict[str, int]:
 
 def json_lines(path: Path) -> list[Any]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+class Collect:
+    """send_fn of the in-process CLI runs (thread backend): every item it was sent, in one
+    list shared by the worker threads."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: Any) -> None:
+        with self.lock:
+            self.got.extend(batch.data)

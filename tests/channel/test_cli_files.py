@@ -12,21 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clirun import cli, finish, json_lines
+from clirun import Collect, cli, finish, json_lines
 
-import procdispatch as pd
 from procdispatch import _cli_input
 from procdispatch import cli as pd_cli
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.got: list[Any] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, batch: pd.Batch[Any]) -> None:
-        with self.lock:
-            self.got.extend(batch.data)
 
 
 def _run(

@@ -10,15 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from clirun import TESTS, cli, final_stats, finish, json_lines, killed_on_failure
+from clirun import TESTS, Collect, cli, final_stats, finish, json_lines, killed_on_failure
 from workerfns import wait_for
 
-import procdispatch as pd
 from procdispatch import _cli_input
 from procdispatch import cli as pd_cli
 
@@ -126,16 +124,6 @@ class InterruptingStream(io.TextIOBase):
         if i == self.at:
             os.kill(os.getpid(), signal.SIGINT)
         return json.dumps({"id": i}) + "\n"
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.got: list[Any] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, batch: pd.Batch[Any]) -> None:
-        with self.lock:
-            self.got.extend(batch.data)
 
 
 def test_the_line_read_when_ctrl_c_comes_is_not_lost(
