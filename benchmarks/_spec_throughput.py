@@ -144,10 +144,10 @@ def p3(n: int) -> Workload:
                 ("cold",),
             ),
         ),
-        (
-            *ratio_targets(["pd"], {"pool": 1.5, "ppe": 5.0}),
-            *ratio_targets(["pd-ml4"], {"pool": 1.0, "ppe": 4.0}),  # the first round's
-        ),
+        # The first round's single-item target (>= 1x Pool, >= 4x PPE.submit) was met with
+        # ``max_leases=4`` set by hand; the defaults now carry a higher one. The ``max_leases=4``
+        # row stays as a reference: what holding few batches per worker costs.
+        ratio_targets(["pd"], {"pool": 1.5, "ppe": 5.0}),
     )
 
 

@@ -16,7 +16,6 @@ for it, whose ``''`` stands for the directory multiprocessing was first imported
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import sys
@@ -30,6 +29,10 @@ _IGNORING_MAIN = ["listener_fd", "alive_r", "preload", "main_path", "sys_path"]
 
 def new_server() -> Any:
     """A forkserver (not yet running) whose process has the parent's sys.path."""
+    # Imported here, not with the module: the server and every spawned worker import this
+    # module (through the class of the process object), and inspect costs them milliseconds of
+    # start-up that only the parent's check needs.
+    import inspect
     from multiprocessing import forkserver
 
     if list(inspect.signature(forkserver.main).parameters) != _IGNORING_MAIN:

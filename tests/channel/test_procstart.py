@@ -241,3 +241,21 @@ def test_our_forkserver_children_end_quietly_on_a_launch_cut_short(
     other = pickle.UnpicklingError("invalid load key, 'x'.")
     sys.excepthook(type(other), other, None)
     assert "invalid load key" in capsys.readouterr().err
+
+
+def test_what_a_worker_start_imports_leaves_out_inspect() -> None:
+    """The forkserver preloads the worker module and this one, and a spawned worker imports
+    both: ``inspect`` (about 6 ms, with ``ast`` and ``dis``) is only for the parent's check
+    of multiprocessing's server, so neither start pays for it."""
+    code = (
+        "import sys, procdispatch.backends._worker, procdispatch.backends._procstart; "
+        "print(sorted(m for m in ('inspect', 'ast', 'dis', 'dataclasses') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
