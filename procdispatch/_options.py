@@ -112,7 +112,7 @@ class Options:
         metadata=_doc(
             "`BlockNewItems`, `DropOldestBatch` or `InfiniteGrowth`; limits left out are derived: "
             "`max(1000, 2 * max_leases * batch_items_max)` items, with `max_leases` counted as "
-            "`workers` when left out (no item limit when "
+            "`workers` when left out (the Dask backend counts its default; no item limit when "
             "`batch_items_max` is `None` and a size limit remains), `5 * batch_size_max` size",
             shown="`BlockNewItems()`",
         ),
@@ -287,8 +287,11 @@ class Options:
             # pure buffer's smaller default would keep workers idle. Left out, max_leases
             # counts as workers here: the deeper default holds more than one batch per worker
             # only while sends are quick, when a refill a worker deep keeps up, and deriving
-            # from it would make the buffer DEPTH times larger.
-            held = self.max_leases if self.max_leases is not None else workers
+            # from it would make the buffer DEPTH times larger. A backend whose leases are
+            # answered a worker's worth at a time (Backend.answers_together) has no such
+            # refill: there every lease counts.
+            every = self.max_leases is not None or backend.answers_together
+            held = leases if every else workers
             full_behavior = full_behavior.resolve(
                 self.batch_items_max, self.batch_size_max, leases=held
             )

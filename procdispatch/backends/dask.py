@@ -66,6 +66,7 @@ class DaskBackend(HungWorkers, WorkerTable, Backend):
 
     name = "dask"
     paces_queued_leases = False  # a lane's next task waits for the last one's answer
+    answers_together = True  # a task's leases answer at once, a trip through the scheduler on
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()
