@@ -211,6 +211,12 @@ class Backend(abc.ABC):
     #: worth at a time, too late for a refill one batch per worker deep, so the full-buffer
     #: limits derived from ``max_leases`` count every lease even when it is left out.
     answers_together: bool = False
+    #: The most batches a worker holds when ``max_leases`` is left out (``max_leases`` is then
+    #: this times ``workers``); None: :data:`~procdispatch._options.DEPTH`. How many it holds
+    #: still follows its sends (as many as its last send's time fits into ``QUICK_SEND``): a
+    #: backend whose every hand-over costs a trip much longer than a quick send (a Dask task)
+    #: allows more, so that such sends pay the trip once for many batches.
+    lease_depth: int | None = None
 
     def __init__(self) -> None:
         self._opened = False

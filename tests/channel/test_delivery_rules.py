@@ -282,8 +282,8 @@ def test_the_default_item_limit_grows_with_workers_not_with_the_default_max_leas
     # max_leases left out is 8 * workers on a backend that queues leases: the buffer is still
     # one batch running and one queued per worker, 2 * 2 * 500, not 2 * 16 * 500. A Dask lane
     # hears of its whole task's batches at once, so no refill a batch deep keeps it fed: there
-    # the default max_leases counts (Backend.answers_together), 2 * 16 * 500.
-    limit = 2 * (16 if backend == "dask" else 2) * 500
+    # the default max_leases (32 * workers) counts (Backend.answers_together), 2 * 64 * 500.
+    limit = 2 * (64 if backend == "dask" else 2) * 500
     ch = make_channel(
         Recorder(Log(tmp_path / "log"), gate=Gate(tmp_path / "never")),
         workers=2,
