@@ -126,7 +126,7 @@ class BlockNewItems(FullBehavior):
     ``5 * batch_size_max`` (no limit without it); ``max_items`` = ``max(1000, batch_items_max)``
     in a pure :class:`~procdispatch.buffer.Buffer` and ``max(1000, 2 * max_leases *
     batch_items_max)`` in a channel (every lease full, plus as much queued; ``max_leases`` left
-    out counts as ``workers``); with
+    out counts as ``workers``, except on the Dask backend, which counts its default); with
     ``batch_items_max=None`` no item limit when a size limit remains, else 1,000. ``None``
     lifts a limit; at least one must remain.
     """

@@ -40,6 +40,7 @@ from .buffer import BlockNewItems, BufferOptions, FullBehavior
 from .errors import OptionsError
 
 __all__ = [
+    "DASK_DEPTH",
     "DEPTH",
     "QUICK_SEND",
     "ChannelOptions",
@@ -55,8 +56,14 @@ __all__ = [
 #: at most about 1 % to that round trip, and a batch queued behind it would wait for it while
 #: another worker may be idle.
 QUICK_SEND = 0.005
-#: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers).
+#: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers), but
+#: on a backend that says otherwise (:attr:`~.backends.Backend.lease_depth`).
 DEPTH = 8
+#: DEPTH for a Dask lane (DaskBackend.lease_depth): each task costs a trip through the
+#: scheduler, about ten milliseconds, so quick sends go many to a task; their sends still take
+#: QUICK_SEND at most together, and a worker's death fails at most this many batches of a lane
+#: (any of a task's may have been sent).
+DASK_DEPTH = 32
 
 
 def _doc(doc: str, shown: str | None = None) -> dict[str, str | None]:
@@ -88,9 +95,11 @@ class Options:
             "batches in flight at once (>= 1); above `workers`, each worker holds up to "
             "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
             "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
-            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}",
+            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH} "
+            f"({DASK_DEPTH} on the Dask backend)",
             shown=(
-                f"`{DEPTH} * workers` (`workers` with `fifo=True`, or the Dask backend and "
+                f"`{DEPTH} * workers` (the Dask backend: `{DASK_DEPTH} * workers`; `workers` with "
+                "`fifo=True`, or the Dask backend and "
                 "`qps_limit`)"
             ),
         ),
@@ -112,7 +121,7 @@ class Options:
         metadata=_doc(
             "`BlockNewItems`, `DropOldestBatch` or `InfiniteGrowth`; limits left out are derived: "
             "`max(1000, 2 * max_leases * batch_items_max)` items, with `max_leases` counted as "
-            "`workers` when left out (no item limit when "
+            "`workers` when left out (the Dask backend counts its default; no item limit when "
             "`batch_items_max` is `None` and a size limit remains), `5 * batch_size_max` size",
             shown="`BlockNewItems()`",
         ),
@@ -278,7 +287,8 @@ class Options:
                 and backend.queues_leases
                 and (self.qps_limit is None or backend.paces_queued_leases)
             )
-            leases = DEPTH * workers if queued else workers
+            depth = backend.lease_depth if backend.lease_depth is not None else DEPTH
+            leases = depth * workers if queued else workers
         full_behavior = self.full_behavior if self.full_behavior is not None else BlockNewItems()
         if isinstance(full_behavior, FullBehavior):
             check_int_limit("batch_items_max", self.batch_items_max)  # before they are used
@@ -287,8 +297,11 @@ class Options:
             # pure buffer's smaller default would keep workers idle. Left out, max_leases
             # counts as workers here: the deeper default holds more than one batch per worker
             # only while sends are quick, when a refill a worker deep keeps up, and deriving
-            # from it would make the buffer DEPTH times larger.
-            held = self.max_leases if self.max_leases is not None else workers
+            # from it would make the buffer DEPTH times larger. A backend whose leases are
+            # answered a worker's worth at a time (Backend.answers_together) has no such
+            # refill: there every lease counts.
+            every = self.max_leases is not None or backend.answers_together
+            held = leases if every else workers
             full_behavior = full_behavior.resolve(
                 self.batch_items_max, self.batch_size_max, leases=held
             )

@@ -206,6 +206,17 @@ class Backend(abc.ABC):
     #: however far apart a ``qps_limit`` admitted them (a Dask lane's wait a trip through the
     #: scheduler): with a ``qps_limit``, ``max_leases`` left out is then ``workers``.
     paces_queued_leases: bool = True
+    #: True when the batches a worker holds are answered together, a trip much longer than a
+    #: send after they were handed over (a Dask lane's task): their room comes back a worker's
+    #: worth at a time, too late for a refill one batch per worker deep, so the full-buffer
+    #: limits derived from ``max_leases`` count every lease even when it is left out.
+    answers_together: bool = False
+    #: The most batches a worker holds when ``max_leases`` is left out (``max_leases`` is then
+    #: this times ``workers``); None: :data:`~procdispatch._options.DEPTH`. How many it holds
+    #: still follows its sends (as many as its last send's time fits into ``QUICK_SEND``): a
+    #: backend whose every hand-over costs a trip much longer than a quick send (a Dask task)
+    #: allows more, so that such sends pay the trip once for many batches.
+    lease_depth: int | None = None
 
     def __init__(self) -> None:
         self._opened = False

@@ -44,15 +44,16 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from .. import _protocol as proto
-from .._options import DEPTH, QUICK_SEND
+from .._options import DASK_DEPTH, QUICK_SEND
 from ._usercode import CLOSE_TIMEOUT, _is_async
 from ._worker import leave_if_forked, run_lease
 
 __all__ = ["ChannelPlugin", "SharedUserCode", "kill_worker_process", "probe", "run_leases_task"]
 
-#: A send quicker than this leaves its lane the most batches (the coordinator's rule for a Done):
-#: its task then answers None, and the client learns of it with no gather.
-QUICK = QUICK_SEND / DEPTH
+#: A send quicker than this leaves its lane the most batches (the coordinator's rule for a Done,
+#: with DaskBackend.lease_depth): its task then answers None, and the client learns of it with
+#: no gather.
+QUICK = QUICK_SEND / DASK_DEPTH
 
 
 class SharedUserCode:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from .._options import DASK_DEPTH
 from ..errors import OptionsError
 from . import Backend, WorkerHandle
 from ._dask_hung import CLOSE_WAIT, RESTART_WAIT, HungWorkers
@@ -66,6 +67,8 @@ class DaskBackend(HungWorkers, WorkerTable, Backend):
 
     name = "dask"
     paces_queued_leases = False  # a lane's next task waits for the last one's answer
+    answers_together = True  # a task's leases answer at once, a trip through the scheduler on
+    lease_depth = DASK_DEPTH  # that trip paid once for many quick sends
 
     def __init__(self, client: Any = None, *, restart_hung_workers: bool = False) -> None:
         super().__init__()
