@@ -289,7 +289,12 @@ def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
 
     Pickling runs the items' own code (``__reduce__``, ``__getstate__``): whatever it raises,
     of whatever class (a ``SystemExit`` too), is that item's failure, never the caller's."""
-    head, payload = lease_parts(batch)
+    # lease_parts() spelled out: this runs once per lease, on the coordinator's thread.
+    try:
+        payload = dumps((batch.data, batch.meta))
+    except BaseException as exc:  # user code: see above
+        raise _unsendable(batch.data, batch.meta, exc) from None
+    head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
         return (SIZE.pack(n) + head + payload,)
