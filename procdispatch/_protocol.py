@@ -138,25 +138,30 @@ class FrameSplitter:
 
     def split(self, chunk: bytes) -> list[bytes]:
         buf = self._buf
-        buf += chunk
+        data: bytes | bytearray = chunk  # cut where it lies unless a frame began before it
+        if buf:
+            buf += chunk
+            data = buf
         out: list[bytes] = []
         pos = 0
-        n = len(buf)
+        n = len(data)
         while n - pos >= 4:
-            (size,) = SIZE.unpack_from(buf, pos)
+            (size,) = SIZE.unpack_from(data, pos)
             head = 4
             if size == -1:
                 if n - pos < 12:
                     break
-                (size,) = BIG.unpack_from(buf, pos + 4)
+                (size,) = BIG.unpack_from(data, pos + 4)
                 head = 12
             if n - pos - head < size:
                 break
             start = pos + head
-            out.append(bytes(buf[start : start + size]))
+            out.append(bytes(data[start : start + size]))  # a slice of bytes is not copied again
             pos = start + size
-        if pos:
+        if data is buf:
             del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
         return out
 
     def messages(self, chunk: bytes) -> list[WorkerMessage]:
