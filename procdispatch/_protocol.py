@@ -47,6 +47,7 @@ from ._messages import (
 )
 from ._pickling import dumps, dumps_out_of_band
 from ._wire_errors import (
+    UnsendableItems,
     decode_failed,
     decode_init_failed,
     describe_error,
@@ -57,6 +58,7 @@ from ._wire_errors import (
     safe_chain,
     text_of,
     type_name_of,
+    unsendable,
 )
 
 if TYPE_CHECKING:
@@ -276,18 +278,6 @@ def write_frame(fd: int, body: bytes) -> None:
 # ---- parent side ---------------------------------------------------------------------------
 
 
-class UnsendableItems(Exception):
-    """A lease that cannot be encoded as it is (nothing was sent): ``items`` lists (index,
-    error) for each item that will not pickle; ``meta_error`` is set when the meta will not."""
-
-    def __init__(
-        self, items: list[tuple[int, BaseException]], meta_error: BaseException | None
-    ) -> None:
-        self.items = items
-        self.meta_error = meta_error
-        super().__init__(items, meta_error)
-
-
 def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
     """A lease of ``batch`` (id, attempt, synthetic flag, data, meta), framed; raises
     UnsendableItems naming what will not pickle.
@@ -298,7 +288,7 @@ def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
     try:
         payload = dumps((batch.data, batch.meta))
     except BaseException as exc:  # user code: see above
-        raise _unsendable(batch.data, batch.meta, exc) from None
+        raise unsendable(batch.data, batch.meta, exc) from None
     head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
@@ -314,29 +304,8 @@ def lease_parts(batch: Batch[Any]) -> tuple[bytes, bytes]:
     try:
         payload = dumps((batch.data, batch.meta))
     except BaseException as exc:  # user code: see encode_lease
-        raise _unsendable(batch.data, batch.meta, exc) from None
+        raise unsendable(batch.data, batch.meta, exc) from None
     return HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic), payload
-
-
-def _unsendable(data: list[Any], meta: object, whole: BaseException) -> UnsendableItems:
-    """What of a lease will not pickle, ``whole`` being what pickling all of it raised. When
-    each part pickles alone, the whole is what fails (its size, say, or a ``__reduce__`` that
-    fails only sometimes): it is reported as the meta's error, so that the lease fails instead
-    of being tried again and again."""
-    items: list[tuple[int, BaseException]] = []
-    for i, item in enumerate(data):
-        try:
-            dumps(item)
-        except BaseException as exc:  # user code, as in encode_lease
-            items.append((i, exc))
-    meta_error: BaseException | None = None
-    try:
-        dumps(meta)
-    except BaseException as exc:  # user code, as in encode_lease
-        meta_error = exc
-    if not items and meta_error is None:
-        meta_error = whole
-    return UnsendableItems(items, meta_error)
 
 
 def decode_from_worker(buf: bytes) -> WorkerMessage:
