@@ -89,13 +89,13 @@ class Leases(Generic[T]):
         b.attempt += 1
         if b._first_lease is None:
             b._first_lease = now
-        b._lease_count = b._count
-        b._lease_size = b._size
+        b._lease_count = count = b._count
+        b._lease_size = size = b._size
         self._leases[b.id] = b
-        self._unleased_items -= b._count
-        self._unleased_size -= b._size
-        self._leased_items += b._count
-        self._leased_size += b._size
+        self._unleased_items -= count
+        self._unleased_size -= size
+        self._leased_items += count
+        self._leased_size += size
         return b
 
     def _check_leased(self, batch: Batch[T], what: str) -> None:
