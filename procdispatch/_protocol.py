@@ -47,6 +47,7 @@ from ._messages import (
 )
 from ._pickling import dumps, dumps_out_of_band
 from ._wire_errors import (
+    UnsendableItems,
     decode_failed,
     decode_init_failed,
     describe_error,
@@ -57,6 +58,7 @@ from ._wire_errors import (
     safe_chain,
     text_of,
     type_name_of,
+    unsendable,
 )
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ __all__ = [
 ]
 
 _DONE_FRAME = 4 + DONE.size  # a Done frame with its size
+_DONE_WHOLE = struct.Struct("<4s" + DONE.format[1:])  # a Done frame, its size as bytes
 SIZE = struct.Struct("!i")  # a frame's size, or -1 then BIG
 BIG = struct.Struct("!Q")
 _SMALL_LIMIT = 0x7FFFFFFF
@@ -138,25 +141,30 @@ class FrameSplitter:
 
     def split(self, chunk: bytes) -> list[bytes]:
         buf = self._buf
-        buf += chunk
+        data: bytes | bytearray = chunk  # cut where it lies unless a frame began before it
+        if buf:
+            buf += chunk
+            data = buf
         out: list[bytes] = []
         pos = 0
-        n = len(buf)
+        n = len(data)
         while n - pos >= 4:
-            (size,) = SIZE.unpack_from(buf, pos)
+            (size,) = SIZE.unpack_from(data, pos)
             head = 4
             if size == -1:
                 if n - pos < 12:
                     break
-                (size,) = BIG.unpack_from(buf, pos + 4)
+                (size,) = BIG.unpack_from(data, pos + 4)
                 head = 12
             if n - pos - head < size:
                 break
             start = pos + head
-            out.append(bytes(buf[start : start + size]))
+            out.append(bytes(data[start : start + size]))  # a slice of bytes is not copied again
             pos = start + size
-        if pos:
+        if data is buf:
             del buf[:pos]
+        elif pos < n:
+            buf += data[pos:]
         return out
 
     def messages(self, chunk: bytes) -> list[WorkerMessage]:
@@ -168,8 +176,13 @@ class FrameSplitter:
             buf += chunk
             data = buf
         out: list[WorkerMessage] = []
-        pos = 0
         n = len(data)
+        if n % _DONE_FRAME == 0:  # often nothing but Done frames: unpacked whole, in C
+            for head, kind, bid, attempt, _, seconds in _DONE_WHOLE.iter_unpack(data):
+                if head != _DONE_HEAD or kind != K_DONE:
+                    break  # the loop below reads on from this frame
+                out.append(Done(bid, attempt, seconds))
+        pos = len(out) * _DONE_FRAME
         while n - pos >= 4:
             (size,) = SIZE.unpack_from(data, pos)
             if size == DONE.size and n - pos >= _DONE_FRAME and data[pos + 4] == K_DONE:
@@ -271,25 +284,18 @@ def write_frame(fd: int, body: bytes) -> None:
 # ---- parent side ---------------------------------------------------------------------------
 
 
-class UnsendableItems(Exception):
-    """A lease that cannot be encoded as it is (nothing was sent): ``items`` lists (index,
-    error) for each item that will not pickle; ``meta_error`` is set when the meta will not."""
-
-    def __init__(
-        self, items: list[tuple[int, BaseException]], meta_error: BaseException | None
-    ) -> None:
-        self.items = items
-        self.meta_error = meta_error
-        super().__init__(items, meta_error)
-
-
 def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
     """A lease of ``batch`` (id, attempt, synthetic flag, data, meta), framed; raises
     UnsendableItems naming what will not pickle.
 
     Pickling runs the items' own code (``__reduce__``, ``__getstate__``): whatever it raises,
     of whatever class (a ``SystemExit`` too), is that item's failure, never the caller's."""
-    head, payload = lease_parts(batch)
+    # lease_parts() spelled out: this runs once per lease, on the coordinator's thread.
+    try:
+        payload = dumps((batch.data, batch.meta))
+    except BaseException as exc:  # user code: see above
+        raise unsendable(batch.data, batch.meta, exc) from None
+    head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
         return (SIZE.pack(n) + head + payload,)
@@ -304,29 +310,8 @@ def lease_parts(batch: Batch[Any]) -> tuple[bytes, bytes]:
     try:
         payload = dumps((batch.data, batch.meta))
     except BaseException as exc:  # user code: see encode_lease
-        raise _unsendable(batch.data, batch.meta, exc) from None
+        raise unsendable(batch.data, batch.meta, exc) from None
     return HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic), payload
-
-
-def _unsendable(data: list[Any], meta: object, whole: BaseException) -> UnsendableItems:
-    """What of a lease will not pickle, ``whole`` being what pickling all of it raised. When
-    each part pickles alone, the whole is what fails (its size, say, or a ``__reduce__`` that
-    fails only sometimes): it is reported as the meta's error, so that the lease fails instead
-    of being tried again and again."""
-    items: list[tuple[int, BaseException]] = []
-    for i, item in enumerate(data):
-        try:
-            dumps(item)
-        except BaseException as exc:  # user code, as in encode_lease
-            items.append((i, exc))
-    meta_error: BaseException | None = None
-    try:
-        dumps(meta)
-    except BaseException as exc:  # user code, as in encode_lease
-        meta_error = exc
-    if not items and meta_error is None:
-        meta_error = whole
-    return UnsendableItems(items, meta_error)
 
 
 def decode_from_worker(buf: bytes) -> WorkerMessage:

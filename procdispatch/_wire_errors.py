@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "UnsendableItems",
+    "unsendable",
     "decode_failed",
     "decode_init_failed",
     "describe_error",
@@ -306,3 +308,39 @@ def encode_unencodable(
     head = HEADER.pack(K_FAILED, batch_id, attempt, 0)
     sizes = PARTS.pack(len(err_part), len(_NO_DATA_CHANGE))
     return b"".join((head, sizes, err_part, _NO_DATA_CHANGE, _NO_META_CHANGE))
+
+
+# ---- a lease that cannot be sent ---------------------------------------------------------
+
+
+class UnsendableItems(Exception):
+    """A lease that cannot be encoded as it is (nothing was sent): ``items`` lists (index,
+    error) for each item that will not pickle; ``meta_error`` is set when the meta will not."""
+
+    def __init__(
+        self, items: list[tuple[int, BaseException]], meta_error: BaseException | None
+    ) -> None:
+        self.items = items
+        self.meta_error = meta_error
+        super().__init__(items, meta_error)
+
+
+def unsendable(data: list[Any], meta: object, whole: BaseException) -> UnsendableItems:
+    """What of a lease will not pickle, ``whole`` being what pickling all of it raised. When
+    each part pickles alone, the whole is what fails (its size, say, or a ``__reduce__`` that
+    fails only sometimes): it is reported as the meta's error, so that the lease fails instead
+    of being tried again and again."""
+    items: list[tuple[int, BaseException]] = []
+    for i, item in enumerate(data):
+        try:
+            dumps(item)
+        except BaseException as exc:  # user code, as in _protocol.encode_lease
+            items.append((i, exc))
+    meta_error: BaseException | None = None
+    try:
+        dumps(meta)
+    except BaseException as exc:  # user code, as in _protocol.encode_lease
+        meta_error = exc
+    if not items and meta_error is None:
+        meta_error = whole
+    return UnsendableItems(items, meta_error)

@@ -67,13 +67,17 @@ class Shipper(logging.Handler):
 
     def begin(self, batch: int | None) -> None:
         """A batch starts (None: no batch): a fresh allowance of records."""
-        with self._lock():
+        lock = self.lock  # not _lock(): this and end() run for every lease
+        assert lock is not None
+        with lock:
             self.batch = batch
             self._sent = self._dropped = 0
 
     def end(self) -> None:
         """A batch (or ``worker_init``) ended: say how many of its records were not sent."""
-        with self._lock():
+        lock = self.lock
+        assert lock is not None
+        with lock:
             dropped, self._dropped = self._dropped, 0
             if dropped:
                 where = "worker_init" if self.batch is None else f"batch {self.batch}"

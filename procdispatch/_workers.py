@@ -110,19 +110,21 @@ class Workers(WorkerStarts):
 
     def handle(self, slot: Slot, sentinel: bool, now: float) -> None:
         msgs, gone = self.pool.read(slot, sentinel)
+        # Bound once: a turn reads several answers of each worker holding quick sends.
+        done, adaptive, depth = proto.Done, self._adaptive, self._depth
+        answered, delivered = self._answered, self.outcomes.delivered
         for m in msgs:
             if slot.state is DEAD:
                 return
-            if type(m) is proto.Done:  # by far the most common: handled here
-                if self._adaptive:
+            if type(m) is done:  # by far the most common: handled here
+                if adaptive:
                     seconds = m.seconds
-                    depth = self._depth
                     slot.depth = (
                         depth if seconds * depth < QUICK_SEND else self._depth_after(seconds)
                     )
-                b = self._answered(slot, m, now)
+                b = answered(slot, m, now)
                 if b is not None:
-                    self.outcomes.delivered(b)
+                    delivered(b)
             else:
                 self._on_message(slot, m, now)
         if gone and slot.state is not DEAD:

@@ -19,7 +19,7 @@ from .._batch import Batch
 from .._transient import attach
 from ..errors import RemoteError
 
-__all__ = ["diff_data", "run_lease"]
+__all__ = ["diff_data", "run_lease", "send_leased"]
 
 
 def diff_data(orig: list[Any], new: list[Any]) -> tuple[list[int] | None, list[Any] | None]:
@@ -57,20 +57,39 @@ def run_lease(
     """
     if start is None:
         start = time.monotonic()
-    orig = lease.data
-    batch: Batch[Any] = Batch(
-        list(orig), lease.meta, lease.batch_id, lease.attempt, lease.synthetic
+    res = send_leased(
+        send_fn, lease.data, lease.meta, lease.batch_id, lease.attempt, lease.synthetic, start
     )
+    if type(res) is float:
+        return proto.Done(lease.batch_id, lease.attempt, res)
+    assert isinstance(res, proto.Failed)
+    return res
+
+
+def send_leased(
+    send_fn: Callable[[Batch[Any]], object],
+    data: list[Any],
+    meta: object,
+    batch_id: int,
+    attempt: int,
+    synthetic: bool,
+    start: float,
+) -> float | proto.Failed:
+    """:func:`run_lease` on a lease's parts: the seconds since ``start`` when ``send_fn``
+    returned, else the Failed. The worker process's loop calls it once per lease, and its
+    answer to a returned send is a frame, not a Done; the Lease is made only for a failure."""
+    batch: Batch[Any] = Batch(list(data), meta, batch_id, attempt, synthetic)
     try:
         send_fn(batch)
     except BaseException as exc:
+        lease = proto.Lease(batch_id, attempt, synthetic, data, meta)
         try:
             return _failed(lease, batch, exc)
         except BaseException as e:  # a last resort: _failed guards each of its steps
             return proto.Failed(
-                lease.batch_id, lease.attempt, _unreadable(lease, exc, e), None, None, False, None
+                batch_id, attempt, _unreadable(lease, exc, e), None, None, False, None
             )
-    return proto.Done(lease.batch_id, lease.attempt, time.monotonic() - start)
+    return time.monotonic() - start
 
 
 _MISSING: Any = object()

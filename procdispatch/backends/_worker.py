@@ -30,7 +30,7 @@ from .. import _protocol as proto
 from .._batch import Batch
 from .._worker_logging import Shipper, install_shipper
 from ..errors import WorkerStartFailed
-from ._lease_call import diff_data, run_lease
+from ._lease_call import diff_data, run_lease, send_leased
 from ._usercode import UserCode
 
 __all__ = ["diff_data", "run_lease", "worker_main"]
@@ -224,36 +224,48 @@ def _serve(
     reader = proto.FrameReader(lease_fd)
     # The shared memory of large items, once the coordinator names it (before any lease in it).
     arena: Any = _Unmapped(RuntimeError("no shared memory was named to this worker"))
+    # Bound once: the loop below runs once per lease, and a quick send makes these lookups a
+    # visible share of the worker's time.
+    read, monotonic, getpid = reader.read, time.monotonic, os.getpid
+    header, header_size, loads = proto.HEADER.unpack_from, proto.HEADER.size, pickle.loads
+    begin, end, answer, done_frame = shipper.begin, shipper.end, out.send_framed, proto.framed_done
+    k_lease = proto.K_LEASE
     while True:
         try:
-            body = reader.read()
+            body = read()
         except OSError:
             return
         if body is None:
             return  # the end of the pipe
         kind = body[0]
-        if kind != proto.K_LEASE:
+        if kind != k_lease:
             if kind == proto.K_ARENA:
                 arena = _open_arena(body)
                 continue
             if kind != proto.K_LEASE_OOB:
                 return  # the stop request
-        start = time.monotonic()  # unpickling counts: the worker is busy with the lease
-        _, bid, attempt, _ = proto.HEADER.unpack_from(body)
-        shipper.begin(bid)
-        res: proto.Done | proto.Failed
+        start = monotonic()  # unpickling counts: the worker is busy with the lease
+        _, bid, attempt, synthetic = header(body)
+        begin(bid)
+        res: float | proto.Failed
         try:
-            lease = proto.decode_lease(body) if kind == proto.K_LEASE else arena.decode(body)
+            if kind == k_lease:
+                data, meta = loads(memoryview(body)[header_size:])
+            else:
+                lease = arena.decode(body)
+                data, meta = lease.data, lease.meta
         except BaseException as exc:
             res = proto.Failed(bid, attempt, exc, None, None, False, None)
         else:
-            res = run_lease(send_fn, lease, start)
-            leave_if_forked(owner, getattr(res, "error", None))
+            res = send_leased(send_fn, data, meta, bid, attempt, bool(synthetic), start)
+            del data, meta
+            if getpid() != owner:  # a child of the user's code came back here
+                leave_if_forked(owner, None if isinstance(res, float) else res.error)
         del body
-        shipper.end()  # its records go before its answer
+        end()  # its records go before its answer
         try:
-            if type(res) is proto.Done:
-                out.send_framed(proto.framed_done(res.batch_id, res.attempt, res.seconds))
+            if isinstance(res, float):
+                answer(done_frame(bid, attempt, res))
             else:
                 out.send(proto.encode_result(res))
         except OSError:

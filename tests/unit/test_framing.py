@@ -4,6 +4,7 @@ frames as written, whatever each read hands over."""
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from collections.abc import Iterator
 
@@ -118,3 +119,56 @@ def test_answers_come_out_whole_however_the_reads_cut_them(cut):
     (failed,) = [m for m in got if isinstance(m, proto.Failed)]
     assert isinstance(failed.error, ValueError)
     assert failed.kept == [0]
+
+
+def _log_body(size: int) -> tuple[bytes, dict[str, int]]:
+    """A log record's frame body of exactly ``size`` bytes, and its attributes."""
+    for k in range(1, 200):
+        attrs = {"m" * k: k}
+        body = proto.encode_log(pickle.dumps(attrs, 5))
+        if len(body) == size:
+            return body, attrs
+    raise AssertionError(f"no log body of {size} bytes")
+
+
+@pytest.mark.parametrize("cut", [None, 26, 52])
+def test_done_frames_decoded_whole_stop_at_the_first_other_frame(cut):
+    """A read that is whole frames of a Done's size is decoded as Dones up to the first frame
+    that is not one, even one of a Done's size (a log record of 22 bytes), and read on from
+    there."""
+    log_body, attrs = _log_body(proto.DONE.size)
+    bodies = [
+        proto.encode_done(1, 1, 0.5),
+        proto.encode_done(2, 1, 0.5),
+        log_body,
+        proto.encode_done(3, 2, 0.25),
+        proto.encode_ready(7),
+        proto.encode_done(4, 1, 0.125),
+    ]
+    stream = b"".join(b"".join(proto.frame(b)) for b in bodies)
+    splitter = proto.FrameSplitter()
+    got: list[proto.WorkerMessage] = []
+    step = cut or len(stream)
+    for at in range(0, len(stream), step):
+        got.extend(splitter.messages(stream[at : at + step]))
+    assert [type(m).__name__ for m in got] == ["Done", "Done", "Log", "Done", "Ready", "Done"]
+    dones = [(m.batch_id, m.attempt, m.seconds) for m in got if isinstance(m, proto.Done)]
+    assert dones == [(1, 1, 0.5), (2, 1, 0.5), (3, 2, 0.25), (4, 1, 0.125)]
+    log = got[2]
+    assert isinstance(log, proto.Log)
+    assert log.attrs == attrs
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 5, 17, 40, 41, 42, 82, 1000])
+def test_lease_frames_come_out_whole_however_the_reads_cut_them(cut):
+    """The lease reader's splitter: frames cut by the end of a read wait for their rest;
+    whole ones come out as bytes, equal to what was framed."""
+    bodies = [b"L" + bytes([i % 251]) * (i * 7 % 60) for i in range(1, 60)]
+    stream = b"".join(proto.frame(b)[0] for b in bodies)
+    splitter = proto.FrameSplitter()
+    got: list[bytes] = []
+    for at in range(0, len(stream), cut):
+        got.extend(splitter.split(stream[at : at + cut]))
+    assert got == bodies
+    assert all(type(b) is bytes for b in got)
+    assert not splitter._buf  # nothing left over
