@@ -66,7 +66,8 @@ class Stats:
     items_buffered: int
     #: Items in batches leased to workers now.
     items_in_flight: int
-    #: Leases handed to workers (a retry counts again).
+    #: Sends: batches a worker's ``send_fn`` was called on (a retry counts again; a batch
+    #: queued behind a worker's running send that the worker never began is not counted).
     batches_sent: int
     #: Sends that ended in an error (raised by ``send_fn``, a crash, ``send_timeout``).
     batches_failed: int

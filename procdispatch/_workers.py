@@ -83,9 +83,12 @@ class Workers(WorkerStarts):
                     return  # nothing of it can go; already reported
             except OSError:
                 # The worker is gone; the handle counts this lease as never written, so its
-                # death puts it back in the queue with the others it held.
+                # death puts it back in the queue with the others it held. What it answered
+                # before it died is read first (as when its sentinel shows the death): a
+                # worker holding queued leases answered some of them, and its death must be
+                # charged to the batch it was sending, not to the oldest one it was handed.
                 self._hand_over(slot, b, now)
-                self._on_death(slot, now)
+                self.handle(slot, True, now)
                 return
         self._hand_over(slot, b, now)
         if waits:
@@ -234,6 +237,8 @@ class Workers(WorkerStarts):
             elif i >= started or (reason == "timeout" and b is not slot.victim):
                 # Never started, or (its predecessor answered just before the kill) killed
                 # for another batch's overrun: back in the queue, no attempt used.
+                if i >= started:
+                    self.ledger.batches_sent -= 1  # send_fn never saw it: no send to count
                 outcomes.released(b)
             else:
                 exc: ProcDispatchError

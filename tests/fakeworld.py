@@ -118,6 +118,7 @@ class FakeWorker(WorkerHandle):
         self._queue: list[Batch[Any]] = []  # leases handed and not answered, oldest first
         self._busy = False
         self._dead = False
+        self._unsent = 0
         self._stopping = False
         self.code: int | None = None
         if ready != math.inf:
@@ -166,6 +167,7 @@ class FakeWorker(WorkerHandle):
 
     def send_lease(self, batch: Batch[Any]) -> bool:
         if self._dead:
+            self._unsent += 1  # as a process worker's handle: the lease never reached it
             raise BrokenPipeError("fake worker is gone")
         self.rec.sent.append(
             Sent(self.world.t, self.wid, batch.id, batch.attempt, list(batch.data), batch.synthetic)
@@ -173,6 +175,16 @@ class FakeWorker(WorkerHandle):
         self._queue.append(batch)
         self._start_next()
         return False
+
+    def unsent(self) -> int:
+        return self._unsent
+
+    def die_unnoticed(self) -> None:
+        """Answer the running lease and die at once, neither answer nor death yet signalled
+        (the coordinator finds out when it next writes to this worker)."""
+        b = self._queue.pop(0)
+        self._out.append(proto.Done(b.id, b.attempt, 0.0))
+        self._dead, self.code = True, -9
 
     def waitables(self) -> tuple[Any, Any]:
         return self._r, self._gone_r

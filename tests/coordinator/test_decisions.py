@@ -507,3 +507,31 @@ def test_a_worker_answering_while_it_holds_nothing_is_killed_and_nothing_is_lost
     assert r.rec.kills == [(2.0, 1)]
     assert r.errors == []
     assert (r.stats.items_delivered, r.stats.items_dropped) == (1, 0)
+
+
+def test_a_death_found_on_a_write_reads_the_answers_the_worker_wrote_first() -> None:
+    """Worker 1 answers "a" and dies in the same instant; the coordinator finds the death when
+    it writes "b" to it. "a" was delivered (its answer is in the pipe): it is delivered, not
+    charged with the crash, and "b", which never reached the worker, goes to the next worker
+    with no attempt used."""
+
+    def first_worker_hangs(b: Any, w: Any) -> Plan:
+        return Plan("hang") if w.wid == 1 else Plan("done", 0.5)
+
+    def answer_and_die_then_put(c: Any) -> None:
+        c.backend.workers[1].die_unnoticed()
+        c.adm.admit(["b"], None, block=False, deadline=None)  # wakes the coordinator
+
+    r = run(
+        first_worker_hangs,
+        ["a"],
+        close_at=2.0,
+        script=[(1.0, answer_and_die_then_put)],
+        workers=1,
+        max_leases=2,
+        batch_items_max=1,
+        retry=retry.none,
+    )
+    assert sends(r) == [(0.0, 1, 1, ["a"]), (1.0, 2, 1, ["b"])]  # the write to 1 failed
+    assert (r.errors, r.drops) == ([], [])
+    assert (r.stats.items_delivered, r.stats.items_dropped) == (2, 0)

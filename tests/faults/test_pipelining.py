@@ -354,3 +354,49 @@ def test_a_done_says_how_long_its_send_ran(script, kind):
         h.kill()
         h.exitcode(5)
         h.close()
+
+
+class _KillsItselfOn:
+    """Records each send in the log, then SIGKILLs its own worker on every ``every``-th item's
+    first attempt (after its work is done: the death is what fails it)."""
+
+    def __init__(self, log: Log, every: int) -> None:
+        self.log, self.every = log, every
+
+    def __call__(self, batch: pd.Batch[int]) -> None:
+        k = batch.data[0]
+        self.log.write(k=k, attempt=batch.attempt)
+        if k % self.every == self.every - 1 and batch.attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_death_seen_on_a_write_is_charged_to_the_batch_being_sent(tmp_path):
+    """Quick sends let a worker hold queued leases; when its death shows first as a failed
+    write of the next lease, the answers it wrote before it died are read before the death is
+    charged: each batch that returned is delivered once, and only the batch whose send killed
+    the worker fails (retry.none(): dropped after its first crash)."""
+    log = Log(tmp_path / "log")
+    every, n = 50, 3000
+    drops: list[int] = []
+    errors: list[tuple[int, BaseException]] = []
+    ch = pd.ProcessChannel(
+        _KillsItselfOn(log, every),
+        workers=2,
+        batch_items_max=1,
+        retry=pd.retry.none(),
+        on_drop=lambda b, flush: drops.extend(b.data if b is not None else ()),
+        on_error=lambda b, e: errors.append((b.data[0], e)) and False,
+    )
+    ch.put_many(range(n))
+    assert ch.close_and_drain(120)
+    killers = {k for k in range(n) if k % every == every - 1}
+    runs: dict[int, int] = {}
+    for r in log.read():
+        runs[r["k"]] = runs.get(r["k"], 0) + 1
+    assert sorted(drops) == sorted(killers)
+    assert {k for k, _ in errors} == killers
+    assert all(isinstance(e, pd.WorkerCrashed) for _, e in errors)
+    assert runs == dict.fromkeys(range(n), 1)  # a batch behind the fatal one never ran
+    s = _check_accounting(ch)
+    assert (s.items_delivered, s.items_dropped) == (n - len(killers), len(killers))
+    assert s.batches_sent == n  # every send_fn call, and only those
