@@ -41,17 +41,7 @@ class Leases(Generic[T]):
 
     def ack(self, batch: Batch[T]) -> None:
         """The lease ended well (or the batch is being dropped): forget the batch."""
-        # _end_lease spelled out: an ack ends nearly every lease.
-        leases = self._leases
-        try:
-            leased = leases.get(batch.id) is batch
-        except AttributeError:  # not a Batch at all
-            leased = False
-        if not leased:
-            self._check_leased(batch, "ack")  # raises, saying what is wrong
-        del leases[batch.id]
-        self._leased_items -= batch._lease_count
-        self._leased_size -= batch._lease_size
+        self._end_lease(batch, "ack")
         batch._state = _DONE
 
     def leases(self) -> list[Batch[T]]:

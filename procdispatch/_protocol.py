@@ -84,6 +84,7 @@ __all__ = [
     "WorkerMessage",
     "decode_from_worker",
     "decode_lease",
+    "lease_items",
     "describe_error",
     "dumps",
     "dumps_out_of_band",
@@ -140,44 +141,27 @@ class FrameSplitter:
         self._buf = bytearray()
 
     def split(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf
-        data: bytes | bytearray = chunk  # cut where it lies unless a frame began before it
-        if buf:
-            buf += chunk
-            data = buf
-        out: list[bytes] = []
-        pos = 0
-        n = len(data)
-        while n - pos >= 4:
-            (size,) = SIZE.unpack_from(data, pos)
-            head = 4
-            if size == -1:
-                if n - pos < 12:
-                    break
-                (size,) = BIG.unpack_from(data, pos + 4)
-                head = 12
-            if n - pos - head < size:
-                break
-            start = pos + head
-            out.append(bytes(data[start : start + size]))  # a slice of bytes is not copied again
-            pos = start + size
-        if data is buf:
-            del buf[:pos]
-        elif pos < n:
-            buf += data[pos:]
+        """The frame bodies completed by ``chunk``, as bytes."""
+        out: list[bytes] = self._cut(chunk, False)
         return out
 
     def messages(self, chunk: bytes) -> list[WorkerMessage]:
         """The messages from a worker in what was read (see :func:`decode_from_worker`): the
         answers of quick sends come many to a read, so a Done is decoded where it lies."""
+        out: list[WorkerMessage] = self._cut(chunk, True)
+        return out
+
+    def _cut(self, chunk: bytes, decode: bool) -> list[Any]:
+        """Cut where the frames lie in ``chunk`` unless one began before it (then in the
+        buffer); keep what is left for the next read. ``decode``: messages, not bodies."""
         buf = self._buf
         data: bytes | bytearray = chunk
         if buf:
             buf += chunk
             data = buf
-        out: list[WorkerMessage] = []
+        out: list[Any] = []
         n = len(data)
-        if n % _DONE_FRAME == 0:  # often nothing but Done frames: unpacked whole, in C
+        if decode and n % _DONE_FRAME == 0:  # often nothing but Done frames: unpacked in C
             for head, kind, bid, attempt, _, seconds in _DONE_WHOLE.iter_unpack(data):
                 if head != _DONE_HEAD or kind != K_DONE:
                     break  # the loop below reads on from this frame
@@ -185,7 +169,7 @@ class FrameSplitter:
         pos = len(out) * _DONE_FRAME
         while n - pos >= 4:
             (size,) = SIZE.unpack_from(data, pos)
-            if size == DONE.size and n - pos >= _DONE_FRAME and data[pos + 4] == K_DONE:
+            if decode and size == DONE.size and n - pos >= _DONE_FRAME and data[pos + 4] == K_DONE:
                 _, bid, attempt, _, seconds = DONE.unpack_from(data, pos + 4)
                 out.append(Done(bid, attempt, seconds))
                 pos += _DONE_FRAME
@@ -199,7 +183,8 @@ class FrameSplitter:
             if n - pos - head < size:
                 break
             start = pos + head
-            out.append(decode_from_worker(bytes(data[start : start + size])))
+            body = bytes(data[start : start + size])  # a slice of bytes is not copied again
+            out.append(decode_from_worker(body) if decode else body)
             pos = start + size
         if data is buf:
             del buf[:pos]
@@ -290,12 +275,7 @@ def encode_lease(batch: Batch[Any]) -> tuple[bytes, ...]:
 
     Pickling runs the items' own code (``__reduce__``, ``__getstate__``): whatever it raises,
     of whatever class (a ``SystemExit`` too), is that item's failure, never the caller's."""
-    # lease_parts() spelled out: this runs once per lease, on the coordinator's thread.
-    try:
-        payload = dumps((batch.data, batch.meta))
-    except BaseException as exc:  # user code: see above
-        raise unsendable(batch.data, batch.meta, exc) from None
-    head = HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic)
+    head, payload = lease_parts(batch)
     n = len(head) + len(payload)
     if n <= COPY_MAX:
         return (SIZE.pack(n) + head + payload,)
@@ -352,8 +332,15 @@ def _decode_log(buf: bytes) -> dict[str, Any]:
 def decode_lease(body: bytes | bytearray) -> Lease:
     """The lease in a frame body (raises what unpickling its items raised)."""
     _, bid, attempt, synthetic = HEADER.unpack_from(body)
-    data, meta = pickle.loads(memoryview(body)[HEADER.size :])
+    data, meta = lease_items(body)
     return Lease(bid, attempt, bool(synthetic), data, meta)
+
+
+def lease_items(body: bytes | bytearray) -> tuple[list[Any], object]:
+    """The items and the meta of a lease frame body (its header is read apart: the worker's
+    loop needs it even when the items cannot be unpickled)."""
+    data, meta = pickle.loads(memoryview(body)[HEADER.size :])
+    return data, meta
 
 
 def encode_result(res: Done | Failed) -> bytes:

@@ -227,7 +227,7 @@ def _serve(
     # Bound once: the loop below runs once per lease, and a quick send makes these lookups a
     # visible share of the worker's time.
     read, monotonic, getpid = reader.read, time.monotonic, os.getpid
-    header, header_size, loads = proto.HEADER.unpack_from, proto.HEADER.size, pickle.loads
+    header, lease_items = proto.HEADER.unpack_from, proto.lease_items
     begin, end, answer, done_frame = shipper.begin, shipper.end, out.send_framed, proto.framed_done
     k_lease = proto.K_LEASE
     while True:
@@ -250,7 +250,7 @@ def _serve(
         res: float | proto.Failed
         try:
             if kind == k_lease:
-                data, meta = loads(memoryview(body)[header_size:])
+                data, meta = lease_items(body)
             else:
                 lease = arena.decode(body)
                 data, meta = lease.data, lease.meta
