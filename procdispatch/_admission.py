@@ -66,8 +66,9 @@ class Stats:
     items_buffered: int
     #: Items in batches leased to workers now.
     items_in_flight: int
-    #: Sends: batches a worker's ``send_fn`` was called on (a retry counts again; a batch
-    #: queued behind a worker's running send that the worker never began is not counted).
+    #: Sends: batches a worker began, calling ``send_fn`` on them or failing to unpickle their
+    #: items (a retry counts again; a batch queued behind a worker's running send that the
+    #: worker never began is not counted).
     batches_sent: int
     #: Sends that ended in an error (raised by ``send_fn``, a crash, ``send_timeout``).
     batches_failed: int

@@ -54,7 +54,7 @@ from ._handover import Ledger
 from ._lifecycle import Lifecycle, drop_everything_left, moved, shutdown_steps
 from ._options import ChannelOptions
 from ._outcomes import Outcomes
-from ._pool import BUSY, DEAD, IDLE, STARTING, Slot, WorkerPool
+from ._pool import DEAD, STARTING, Slot, WorkerPool
 from ._workers import Workers
 from .backends import Backend
 from .buffer import Buffer
@@ -245,22 +245,7 @@ class Coordinator:
         pool = self.pool
         send = self.workers.send
         if limiter is None and min_qps is None:
-            # Nothing to consult before leasing: lease and send while both sides have room, in
-            # the order of pick() (the first of the workers holding the fewest), level by level.
-            slots = pool.with_room()
-            if not slots:
-                return booked
-            for level in range(min([len(s.batches) for s in slots]), pool.depth):
-                for s in slots:
-                    if (
-                        len(s.batches) == level < s.depth
-                        and (s.state is IDLE or s.state is BUSY)  # not retired meanwhile
-                    ):
-                        leased = buf.lease_one(now)
-                        if leased is None:
-                            return booked
-                        self._last_send = now
-                        send(s, leased, now)
+            self._lease_and_send_all(now)
             return booked
         while True:
             slot = pool.pick()
@@ -297,6 +282,42 @@ class Coordinator:
                 raise InternalError("buffer.ready() was true but lease_one() returned None")
             self._last_send = now
             send(slot, leased, now)
+
+    def _lease_and_send_all(self, now: float) -> None:
+        """Lease as many batches as the workers have room for, and send each worker its share
+        together. Shared as pick() would, one at a time: level by level (every worker holding
+        the fewest gets one, then every worker holding one more...), in table order."""
+        slots = self.pool.with_room()
+        if not slots:
+            return
+        cap = self.opts.max_batches_per_worker
+        held = [len(s.batches) for s in slots]
+        room = [s.depth - h for s, h in zip(slots, held, strict=True)]
+        if cap is not None:  # a worker is retired once handed ``cap`` batches
+            room = [min(r, cap - s.leased) for s, r in zip(slots, room, strict=True)]
+        batches = self.buffer.lease_many(now, sum(room))
+        if not batches:
+            return
+        self._last_send = now
+        if len(slots) == 1:
+            shares = [batches]
+        else:
+            shares = [[] for _ in slots]
+            it = iter(batches)
+            left = len(batches)
+            level = min(held)
+            while left:
+                for i, h in enumerate(held):
+                    if h <= level < h + room[i]:
+                        shares[i].append(next(it))
+                        left -= 1
+                        if not left:
+                            break
+                level += 1
+        send_many = self.workers.send_many
+        for s, share in zip(slots, shares, strict=True):
+            if share:
+                send_many(s, share, now)
 
     def _finished(self) -> bool:
         if self.state is Lifecycle.OPEN or self._backlog or self.buffer.total:

@@ -94,6 +94,47 @@ class Workers(WorkerStarts):
         if waits:
             self.pool.watch_writes(slot)  # the rest goes out when the pipe has room
 
+    def send_many(self, slot: Slot, batches: list[Batch[Any]], now: float) -> None:
+        """Hand several leased batches to a worker with room for all of them, together when
+        its handle can (one write for all). Those it can no longer take (it died, or was
+        retired, on the way) go back to the queue unsent."""
+        handle = slot.handle
+        if not handle.sends_together:
+            for i, b in enumerate(batches):
+                if slot.state is not IDLE and slot.state is not BUSY:
+                    self._give_back(batches[i:])
+                    return
+                self.send(slot, b, now)
+            return
+        todo = batches
+        while todo:
+            try:
+                n, waits, err = handle.send_leases(todo)
+            except OSError:
+                # Gone: the handle counts all of them unsent; its death (its answers read
+                # first, see send) puts them back in the queue.
+                for b in todo:
+                    self._hand_over(slot, b, now)
+                self.handle(slot, True, now)
+                return
+            for b in todo[:n] if n < len(todo) else todo:
+                self._hand_over(slot, b, now)
+            if waits:
+                self.pool.watch_writes(slot)
+            if err is None:
+                return
+            assert isinstance(err, proto.UnsendableItems)
+            b = todo[n]
+            rest = todo[n:] if self.outcomes.unsendable(b, err, now) else todo[n + 1 :]
+            if rest and slot.state is not IDLE and slot.state is not BUSY:
+                self._give_back(rest)  # retired when it took the batches before
+                return
+            todo = rest
+
+    def _give_back(self, batches: list[Batch[Any]]) -> None:
+        for b in batches:
+            self.outcomes.buffer.release(b)
+
     def _hand_over(self, slot: Slot, b: Batch[Any], now: float) -> None:
         if not slot.batches:
             slot.move(BUSY)

@@ -194,6 +194,22 @@ class Buffer(Leases[T]):
             return self._lease(queue.pop_head(), now)
         return None
 
+    def lease_many(self, now: float, n: int) -> list[Batch[T]]:
+        """Up to ``n`` batches, as :meth:`lease_one` called until it gives None would hand
+        out (one call for the batches a turn of the coordinator sends)."""
+        n = min(n, self._max_leases - len(self._leases))
+        out: list[Batch[T]] = []
+        pop, lease = self._queue.pop_ready, self._lease
+        while len(out) < n:
+            b = pop(now)
+            if b is None:
+                b = self.lease_one(now)  # the batch being filled, when it is due
+                if b is not None:
+                    out.append(b)
+                break
+            out.append(lease(b, now))
+        return out
+
     def ready(self, now: float) -> bool:
         """True when :meth:`lease_one` at ``now`` would hand out a batch."""
         if len(self._leases) >= self._max_leases:

@@ -19,7 +19,7 @@ import heapq
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +176,24 @@ class FakeWorker(WorkerHandle):
         self._start_next()
         return False
 
+    def send_leases(self, batches: Sequence[Batch[Any]]) -> tuple[int, bool, Exception | None]:
+        """As a process worker's handle: the leases encoded up to the first that cannot be,
+        then handed together (a gone worker: all of them count as unsent)."""
+        n, err = 0, None
+        for b in batches:
+            try:
+                proto.encode_lease(b)
+            except proto.UnsendableItems as exc:
+                err = exc
+                break
+            n += 1
+        if n and self._dead:
+            self._unsent += len(batches)
+            raise BrokenPipeError("fake worker is gone")
+        for b in batches[:n]:
+            self.send_lease(b)
+        return n, False, err
+
     def unsent(self) -> int:
         return self._unsent
 
@@ -220,11 +238,17 @@ class FakeBackend(Backend):
     name = "fake"
 
     def __init__(
-        self, world: World, behaviour: Behaviour, ready: float = 0.0, staggered: bool = False
+        self,
+        world: World,
+        behaviour: Behaviour,
+        ready: float = 0.0,
+        staggered: bool = False,
+        together: bool = False,
     ) -> None:
         super().__init__()
         self.world, self.behaviour, self.ready = world, behaviour, ready
         self.staggered_start = staggered  # workers that cost a core to start, like processes
+        self.together = together  # workers handed several leases at once, like processes
         self.rec = Record()
         self.workers: dict[int, FakeWorker] = {}
 
@@ -234,6 +258,7 @@ class FakeBackend(Backend):
     def start_worker(self, wid: int) -> WorkerHandle:
         self.rec.starts.append((self.world.t, wid))
         self.workers[wid] = FakeWorker(self.world, self.rec, wid, self.behaviour, self.ready)
+        self.workers[wid].sends_together = self.together
         return self.workers[wid]
 
 
@@ -298,12 +323,13 @@ def run(
     limiter: Callable[[World], Any] | None = None,
     ready: float = 0.0,
     staggered: bool = False,
+    together: bool = False,
     on_error: Callable[[Batch[Any], BaseException], bool] | None = None,
     **options: Any,
 ) -> Run:
     """Run a coordinator to the end on the fake world; return what happened."""
     world = World()
-    backend = FakeBackend(world, behaviour, ready, staggered)
+    backend = FakeBackend(world, behaviour, ready, staggered, together)
     drops: list[tuple[float, int, int, list[Any], BaseException | None]] = []
     errors: list[tuple[float, int, int, BaseException]] = []
 

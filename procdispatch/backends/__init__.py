@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._protocol import UnsendableItems
@@ -121,6 +121,8 @@ class WorkerHandle(abc.ABC):
     #: Dask lane sends several in one task): each one it holds, but those :meth:`unsent`
     #: counts, may have been sent.
     runs_ahead: bool = False
+    #: True when :meth:`send_leases` hands several leases at once for less than one by one.
+    sends_together: bool = False
 
     @abc.abstractmethod
     def send_lease(self, batch: Batch[Any]) -> bool:
@@ -128,6 +130,14 @@ class WorkerHandle(abc.ABC):
         meta). Never blocks: True when part of it waits to be written (the caller then watches
         :meth:`write_fd` and calls :meth:`flush`). Raises :class:`UnsendableItems` when the
         batch cannot go as it is, and OSError when the worker is gone."""
+
+    def send_leases(self, batches: Sequence[Batch[Any]]) -> tuple[int, bool, Exception | None]:
+        """Hand the worker leases of ``batches``, in order, together (a handle whose
+        :attr:`sends_together` is True has this). Returns (n, waits, error): the first n were
+        handed; ``error``, when not None, is the :class:`UnsendableItems` of ``batches[n]``
+        (nothing after it was handed). Raises OSError when the worker is gone, every lease of
+        the call then counted by :meth:`unsent`."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def waitables(self) -> tuple[Any, Any]:

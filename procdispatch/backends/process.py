@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,11 @@ log = logging.getLogger("procdispatch")
 
 READ_SIZE = 1 << 16
 _write = os.write
+#: The most parts one writev takes; the rest wait in the handle's queue.
+try:
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError):  # not a name this system knows
+    _IOV_MAX = 16  # the least POSIX allows
 
 
 class ProcessBackend(Backend):
@@ -159,8 +164,43 @@ class ProcessWorker(WorkerHandle):
     _in_arena: collections.deque[tuple[int, int]] | None = None
     _arena_named = False  # the K_ARENA frame went ahead of the first lease through it
 
+    sends_together = True
+
     def send_lease(self, batch: Batch[Any]) -> bool:
-        parts = None
+        parts = self._lease_frames(batch)
+        return self._put_frames(parts, [False] * (len(parts) - 1) + [True], 1)
+
+    def send_leases(self, batches: Sequence[Batch[Any]]) -> tuple[int, bool, Exception | None]:
+        """Leases of ``batches`` in one write: the frames of all of them (a large lease's
+        parts too) go out with one ``writev``, whose cost, and the worker's reads, a worker
+        handed several batches at once then pays once. A batch that cannot be encoded ends the
+        run: what came before it is written, and it is returned with its error."""
+        frames: list[bytes] = []
+        ends: list[bool] = []  # whether each frame ends a lease (a large lease is parts)
+        n = 0
+        err: Exception | None = None
+        for b in batches:
+            try:
+                parts = self._lease_frames(b)
+            except proto.UnsendableItems as exc:
+                err = exc
+                break
+            if len(parts) == 1:
+                frames.append(parts[0])
+                ends.append(True)
+            else:
+                frames.extend(parts)
+                ends.extend([False] * (len(parts) - 1))
+                ends.append(True)
+            n += 1
+        if not n:
+            return 0, False, err
+        return n, self._put_frames(frames, ends, len(batches)), err
+
+    def _lease_frames(self, batch: Batch[Any]) -> list[bytes]:
+        """The frames of a lease: through the arena when its items are large buffers, else
+        pickled whole (a large one in two parts, its payload not copied). Raises
+        UnsendableItems."""
         data = batch.data
         if (
             data
@@ -169,24 +209,41 @@ class ProcessWorker(WorkerHandle):
             and wants_arena(data)
         ):
             parts = self._through_arena(batch)
-        if parts is None:
-            parts = proto.encode_lease(batch)
-        if len(parts) > 1:
-            # Large: its parts go out in one writev, without copying the payload.
-            return self._put(parts, True)
-        frame = parts[0]
+            if parts is not None:
+                return list(parts)
+        return list(proto.encode_lease(batch))
+
+    def _put_frames(self, frames: list[bytes], ends: list[bool], handed: int) -> bool:
+        """Write ``frames`` with one writev (``ends``: whether each ends a lease), queueing
+        what the pipe did not take; True when something waits. When the worker is gone, the
+        ``handed`` leases count as unsent: the caller gives them all to the worker's slot,
+        whose death puts them back in the queue."""
+        written = 0
         if self._out is None:
             try:
-                written = _write(self._lease_fd, frame)
+                written = (
+                    _write(self._lease_fd, frames[0])
+                    if len(frames) == 1
+                    else os.writev(self._lease_fd, frames[:_IOV_MAX])
+                )
             except BlockingIOError:
-                written = 0
+                pass
             except OSError:
-                self._unsent += 1  # it never reached the worker
+                self._unsent += handed  # none of them reached the worker
                 raise
-            if written == len(frame):
-                return False
-            frame = frame[written:]
-        return self._put((frame,), True)
+        waits = False
+        for part, last in zip(frames, ends, strict=True):
+            if written >= len(part):
+                written -= len(part)
+                continue
+            if self._out is None:
+                self._out = collections.deque()
+            self._out.append((memoryview(part)[written:], last))
+            written = 0
+            waits = True
+            if last:
+                self._unsent += 1
+        return waits
 
     def _through_arena(self, batch: Batch[Any]) -> tuple[bytes, ...] | None:
         """The frames of a lease whose large buffers went into the arena (the arena's own
@@ -210,35 +267,6 @@ class ProcessWorker(WorkerHandle):
             return parts
         self._arena_named = True
         return (arena_frame(arena), *parts)  # the worker maps it before it reads the lease
-
-    def _put(self, parts: tuple[bytes, ...], ends_lease: bool) -> bool:
-        """Queue what of a frame is not written yet; True when something waits. A frame in
-        parts (a large lease) is first written with one writev, unless frames already wait; a
-        frame in one part comes from a caller that already wrote what the pipe took."""
-        written = 0
-        if self._out is None and len(parts) > 1:
-            try:
-                written = os.writev(self._lease_fd, parts)
-            except BlockingIOError:
-                pass
-            except OSError:
-                if ends_lease:
-                    self._unsent += 1
-                raise
-        waits = False
-        for i, part in enumerate(parts):
-            if written >= len(part):
-                written -= len(part)
-                continue
-            if self._out is None:
-                self._out = collections.deque()
-            last = ends_lease and i == len(parts) - 1
-            self._out.append((memoryview(part)[written:], last))
-            written = 0
-            waits = True
-        if waits and ends_lease:
-            self._unsent += 1
-        return waits
 
     def flush(self) -> bool:
         out = self._out
@@ -315,17 +343,10 @@ class ProcessWorker(WorkerHandle):
     def stop(self) -> bool:
         if self._lease_w is None or self._lease_w.closed:
             return False
-        written = 0
-        if self._out is None:
-            try:
-                written = _write(self._lease_fd, proto.STOP)
-            except BlockingIOError:
-                pass
-            except OSError:
-                return False  # the worker is gone: nothing to stop
-            if written == len(proto.STOP):
-                return False
-        return self._put((proto.STOP[written:],), False)
+        try:
+            return self._put_frames([proto.STOP], [False], 0)
+        except OSError:
+            return False  # the worker is gone: nothing to stop
 
     def close(self) -> None:
         self._out = None
