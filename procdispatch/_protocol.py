@@ -287,11 +287,22 @@ def lease_parts(batch: Batch[Any]) -> tuple[bytes, bytes]:
     """A lease's body as (header, pickled items and meta), unframed: what a backend that moves
     whole messages (a Dask task's argument) sends, and :func:`decode_lease` reads once joined.
     Raises UnsendableItems as :func:`encode_lease` does."""
+    data, meta = batch.data, batch.meta
     try:
-        payload = dumps((batch.data, batch.meta))
+        if meta is None and len(data) == 1 and type(data[0]) in _PLAIN:
+            # A lone int, str, bytes...: nothing in it can name the main module, so the
+            # standard pickler's own function does, in half the time of the reused one.
+            payload = _plain_dumps((data, None), PROTOCOL)
+        else:
+            payload = dumps((data, meta))
     except BaseException as exc:  # user code: see encode_lease
-        raise unsendable(batch.data, batch.meta, exc) from None
+        raise unsendable(data, meta, exc) from None
     return HEADER.pack(K_LEASE, batch.id, batch.attempt, batch.synthetic), payload
+
+
+#: Types whose pickles are the same by either pickler (see lease_parts).
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_plain_dumps = pickle.dumps
 
 
 def decode_from_worker(buf: bytes) -> WorkerMessage:

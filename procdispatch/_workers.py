@@ -87,10 +87,10 @@ class Workers(WorkerStarts):
                 # before it died is read first (as when its sentinel shows the death): a
                 # worker holding queued leases answered some of them, and its death must be
                 # charged to the batch it was sending, not to the oldest one it was handed.
-                self._hand_over(slot, b, now)
+                self._hand_over(slot, [b], now)
                 self.handle(slot, True, now)
                 return
-        self._hand_over(slot, b, now)
+        self._hand_over(slot, [b], now)
         if waits:
             self.pool.watch_writes(slot)  # the rest goes out when the pipe has room
 
@@ -113,12 +113,11 @@ class Workers(WorkerStarts):
             except OSError:
                 # Gone: the handle counts all of them unsent; its death (its answers read
                 # first, see send) puts them back in the queue.
-                for b in todo:
-                    self._hand_over(slot, b, now)
+                self._hand_over(slot, todo, now)
                 self.handle(slot, True, now)
                 return
-            for b in todo[:n] if n < len(todo) else todo:
-                self._hand_over(slot, b, now)
+            if n:
+                self._hand_over(slot, todo[:n] if n < len(todo) else todo, now)
             if waits:
                 self.pool.watch_writes(slot)
             if err is None:
@@ -135,17 +134,17 @@ class Workers(WorkerStarts):
         for b in batches:
             self.outcomes.buffer.release(b)
 
-    def _hand_over(self, slot: Slot, b: Batch[Any], now: float) -> None:
+    def _hand_over(self, slot: Slot, batches: list[Batch[Any]], now: float) -> None:
         if not slot.batches:
             slot.move(BUSY)
             st = self.opts.send_timeout
             slot.deadline = now + st if st is not None else math.inf
-        slot.batches.append(b)
+        slot.batches.extend(batches)
+        n = len(batches)
         led = self.ledger
-        led.batches_sent += 1
-        if not b.synthetic:
-            led.d_in_flight += b._count  # Ledger.book spelled out: once per batch
-        slot.leased += 1
+        led.batches_sent += n
+        led.d_in_flight += sum([b._count for b in batches if not b.synthetic])  # Ledger.book
+        slot.leased += n
         cap = self.opts.max_batches_per_worker
         if cap is not None and slot.leased >= cap:  # it gets no more: count what it was handed
             self._retire(slot, f"it was handed {slot.leased} batches")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from fakeworld import Plan, always, run
 
 from procdispatch import retry
@@ -55,20 +56,25 @@ def test_a_death_found_on_writing_several_leases_puts_them_all_back_unused() -> 
     assert (r.stats.batches_sent, r.stats.worker_restarts) == (4, 1)
 
 
-def test_a_batch_that_cannot_be_pickled_among_several_fails_alone() -> None:
+@pytest.mark.parametrize("where", [0, 1, 3])
+def test_a_batch_that_cannot_be_pickled_among_several_fails_alone(where: int) -> None:
     lock = threading.Lock()  # will not pickle, even by value
+    items: list[Any] = ["a", "b", "c"]
+    items.insert(where, lock)
     r = run(
         always(Plan("done", 1.0)),
-        ["a", lock, "c", "d"],
+        items,
         workers=1,
         max_leases=4,
         batch_items_max=1,
         together=True,
     )
-    assert sends(r) == [(0.0, 1, 1, ["a"]), (0.0, 1, 1, ["c"]), (0.0, 1, 1, ["d"])]
+    assert sends(r) == [(0.0, 1, 1, [x]) for x in ["a", "b", "c"]]
     ((t, bid, attempt, exc),) = r.errors
     assert (t, bid, attempt) == (0.0, 5, 1)  # the item went alone, as a batch of its own
-    assert str(exc).startswith("item 0 of batch 2 (attempt 1) cannot be pickled to reach a worker")
+    assert str(exc).startswith(
+        f"item 0 of batch {where + 1} (attempt 1) cannot be pickled to reach a worker"
+    )
     assert [(t, data) for t, _, _, data, _ in r.drops] == [(0.0, [lock])]
     assert (r.stats.items_delivered, r.stats.items_dropped, r.stats.batches_sent) == (3, 1, 3)
 
