@@ -42,6 +42,7 @@ from .errors import OptionsError
 __all__ = [
     "DASK_DEPTH",
     "DEPTH",
+    "QUICK_BYTES",
     "QUICK_SEND",
     "ChannelOptions",
     "Options",
@@ -56,12 +57,13 @@ __all__ = [
 #: at most about 1 % to that round trip, and a batch queued behind it would wait for it while
 #: another worker may be idle.
 QUICK_SEND = 0.005
-#: The most batches a worker holds when ``max_leases`` is left out (it is DEPTH * workers), but
-#: on a backend that says otherwise (:attr:`~.backends.Backend.lease_depth`). QUICK_SEND bounds
-#: the time queued behind a running send whatever this is; it matters for sends of less than
-#: QUICK_SEND / DEPTH (156 us), where each turn of the coordinator's loop (its wait, its reads,
-#: its writes, publishing the counters) is shared by the batches a worker answered meanwhile:
-#: single-item no-op batches ran at 140-145k a second with 8, 200-210k with 32.
+#: And as many as QUICK_BYTES holds, counting the last lease's size with its large items in
+#: shared memory, where the backend measures it (WorkerHandle.lease_cap): 1 MB batches that
+#: take a fraction of a millisecond ran 10-25 % slower 32 deep than 8 deep.
+QUICK_BYTES = 8 << 20
+#: The most batches a worker holds when ``max_leases`` is left out (DEPTH * workers), but on a
+#: backend that says otherwise (Backend.lease_depth). For sends under QUICK_SEND / DEPTH a loop
+#: turn is shared by more answers: single no-op items ran 140-145k/s with 8, 200-210k with 32.
 DEPTH = 32
 #: DEPTH for a Dask lane (DaskBackend.lease_depth): each task costs a trip through the
 #: scheduler, about ten milliseconds, so quick sends go many to a task; their sends still take
@@ -99,7 +101,8 @@ class Options:
             "batches in flight at once (>= 1); above `workers`, each worker holds up to "
             "`ceil(max_leases / workers)` batches, one running and the rest waiting in its "
             "pipe. Left out, a worker holds more than one only while its sends are quick: as many "
-            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}"
+            f"as its last send's time fits into {QUICK_SEND * 1000:g} ms, up to {DEPTH}, and "
+            "fewer when its leases are large"
             + (f" ({DASK_DEPTH} on the Dask backend)" if DASK_DEPTH != DEPTH else ""),
             shown=(
                 f"`{DEPTH} * workers` ("

@@ -35,7 +35,7 @@ from ._pool import BUSY, DEAD, IDLE, STARTING, STOPPING, Slot, WorkerPool
 from ._starting import StartingHandle
 from ._worker_logging import handle_record
 from ._worker_starts import WorkerStarts
-from .backends import Backend
+from .backends import Backend, LeasesHeld
 from .buffer import Batch
 from .errors import ProcDispatchError, SendTimeout, WorkerCrashed
 
@@ -122,6 +122,9 @@ class Workers(WorkerStarts):
                 self.pool.watch_writes(slot)
             if err is None:
                 return
+            if isinstance(err, LeasesHeld):
+                self._give_back(todo[n:])  # leased again once the worker answers
+                return
             assert isinstance(err, proto.UnsendableItems)
             b = todo[n]
             rest = todo[n:] if self.outcomes.unsendable(b, err, now) else todo[n + 1 :]
@@ -165,6 +168,7 @@ class Workers(WorkerStarts):
                     slot.depth = (
                         depth if seconds * depth < QUICK_SEND else self._depth_after(seconds)
                     )
+                    slot.depth = min(slot.depth, slot.handle.lease_cap)
                 b = answered(slot, m, now)
                 if b is not None:
                     delivered(b)

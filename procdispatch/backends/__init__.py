@@ -102,6 +102,12 @@ class StartAbort:
             os.close(fd)
 
 
+class LeasesHeld(Exception):
+    """From :meth:`WorkerHandle.send_leases`: the worker takes no more leases now (its arena
+    of large items is full until it answers some); the batches from this one on go back to the
+    queue, unsent."""
+
+
 class WorkerHandle(abc.ABC):
     """One worker, as the coordinator sees it. Only the coordinator's thread calls it (but for
     a worker whose start was given up and returned late: the starter thread that got it kills,
@@ -123,6 +129,10 @@ class WorkerHandle(abc.ABC):
     runs_ahead: bool = False
     #: True when :meth:`send_leases` hands several leases at once for less than one by one.
     sends_together: bool = False
+    #: The most batches like the last one handed over that are worth queueing in the worker
+    #: (with ``max_leases`` left out, how many it holds never exceeds this); set by a handle
+    #: that measures its leases' sizes.
+    lease_cap: int = 1 << 30
 
     @abc.abstractmethod
     def send_lease(self, batch: Batch[Any]) -> bool:
@@ -134,9 +144,9 @@ class WorkerHandle(abc.ABC):
     def send_leases(self, batches: Sequence[Batch[Any]]) -> tuple[int, bool, Exception | None]:
         """Hand the worker leases of ``batches``, in order, together (a handle whose
         :attr:`sends_together` is True has this). Returns (n, waits, error): the first n were
-        handed; ``error``, when not None, is the :class:`UnsendableItems` of ``batches[n]``
-        (nothing after it was handed). Raises OSError when the worker is gone, every lease of
-        the call then counted by :meth:`unsent`."""
+        handed; ``error``, when not None, is the :class:`UnsendableItems` of ``batches[n]``,
+        or :class:`LeasesHeld` (nothing after it was handed). Raises OSError when the worker is
+        gone, every lease of the call then counted by :meth:`unsent`."""
         raise NotImplementedError
 
     @abc.abstractmethod

@@ -10,8 +10,11 @@ How. A batch whose first item is a ``bytes`` or ``bytearray`` of at least :data:
 bytes is pickled with protocol 5, each of its items that large wrapped so that it pickles as
 ``type(item)(buffer)`` with the buffer *out of band* (:class:`pickle.PickleBuffer`). The
 buffers are copied into the worker's arena, and the lease frame (``K_LEASE_OOB``) carries
-their places in it besides the rest of the pickle. A batch that is not like that, or whose
-buffers do not fit in the arena's free space now, goes through the pipe as before.
+their places in it besides the rest of the pickle. A batch that is not like that goes
+through the pipe as before. One whose buffers fit in the arena, but not in its free space now,
+waits for that space when it is one of the batches a worker is handed at once (it goes back to
+the queue unsent, and is leased again once the worker's answers free the space); a lease sent
+alone (with a rate limit, each send is admitted apart) goes through the pipe.
 
 The arena is a POSIX shared memory segment of :data:`ARENA_SIZE` bytes, made by the
 coordinator the first time a worker is handed such a batch and named to the worker in a
@@ -110,9 +113,16 @@ class Arena:
         self._allocs: collections.deque[tuple[int, int]] = collections.deque()
         self._owned = True
 
+    #: Whether the last :meth:`alloc` failed only for want of free space now: ``n`` fits in
+    #: the segment, and will once the worker answers the leases that hold the ring.
+    short = False
+    #: The size of the last allocation made.
+    last_alloc = 0
+
     def alloc(self, n: int) -> int | None:
         """The offset of ``n`` free contiguous bytes, now allocated; None when they do not fit."""
         allocs = self._allocs
+        self.short = False
         if not allocs:
             start = 0
             if n > self.size:
@@ -125,14 +135,17 @@ class Arena:
                 elif n <= head:
                     start = 0
                 else:
+                    self.short = n <= self.size
                     return None
             elif n <= head - tail:  # wrapped: room between tail and head
                 start = tail
             else:
+                self.short = n <= self.size
                 return None
         if start + n > self._reserved and not self._reserve(start + n):
             return None
         allocs.append((start, start + n))
+        self.last_alloc = n
         return start
 
     def _reserve(self, end: int) -> bool:

@@ -177,3 +177,31 @@ def test_a_worker_whose_arena_cannot_be_made_gets_its_items_through_the_pipe(
     (msg,) = [r.getMessage() for r in caplog.records if "large items go through" in r.getMessage()]
     assert "No space left on device" in msg
     assert _segments() == []
+
+
+@pytest.mark.needs("processes", why="only worker processes have an arena")
+def test_leases_the_arena_is_full_for_wait_for_room_instead_of_the_pipe(
+    tmp_path, make_channel, monkeypatch
+):
+    """A worker with quick sends of large items is handed many at once; those the arena has
+    no room for yet go back to the queue and reach it through the arena later."""
+    monkeypatch.setattr(_arena, "ARENA_SIZE", 1 << 20)
+    piped: list[int] = []
+    encode = process.proto.encode_lease
+
+    def counting(batch: Any) -> Any:
+        if isinstance(batch.data[0], bytes) and len(batch.data[0]) >= OOB_MIN:
+            piped.append(batch.id)
+        return encode(batch)
+
+    monkeypatch.setattr(process.proto, "encode_lease", counting)
+    log = Log(tmp_path / "log")
+    ch = make_channel(Describe(log), workers=1, batch_items_max=1)
+    items = [bytes([i]) * 300_000 for i in range(40)]  # three fit in the arena at once
+    ch.put_many(items)
+    assert ch.close_and_drain(60)
+    assert sorted(_sent(log)) == sorted(describe(x) for x in items)  # each exactly once
+    assert piped == []
+    s = ch.stats()
+    assert (s.items_delivered, s.batches_sent, s.batches_failed) == (40, 40, 0)
+    assert _segments() == []
