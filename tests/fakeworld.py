@@ -369,3 +369,31 @@ def run(
     if adm.fatal is not None:
         raise adm.fatal
     return Run(world, backend.rec, adm.snapshot(), drops, errors)
+
+
+def sends(r: Run) -> list[tuple[float, int, int, list[Any]]]:
+    """(time, worker, attempt, items) of each lease handed out, synthetic ones left out."""
+    return [(s.t, s.wid, s.attempt, s.data) for s in r.rec.sent if not s.synthetic]
+
+
+def run_death_found_on_a_write(put: list[Any], **options: Any) -> Run:
+    """Worker 1 is handed "a" and hangs on it; at t=1 it answers "a" and dies in the same
+    instant, neither yet signalled, as ``put`` is admitted (which wakes the coordinator): the
+    coordinator finds the death when it writes ``put`` to it. Later workers answer in 0.5 s."""
+
+    def first_worker_hangs(b: Batch[Any], w: FakeWorker) -> Plan:
+        return Plan("hang") if w.wid == 1 else Plan("done", 0.5)
+
+    def answer_and_die_then_put(c: Scene) -> None:
+        c.backend.workers[1].die_unnoticed()
+        c.adm.admit(put, None, block=False, deadline=None)
+
+    return run(
+        first_worker_hangs,
+        ["a"],
+        close_at=2.0,
+        script=[(1.0, answer_and_die_then_put)],
+        workers=1,
+        batch_items_max=1,
+        **options,
+    )

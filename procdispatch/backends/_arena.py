@@ -116,8 +116,6 @@ class Arena:
     #: Whether the last :meth:`alloc` failed only for want of free space now: ``n`` fits in
     #: the segment, and will once the worker answers the leases that hold the ring.
     short = False
-    #: The size of the last allocation made.
-    last_alloc = 0
 
     def alloc(self, n: int) -> int | None:
         """The offset of ``n`` free contiguous bytes, now allocated; None when they do not fit."""
@@ -145,8 +143,14 @@ class Arena:
         if start + n > self._reserved and not self._reserve(start + n):
             return None
         allocs.append((start, start + n))
-        self.last_alloc = n
         return start
+
+    def newest(self) -> int:
+        """The size of the newest allocation (0 when none is held)."""
+        if not self._allocs:
+            return 0
+        start, end = self._allocs[-1]
+        return end - start
 
     def _reserve(self, end: int) -> bool:
         """Make the pages up to ``end`` exist (a few MiB at a time); False when /dev/shm has

@@ -174,10 +174,9 @@ class ProcessWorker(WorkerHandle):
     _arena_named = False  # the K_ARENA frame went ahead of the first lease through it
 
     sends_together = True
-    _arena_bytes = 0  # what the lease just encoded put in the arena
 
     def send_lease(self, batch: Batch[Any]) -> bool:
-        parts = self._lease_frames(batch)
+        parts, _ = self._lease_frames(batch)
         return self._put_frames(parts, [False] * (len(parts) - 1) + [True], 1)
 
     def send_leases(self, batches: Sequence[Batch[Any]]) -> tuple[int, bool, Exception | None]:
@@ -189,12 +188,12 @@ class ProcessWorker(WorkerHandle):
         run: what came before it is written, and it is returned with its error."""
         frames: list[bytes] = []
         ends: list[bool] = []  # whether each frame ends a lease (a large lease is parts)
-        n = written = pending = size = 0
+        n = written = pending = size = shared = 0
         waits = False
         err: Exception | None = None
         for b in batches:
             try:
-                parts = self._lease_frames(b, True)
+                parts, shared = self._lease_frames(b, True)
             except (proto.UnsendableItems, LeasesHeld) as exc:
                 err = exc
                 break
@@ -208,7 +207,7 @@ class ProcessWorker(WorkerHandle):
                 ends.append(True)
                 size = sum([len(p) for p in parts])
             n += 1
-            pending += size + self._arena_bytes
+            pending += size + shared
             if pending >= FLUSH_BYTES:
                 # A worker gone now: the leases not yet written count as unsent.
                 waits = self._put_frames(frames, ends, len(batches) - written) or waits
@@ -217,20 +216,20 @@ class ProcessWorker(WorkerHandle):
             return 0, False, err
         # The last lease's size, in its pipe and in all (its arena bytes too).
         self.lease_cap = min(
-            max(PIPE_LEASES, PIPE_BYTES // size), max(1, QUICK_BYTES // (size + self._arena_bytes))
+            max(PIPE_LEASES, PIPE_BYTES // size), max(1, QUICK_BYTES // (size + shared))
         )
         if frames:
             waits = self._put_frames(frames, ends, len(batches) - written) or waits
         return n, waits, err
 
-    def _lease_frames(self, batch: Batch[Any], hold: bool = False) -> list[bytes]:
-        """The frames of a lease: through the arena when its items are large buffers, else
-        pickled whole (a large one in two parts, its payload not copied). Raises
-        UnsendableItems; with ``hold``, LeasesHeld when the lease would go through the arena
-        but for the space its earlier leases hold: a worker handed quick sends of large items
-        would otherwise take its later ones through the pipe, at twice the copies."""
+    def _lease_frames(self, batch: Batch[Any], hold: bool = False) -> tuple[tuple[bytes, ...], int]:
+        """The frames of a lease, and the bytes it put in the arena: through the arena when
+        its items are large buffers, else pickled whole (a large one in two parts, its payload
+        not copied). Raises UnsendableItems; with ``hold``, LeasesHeld when the lease would go
+        through the arena but for the space its earlier leases hold: a worker handed quick
+        sends of large items would otherwise take its later ones through the pipe, at twice
+        the copies."""
         data = batch.data
-        self._arena_bytes = 0
         if (
             data
             and (type(data[0]) is bytes or type(data[0]) is bytearray)  # cheap, before the call
@@ -238,15 +237,15 @@ class ProcessWorker(WorkerHandle):
             and wants_arena(data)
         ):
             parts = self._through_arena(batch)
+            arena = self._arena
             if parts is not None:
-                assert isinstance(self._arena, Arena)
-                self._arena_bytes = self._arena.last_alloc
-                return list(parts)
-            if hold and isinstance(self._arena, Arena) and self._arena.short:
+                assert isinstance(arena, Arena)
+                return parts, arena.newest()
+            if hold and isinstance(arena, Arena) and arena.short:
                 raise LeasesHeld
-        return list(proto.encode_lease(batch))
+        return proto.encode_lease(batch), 0
 
-    def _put_frames(self, frames: list[bytes], ends: list[bool], handed: int) -> bool:
+    def _put_frames(self, frames: Sequence[bytes], ends: list[bool], handed: int) -> bool:
         """Write ``frames`` with one writev (``ends``: whether each ends a lease), queueing
         what the pipe did not take; True when something waits. When the worker is gone, the
         ``handed`` leases count as unsent: the caller gives them all to the worker's slot,

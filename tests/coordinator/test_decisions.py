@@ -11,15 +11,11 @@ import math
 from typing import Any
 
 import pytest
-from fakeworld import FakeLimiter, Plan, World, always, run
+from fakeworld import FakeLimiter, Plan, World, always, run, run_death_found_on_a_write, sends
 
 import procdispatch as pd
 from procdispatch import _pool, retry
 from procdispatch._coordinator import MAX_WAIT, _bounded
-
-
-def sends(r: Any) -> list[tuple[float, int, int, list[Any]]]:
-    return [(s.t, s.wid, s.attempt, s.data) for s in r.rec.sent if not s.synthetic]
 
 
 def test_a_partly_filled_batch_is_cut_when_it_reaches_batch_age_max() -> None:
@@ -514,24 +510,7 @@ def test_a_death_found_on_a_write_reads_the_answers_the_worker_wrote_first() -> 
     it writes "b" to it. "a" was delivered (its answer is in the pipe): it is delivered, not
     charged with the crash, and "b", which never reached the worker, goes to the next worker
     with no attempt used."""
-
-    def first_worker_hangs(b: Any, w: Any) -> Plan:
-        return Plan("hang") if w.wid == 1 else Plan("done", 0.5)
-
-    def answer_and_die_then_put(c: Any) -> None:
-        c.backend.workers[1].die_unnoticed()
-        c.adm.admit(["b"], None, block=False, deadline=None)  # wakes the coordinator
-
-    r = run(
-        first_worker_hangs,
-        ["a"],
-        close_at=2.0,
-        script=[(1.0, answer_and_die_then_put)],
-        workers=1,
-        max_leases=2,
-        batch_items_max=1,
-        retry=retry.none,
-    )
+    r = run_death_found_on_a_write(["b"], max_leases=2, retry=retry.none)
     assert sends(r) == [(0.0, 1, 1, ["a"]), (1.0, 2, 1, ["b"])]  # the write to 1 failed
     assert (r.errors, r.drops) == ([], [])
     assert (r.stats.items_delivered, r.stats.items_dropped) == (2, 0)

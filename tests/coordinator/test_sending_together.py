@@ -13,38 +13,16 @@ import threading
 from typing import Any
 
 import pytest
-from fakeworld import Plan, always, run
+from fakeworld import Plan, always, run, run_death_found_on_a_write, sends
 
 from procdispatch import retry
-
-
-def sends(r: Any) -> list[tuple[float, int, int, list[Any]]]:
-    return [(s.t, s.wid, s.attempt, s.data) for s in r.rec.sent if not s.synthetic]
 
 
 def test_a_death_found_on_writing_several_leases_puts_them_all_back_unused() -> None:
     """Worker 1 answers "a" and dies in the same instant; the coordinator finds the death when
     it writes "b", "c" and "d" to it together. "a" is delivered (its answer was in the pipe),
     and the three go to the next worker with no attempt used and no send counted."""
-
-    def first_worker_hangs(b: Any, w: Any) -> Plan:
-        return Plan("hang") if w.wid == 1 else Plan("done", 0.5)
-
-    def answer_and_die_then_put(c: Any) -> None:
-        c.backend.workers[1].die_unnoticed()
-        c.adm.admit(["b", "c", "d"], None, block=False, deadline=None)
-
-    r = run(
-        first_worker_hangs,
-        ["a"],
-        close_at=2.0,
-        script=[(1.0, answer_and_die_then_put)],
-        workers=1,
-        max_leases=4,
-        batch_items_max=1,
-        retry=retry.none,
-        together=True,
-    )
+    r = run_death_found_on_a_write(["b", "c", "d"], max_leases=4, retry=retry.none, together=True)
     assert sends(r) == [
         (0.0, 1, 1, ["a"]),
         (1.0, 2, 1, ["b"]),
